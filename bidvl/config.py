@@ -1,0 +1,207 @@
+"""Typed configuration: dataclasses, YAML files and dotted command-line overrides.
+
+A config file only holds values; every key it may hold is declared here with its type and default.
+`load_config(path, overrides)` merges defaults <- YAML <- `key=value` overrides through OmegaConf's
+structured configs, so an unknown key or a value of the wrong type fails before anything is built,
+with the dotted key in the message. `validate` then checks values that types cannot express.
+
+Defaults are the authors' DCGAN settings at 32 px (see ../shared/DESIGN.md): a config file only
+states what differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or impossible; the message names the key."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/digits"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # Shard folders (each with meta.json). `dataset` + `auto_build` lets the default config build
+    # its own shards on first use (only for sources that ship with a package: digits, fashion-mnist).
+    train: str = "shards/digits"
+    test: str = ""  # empty: same folder as `train`, split `test_split`
+    train_split: str = "train"
+    test_split: str = "test"
+    auto_build: str = ""  # dataset name to build into `train` when it has no meta.json yet
+    resolution: int = 32  # must equal the shards' meta.json
+    channels: int = 1  # must equal the shards' meta.json
+    num_workers: int = 1  # DataLoader workers per process
+    shuffle_buffer: int = 2000
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "dcgan"  # dcgan | resnet | timm
+    latent_dim: int = 100
+    energy_width: int = 64
+    encoder_width: int = 48
+    generator_width: int = 48
+    energy_output: str = "softplus"  # softplus | identity
+    spectral_norm: bool = True  # on the energy net (and the timm backbone when arch=timm)
+    timm_name: str = ""  # arch=timm: timm backbone for energy net and encoder; generator is dcgan
+    sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+
+
+@dataclass
+class ObjectiveConfig:
+    latent_term: str = "offset"  # offset | not_offset | none
+    w_latent: float = 1.0
+    r_basic: float = 0.05  # r' in the paper
+    ratio_bias: str = "none"  # none | sigmoid
+    upper_loss: str = "difference"  # difference | hinge
+    lower_steps: int = 1  # N
+    order: str = "upper_first"  # upper_first (authors' code) | lower_first (Algorithm 1)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
+    weight_decay: float = 1e-4
+    lr_decay: float = 0.998  # multiplied into the LR once per epoch (ExponentialLR)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 100  # per process
+    max_steps: int = 2000
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    grad_accum: int = 1
+    grad_clip: float = 0.0  # 0: off
+    ema: float = 0.0  # generator EMA decay; 0: off (as the authors)
+    energy_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0)
+    )
+    latent_optim: OptimConfig = field(default_factory=OptimConfig)  # encoder + generator
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    resume: str = "auto"  # auto | none | PATH
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    images_every: int = 200
+    num_images: int = 64
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+CHOICES = {
+    "model.arch": ("dcgan", "resnet", "timm"),
+    "model.energy_output": ("softplus", "identity"),
+    "objective.latent_term": ("offset", "not_offset", "none"),
+    "objective.ratio_bias": ("none", "sigmoid"),
+    "objective.upper_loss": ("difference", "hinge"),
+    "objective.order": ("upper_first", "lower_first"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+}
+
+
+def _get(cfg: Config, dotted: str):
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> Config:
+    """Checks that types cannot express; raises ConfigError naming the key and the value."""
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+    positive = [
+        "train.batch_size", "train.max_steps", "train.grad_accum", "objective.lower_steps",
+        "model.latent_dim", "data.resolution", "data.channels", "checkpoint.every",
+        "checkpoint.keep", "log.every", "log.images_every", "model.energy_width",
+        "model.encoder_width", "model.generator_width", "data.shuffle_buffer",
+    ]
+    for key in positive:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"{key}={_get(cfg, key)}: expected a positive integer")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers}: expected >= 0")
+    if cfg.data.channels not in (1, 3):
+        raise ConfigError(f"data.channels={cfg.data.channels}: expected 1 or 3")
+    for name in ("energy_optim", "latent_optim"):
+        opt = getattr(cfg.train, name)
+        if opt.lr <= 0:
+            raise ConfigError(f"train.{name}.lr={opt.lr}: expected > 0")
+        if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+            raise ConfigError(f"train.{name}.betas={list(opt.betas)}: expected two values in [0, 1)")
+        if not 0.0 < opt.lr_decay <= 1.0:
+            raise ConfigError(f"train.{name}.lr_decay={opt.lr_decay}: expected in (0, 1]")
+    if cfg.objective.r_basic < 0:
+        raise ConfigError(f"objective.r_basic={cfg.objective.r_basic}: expected >= 0")
+    if not 0.0 <= cfg.train.ema < 1.0:
+        raise ConfigError(f"train.ema={cfg.train.ema}: expected in [0, 1)")
+    if cfg.train.grad_clip < 0:
+        raise ConfigError(f"train.grad_clip={cfg.train.grad_clip}: expected >= 0 (0 disables)")
+    if cfg.model.arch == "timm" and not cfg.model.timm_name:
+        raise ConfigError("model.timm_name is empty: model.arch=timm needs a timm model name")
+    if cfg.checkpoint.resume not in ("auto", "none") and not cfg.checkpoint.resume:
+        raise ConfigError("checkpoint.resume is empty: expected auto, none or a checkpoint path")
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:
+    """defaults <- YAML file <- `key=value` overrides, type-checked and validated."""
+    merged = OmegaConf.structured(Config)
+    sources = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        sources.append((str(path), OmegaConf.load(path)))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
+    if overrides:
+        sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
+    for where, src in sources:
+        try:
+            merged = OmegaConf.merge(merged, src)
+        except OmegaConfBaseException as exc:
+            key = getattr(exc, "full_key", None) or "?"
+            first = str(exc).splitlines()[0]
+            raise ConfigError(f"{where}: key {key}: {first}") from None
+    cfg = OmegaConf.to_object(merged)
+    return validate(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

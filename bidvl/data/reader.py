@@ -1,0 +1,294 @@
+"""Streaming reader: shards folder -> batches of float tensors in [-1, 1] for this rank.
+
+Training (`train_stream`) — every rank yields the same number of batches per epoch, and the stream
+is a pure function of (seed, rank, batch index), so a resumed run sees exactly the batches the
+uninterrupted one would have:
+
+* Each rank's stream is served by R = max(1, num_workers) "roles". Role r produces the batches
+  whose index b satisfies b % R == r; within an epoch it reads resampled shards (shards drawn with
+  replacement, `webdataset` style) through a shuffle buffer, with an RNG seeded by
+  (seed, rank, role, epoch), and stops after exactly `per_role` batches (the `with_epoch` rule),
+  so ranks and workers never run out at different times (no DDP hang at epoch end).
+* batches_per_epoch (per rank) = R * ceil(count / (batch_size * world_size * R)).
+* Resuming at batch index b: worker w of the new DataLoader plays role (b + w) % R starting at
+  that role's local index (b + w) // R, so the DataLoader's round-robin order continues exactly.
+  Skipped samples are read from the tar but never decoded.
+
+Evaluation (`eval_stream`) — each sample exactly once across ranks: whole shards are dealt to ranks
+round-robin when there are at least as many shards as ranks, otherwise single samples are
+(sample i -> rank i % world). Every batch is padded to exactly `batch_size` (padding repeats a
+sample and carries index -1) and every rank yields the same number of batches (ranks with fewer
+samples add all-padding batches), so `gather` never hangs and never sees ragged shapes; callers
+drop rows with index -1 after gathering.
+
+Decoding is restricted: a sample may hold `png` (or another image extension), `cls` and `json`.
+Any other member (e.g. `.pyd`, `.pickle`) is an error naming the shard and member; nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.tariterators import tarfile_samples
+
+from .meta import ShardError, split_info
+
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
+ALLOWED = set(IMAGE_EXTENSIONS) | {"cls", "json"}
+# An image header announcing more pixels than this is refused before decoding (decompression bomb).
+MAX_PIXELS = 4096 * 4096
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class SampleDecoder:
+    """Turns a raw webdataset sample into (CHW float tensor in [-1,1], label); strict about content."""
+
+    def __init__(self, resolution: int, channels: int):
+        self.resolution = resolution
+        self.channels = channels
+        self.mode = {1: "L", 3: "RGB"}[channels]
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
+        where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')}"
+        members = [k for k in sample if not k.startswith("__")]
+        for k in members:
+            if k not in ALLOWED:
+                raise ShardError(
+                    f"{where}: member .{k} is not allowed (expected an image, .cls or .json; "
+                    f"pickles are never decoded)"
+                )
+        images = [k for k in members if k in IMAGE_EXTENSIONS]
+        if len(images) != 1:
+            raise ShardError(f"{where}: expected exactly one image member, found {images or 'none'}")
+        try:
+            im = Image.open(io.BytesIO(sample[images[0]]))
+            if im.width * im.height > MAX_PIXELS:
+                raise ShardError(
+                    f"{where}: image header says {im.width}x{im.height}, refusing to decode "
+                    f"(expected {self.resolution}x{self.resolution})"
+                )
+            im.load()
+        except ShardError:
+            raise
+        except Exception as exc:  # PIL raises many types for corrupt data
+            raise ShardError(f"{where}: member .{images[0]} is not a readable image ({exc})") from None
+        if im.size != (self.resolution, self.resolution):
+            raise ShardError(
+                f"{where}: image is {im.width}x{im.height}, expected "
+                f"{self.resolution}x{self.resolution} (meta.json resolution)"
+            )
+        if im.mode != self.mode:
+            raise ShardError(f"{where}: image mode {im.mode}, expected {self.mode} ({self.channels} channels)")
+        array = np.asarray(im, dtype=np.uint8)
+        if array.ndim == 2:
+            array = array[None]
+        else:
+            array = array.transpose(2, 0, 1)
+        image = torch.from_numpy(array.copy()).float().div_(127.5).sub_(1.0)
+        label = -1
+        if "cls" in sample:
+            try:
+                label = int(sample["cls"].decode("ascii").strip())
+            except (UnicodeDecodeError, ValueError):
+                raise ShardError(f"{where}: member .cls is not an integer") from None
+        return image, label
+
+
+def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+
+
+# ---------------------------------------------------------------- training
+
+
+class _TrainRoles(IterableDataset):
+    def __init__(self, shards, decoder, batch_size, per_role, roles, seed, rank, start_batch, buffer):
+        self.shards = [str(p) for p in shards]
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.per_role = per_role
+        self.roles = roles
+        self.seed = seed
+        self.rank = rank
+        self.start_batch = start_batch
+        self.buffer = buffer
+
+    def _epoch_samples(self, role: int, epoch: int) -> Iterator[dict]:
+        """Raw (undecoded) samples of one role and epoch: resampled shards through a shuffle buffer."""
+        rng = random.Random(_seed(self.seed, self.rank, role, epoch))
+
+        def shard_urls():
+            while True:
+                yield {"url": rng.choice(self.shards)}
+
+        samples = tarfile_samples(shard_urls())
+        return _shuffle(samples, bufsize=self.buffer, initial=min(self.buffer, 100), rng=rng)
+
+    def role_batches(self, role: int, local_start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch, skip = divmod(local_start, self.per_role)
+        while True:
+            stream = self._epoch_samples(role, epoch)
+            for _ in range(skip * self.batch_size):
+                next(stream)
+            for _ in range(self.per_role - skip):
+                yield _collate([self.decoder(next(stream)) for _ in range(self.batch_size)])
+            epoch, skip = epoch + 1, 0
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        b = self.start_batch + worker
+        return self.role_batches(b % self.roles, b // self.roles)
+
+
+class TrainStream:
+    """Infinite iterable of (images (B,C,H,W) in [-1,1], labels (B,), -1 when unknown) for one rank."""
+
+    def __init__(self, folder, split, batch_size, *, seed, rank=0, world_size=1, num_workers=0,
+                 start_batch=0, shuffle_buffer=2000):
+        self.meta, shards, _ = split_info(folder, split)
+        count = self.meta["splits"][split]["count"]
+        roles = max(1, num_workers)
+        per_role = math.ceil(count / (batch_size * world_size * roles))
+        self.batches_per_epoch = per_role * roles
+        self.num_workers = num_workers
+        self.dataset = _TrainRoles(
+            shards, SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size,
+            per_role, roles, seed, rank, start_batch, shuffle_buffer,
+        )
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            return iter(self.dataset)
+        loader = DataLoader(
+            self.dataset, batch_size=None, num_workers=self.num_workers,
+            prefetch_factor=4, persistent_workers=False,
+        )
+        return iter(loader)
+
+
+def train_stream(folder, split="train", batch_size=64, **kwargs) -> TrainStream:
+    return TrainStream(folder, split, batch_size, **kwargs)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def _eval_assignment(counts: list[int], world_size: int) -> list[list[tuple[int, Optional[int]]]]:
+    """Per rank: list of (shard index, sample modulo filter or None)."""
+    if len(counts) >= world_size:
+        return [[(k, None) for k in range(rank, len(counts), world_size)] for rank in range(world_size)]
+    return [[(k, rank) for k in range(len(counts))] for rank in range(world_size)]
+
+
+def _rank_count(counts, assignment, rank, world_size) -> int:
+    if assignment[rank] and assignment[rank][0][1] is not None:
+        total = sum(counts)
+        return len(range(rank, total, world_size))
+    return sum(counts[k] for k, _ in assignment[rank])
+
+
+class _EvalShards(IterableDataset):
+    def __init__(self, shards, counts, units, decoder, batch_size, world_size):
+        self.shards = [str(p) for p in shards]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        self.units = units  # [(shard index, rank filter or None)] for this rank
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.world_size = world_size
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        batch = []
+        for k, modulo in self.units[worker::workers]:
+            samples = tarfile_samples([{"url": self.shards[k]}])
+            for j, sample in enumerate(samples):
+                index = self.offsets[k] + j
+                if modulo is not None and index % self.world_size != modulo:
+                    continue
+                image, label = self.decoder(sample)
+                batch.append((image, label, index))
+                if len(batch) == self.batch_size:
+                    yield _pad(batch, self.batch_size)
+                    batch = []
+        if batch:
+            yield _pad(batch, self.batch_size)
+
+
+def _pad(batch, batch_size):
+    n = len(batch)
+    images = torch.stack([b[0] for b in batch] + [batch[-1][0]] * (batch_size - n))
+    labels = torch.tensor([b[1] for b in batch] + [-1] * (batch_size - n), dtype=torch.long)
+    index = torch.tensor([b[2] for b in batch] + [-1] * (batch_size - n), dtype=torch.long)
+    return images, labels, index
+
+
+class EvalStream:
+    """Finite iterable of (images, labels, index) padded batches; same batch count on every rank."""
+
+    def __init__(self, folder, split, batch_size, *, rank=0, world_size=1, num_workers=0):
+        self.meta, shards, counts = split_info(folder, split)
+        assignment = _eval_assignment(counts, world_size)
+        units = assignment[rank]
+        self.num_workers = min(num_workers, len(units)) if units and units[0][1] is None else 0
+        workers = max(1, self.num_workers)
+
+        def batches_of(r):
+            # Workers batch their own samples: count each worker's partial batch.
+            units_r = assignment[r]
+            if units_r and units_r[0][1] is not None:
+                return math.ceil(_rank_count(counts, assignment, r, world_size) / batch_size)
+            w = max(1, min(num_workers, len(units_r)))
+            return sum(
+                math.ceil(sum(counts[k] for k, _ in units_r[i::w]) / batch_size) for i in range(w)
+            )
+
+        self.num_batches = max(batches_of(r) for r in range(world_size))
+        self.num_samples = _rank_count(counts, assignment, rank, world_size)
+        self.count = sum(counts)
+        self.batch_size = batch_size
+        self.dataset = _EvalShards(
+            shards, counts, units,
+            SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size, world_size,
+        )
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        if self.num_workers == 0:
+            source = iter(self.dataset)
+        else:
+            source = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers))
+        produced = 0
+        last = None
+        for batch in source:
+            produced += 1
+            last = batch
+            yield batch
+        channels, res = self.meta["channels"], self.meta["resolution"]
+        while produced < self.num_batches:
+            produced += 1
+            filler = last[0] if last is not None else torch.zeros(self.batch_size, channels, res, res)
+            yield (filler, torch.full((self.batch_size,), -1, dtype=torch.long),
+                   torch.full((self.batch_size,), -1, dtype=torch.long))
+
+
+def eval_stream(folder, split="test", batch_size=100, **kwargs) -> EvalStream:
+    return EvalStream(folder, split, batch_size, **kwargs)

@@ -1,0 +1,498 @@
+"""The bi-level training engine: phases, freezing, precision, checkpoints, logging.
+
+One `Trainer` owns the three nets (prepared by Accelerate in the fixed order energy_net, encoder,
+generator, energy optimizer, latent optimizer) and runs, per batch, one upper-level step and N
+lower-level steps (order from `objective.order`; the authors' code runs the upper step first).
+The maths lives in `bidvl.objectives`; this file only decides which net is trained in which phase.
+
+Freezing: a net that is not trained in a phase is called through its *unwrapped* module with
+detached parameters (`objectives.frozen_call`): gradients reach its input (e.g. the generator
+through the energy net) but never its parameters, so there is no all-reduce for it and no stale
+gradient in its `.grad`. Each optimizer steps right after its own backward (one GradScaler is
+shared under fp16).
+
+Determinism: the data stream is a pure function of (seed, rank, micro-batch index) and the noise
+comes from torch's global RNG, which Accelerate checkpoints per process; a run resumed from step K
+therefore continues exactly as the uninterrupted run (bit-exact on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
+from datetime import timedelta
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from . import objectives as obj
+from .config import Config, ConfigError, to_dict, to_yaml
+from .data import ShardError, read_meta, train_stream
+from .models import build_nets
+
+CHECKPOINT_MARKER = "COMPLETE"
+
+
+@dataclass
+class TrainState:
+    """Counters saved in every checkpoint (registered with Accelerate)."""
+
+    step: int = 0
+    skipped_steps: int = 0  # non-finite gradients (and fp16 overflow) steps skipped
+
+    def state_dict(self):
+        return {"step": self.step, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state):
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+class EMA:
+    """Exponential moving average of the generator (off by default, as the authors)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module):
+        for ema_p, p in zip(self.module.parameters(), module.parameters()):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.module.buffers(), module.buffers()):
+            ema_b.copy_(b)
+
+    def state_dict(self):
+        return self.module.state_dict()
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {dotted key: scalar or str} for TensorBoard hparams."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
+
+
+@contextlib.contextmanager
+def preserved_buffers(module: torch.nn.Module):
+    """Run a train-mode forward (the authors sample with BatchNorm in train mode) without letting it
+    change running statistics or spectral-norm vectors: logging must not change training."""
+    saved = [b.detach().clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(module.buffers(), saved):
+                b.copy_(s)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders with a completion marker, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob("step_*") if (p / CHECKPOINT_MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            log_with="tensorboard",
+            project_config=ProjectConfiguration(
+                project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tensorboard")
+            ),
+            kwargs_handlers=[
+                # Nets run twice before one backward (G on h_q and h_p): buffers must not be
+                # re-broadcast in between.
+                DistributedDataParallelKwargs(broadcast_buffers=False),
+                InitProcessGroupKwargs(timeout=timedelta(minutes=30)),
+            ],
+        )
+        acc = self.accelerator
+        self.meta = self._prepare_data()
+
+        set_seed(cfg.run.seed)  # identical initial weights on every rank
+        nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
+        energy_net, encoder, generator = nets
+        if cfg.model.sync_batchnorm and acc.num_processes > 1:
+            encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+            generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
+        energy_opt = torch.optim.Adam(
+            energy_net.parameters(), lr=eo.lr, betas=tuple(eo.betas), weight_decay=eo.weight_decay
+        )
+        latent_opt = torch.optim.Adam(
+            list(encoder.parameters()) + list(generator.parameters()),
+            lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay,
+        )
+        # Fixed order: checkpoint files model.safetensors, model_1, model_2, optimizer.bin, _1 follow it.
+        (self.energy_net, self.encoder, self.generator, self.energy_opt, self.latent_opt) = acc.prepare(
+            energy_net, encoder, generator, energy_opt, latent_opt
+        )
+        # LR decays once per epoch (ExponentialLR, the authors' schedule). Not passed through
+        # prepare(): Accelerate would step it once per process.
+        self.energy_sched = torch.optim.lr_scheduler.ExponentialLR(energy_opt, gamma=eo.lr_decay)
+        self.latent_sched = torch.optim.lr_scheduler.ExponentialLR(latent_opt, gamma=lo.lr_decay)
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.energy_sched, self.latent_sched, self.state)
+        self.ema = None
+        if cfg.train.ema > 0:
+            self.ema = EMA(acc.unwrap_model(self.generator), cfg.train.ema)
+            acc.register_for_checkpointing(self.ema)
+
+        self.micro_per_epoch = self._stream(0).batches_per_epoch
+        self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / cfg.train.grad_accum))
+        # Different noise on every rank from here on (same weights were made above).
+        set_seed(cfg.run.seed, device_specific=True)
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        self.fixed_latent = torch.randn(cfg.log.num_images, cfg.model.latent_dim, generator=g)
+        self._stop_signal = 0
+
+    # ------------------------------------------------------------------ data
+
+    def _prepare_data(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        folder = Path(cfg.data.train)
+        if not (folder / "meta.json").is_file() and cfg.data.auto_build:
+            if acc.is_main_process:
+                from .data import build_shards
+
+                acc.print(f"building {cfg.data.auto_build} shards in {folder} (first use)")
+                build_shards(cfg.data.auto_build, out=str(folder), resolution=cfg.data.resolution)
+            acc.wait_for_everyone()
+        meta = read_meta(folder)
+        for key, value in (("resolution", cfg.data.resolution), ("channels", cfg.data.channels)):
+            if meta[key] != value:
+                raise ConfigError(
+                    f"data.{key}={value} but {folder / 'meta.json'} says {key}={meta[key]}"
+                )
+        if cfg.data.train_split not in meta["splits"]:
+            raise ConfigError(
+                f"data.train_split={cfg.data.train_split!r}: {folder / 'meta.json'} has splits "
+                f"{', '.join(meta['splits'])}"
+            )
+        return meta
+
+    def _stream(self, start_micro: int):
+        cfg, acc = self.cfg, self.accelerator
+        return train_stream(
+            cfg.data.train, cfg.data.train_split, cfg.train.batch_size, seed=cfg.run.seed,
+            rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
+            start_batch=start_micro, shuffle_buffer=cfg.data.shuffle_buffer,
+        )
+
+    # ------------------------------------------------------------------ phases
+
+    def _frozen(self, net):
+        return partial(obj.frozen_call, self.accelerator.unwrap_model(net))
+
+    def _no_sync(self, last: bool, *nets):
+        stack = contextlib.ExitStack()
+        if not last:
+            for net in nets:
+                stack.enter_context(self.accelerator.no_sync(net))
+        return stack
+
+    def _optimizer_step(self, optimizer, params, name: str, metrics: dict) -> None:
+        """Clip (or just measure), skip non-finite gradients, step, zero."""
+        acc, max_norm = self.accelerator, self.cfg.train.grad_clip
+        norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        metrics[f"grad_norm/{name}"] = norm.detach().float()
+        if not torch.isfinite(norm) and acc.mixed_precision != "fp16":
+            # Gradients are identical on every rank after the all-reduce, so every rank skips.
+            self.state.skipped_steps += 1
+        else:
+            optimizer.step()
+            if getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: scaler skipped
+                self.state.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+
+    def upper_level_step(self, batches, latents, metrics: dict) -> None:
+        """Eq. (14): update the energy net (and, in `not_offset`, the encoder's KL to the prior)."""
+        cfg, acc = self.cfg, self.accelerator
+        o = cfg.objective
+        generator = acc.unwrap_model(self.generator)
+        trained = [self.energy_net] + ([self.encoder] if o.latent_term == "not_offset" else [])
+        for i, (v, h_p) in enumerate(zip(batches, latents)):
+            last = i == len(batches) - 1
+            with self._no_sync(last, *trained), acc.autocast():
+                with torch.no_grad():
+                    v_hat = generator(h_p)
+                energies = self.energy_net(torch.cat([v, v_hat.to(v.dtype)]))
+                e_data, e_samples = energies[: len(v)], energies[len(v):]
+                loss = obj.upper_level_loss(e_data, e_samples, o.upper_loss)
+                if o.latent_term == "not_offset":
+                    mu, logvar = self.encoder(v_hat)
+                    loss = loss + o.w_latent * obj.upper_level_encoder_kl(mu, logvar)
+                acc.backward(loss / len(batches))
+            self._accumulate(metrics, loss_ul=loss, energy_data=e_data.mean(), energy_samples=e_samples.mean())
+        self._optimizer_step(self.energy_opt, self.energy_net.parameters(), "energy_net", metrics)
+        if o.latent_term == "not_offset":
+            self._optimizer_step(self.latent_opt, self.encoder.parameters(), "encoder_ul", metrics)
+
+    def lower_level_step(self, batches, latents, metrics: dict) -> None:
+        """Eq. (13) (or (11) in `not_offset`): update encoder + generator, energy net frozen."""
+        cfg, acc = self.cfg, self.accelerator
+        o = cfg.objective
+        energy_frozen = self._frozen(self.energy_net)
+        encoder_for_latent = self.encoder if o.latent_term == "not_offset" else self._frozen(self.encoder)
+        for i, (v, h_p) in enumerate(zip(batches, latents)):
+            last = i == len(batches) - 1
+            with self._no_sync(last, self.encoder, self.generator), acc.autocast():
+                energy_data = None
+                if o.ratio_bias == "sigmoid":
+                    with torch.no_grad():
+                        energy_data = acc.unwrap_model(self.energy_net)(v)
+                terms = obj.lower_level_loss(
+                    v, h_p, energy_net=energy_frozen, encoder=self.encoder, generator=self.generator,
+                    encoder_for_latent=encoder_for_latent, latent_mode=o.latent_term,
+                    w_latent=o.w_latent, r_basic=o.r_basic, ratio_bias=o.ratio_bias,
+                    energy_data=energy_data,
+                )
+                acc.backward(terms.loss / len(batches))
+            self._accumulate(
+                metrics, loss_ll=terms.loss, recon=terms.recon, kl=terms.kl,
+                energy_term=terms.energy, latent_term=terms.latent, ratio=terms.ratio,
+                weighted_vae=terms.weighted_vae,
+            )
+        params = list(self.encoder.parameters()) + list(self.generator.parameters())
+        self._optimizer_step(self.latent_opt, params, "encoder_generator", metrics)
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.generator))
+
+    @staticmethod
+    def _accumulate(metrics: dict, **values):
+        for k, v in values.items():
+            metrics[k] = metrics.get(k, 0.0) + v.detach().float()
+            metrics[f"_n_{k}"] = metrics.get(f"_n_{k}", 0) + 1
+
+    def train_step(self, batches: list[torch.Tensor]) -> dict:
+        """One bi-level iteration on `grad_accum` micro-batches; returns this step's metrics."""
+        cfg = self.cfg
+        device = self.accelerator.device
+        batches = [b.to(device, non_blocking=True) for b in batches]
+        # h_p is drawn once per batch and reused by the upper step and the N lower steps.
+        latents = [torch.randn(len(v), cfg.model.latent_dim, device=device) for v in batches]
+        metrics: dict = {}
+        for net in (self.energy_net, self.encoder, self.generator):
+            net.train()
+        if cfg.objective.order == "upper_first":
+            self.upper_level_step(batches, latents, metrics)
+        for _ in range(cfg.objective.lower_steps):
+            self.lower_level_step(batches, latents, metrics)
+        if cfg.objective.order == "lower_first":
+            self.upper_level_step(batches, latents, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Accelerate state into a temp folder, marker, then rename: only complete ones exist."""
+        acc = self.accelerator
+        name = f"step_{self.state.step:08d}"
+        final, tmp = self.checkpoint_dir / name, self.checkpoint_dir / f".tmp_{name}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            with open(tmp / CHECKPOINT_MARKER, "w") as f:
+                f.write(f"{self.state.step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in complete_checkpoints(self.checkpoint_dir)[: -self.cfg.checkpoint.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def resume(self) -> None:
+        resume = self.cfg.checkpoint.resume
+        if resume == "none":
+            return
+        if resume == "auto":
+            found = complete_checkpoints(self.checkpoint_dir)
+            if not found:
+                return
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not (path / CHECKPOINT_MARKER).is_file():
+                raise ConfigError(
+                    f"checkpoint.resume={resume}: not a complete checkpoint folder "
+                    f"(no {CHECKPOINT_MARKER} marker)"
+                )
+        self.accelerator.load_state(str(path))
+        self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+
+    def export(self) -> Path:
+        """The three nets as safetensors + resolved config, written atomically by the main process."""
+        acc = self.accelerator
+        out, tmp = self.run_dir / "model", self.run_dir / ".tmp_model"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name, net in (("energy", self.energy_net), ("encoder", self.encoder),
+                              ("generator", self.generator)):
+                state = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(net).state_dict().items()}
+                save_file(state, str(tmp / f"{name}.safetensors"), metadata={"step": str(self.state.step)})
+            if self.ema is not None:
+                state = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}
+                save_file(state, str(tmp / "generator_ema.safetensors"))
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        acc.wait_for_everyone()
+        return out
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, window: list[dict], elapsed: float, images: int) -> dict:
+        acc = self.accelerator
+        keys = sorted(k for k in window[0] if not k.startswith("_n_"))
+        sums = {}
+        for k in keys:
+            total = sum(m[k] for m in window if k in m)
+            count = sum(m.get(f"_n_{k}", 1) for m in window if k in m)
+            sums[k] = total / count
+        stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=acc.device) for k in keys])
+        stacked = acc.reduce(stacked, reduction="mean")
+        logs = {f"loss/{k}" if not k.startswith("grad_norm") else k: v.item() for k, v in zip(keys, stacked)}
+        logs["energy/data"] = logs.pop("loss/energy_data", float("nan"))
+        logs["energy/samples"] = logs.pop("loss/energy_samples", float("nan"))
+        logs["energy/gap"] = logs["energy/samples"] - logs["energy/data"]
+        logs["lr/energy_net"] = self.energy_opt.param_groups[0]["lr"]
+        logs["lr/encoder_generator"] = self.latent_opt.param_groups[0]["lr"]
+        logs["perf/images_per_sec"] = images / max(elapsed, 1e-9)
+        logs["train/skipped_steps"] = self.state.skipped_steps
+        logs["train/epoch"] = self.state.step / self.steps_per_epoch
+        acc.log(logs, step=self.state.step)
+        return logs
+
+    @torch.no_grad()
+    def _log_images(self, v: torch.Tensor) -> None:
+        acc = self.accelerator
+        if not acc.is_main_process:
+            return
+        from torchvision.utils import make_grid
+
+        generator = self.ema.module if self.ema is not None else acc.unwrap_model(self.generator)
+        encoder = acc.unwrap_model(self.encoder)
+        with preserved_buffers(generator), preserved_buffers(encoder), acc.autocast():
+            samples = generator(self.fixed_latent.to(acc.device)).float()
+            real = v[: min(32, len(v))]
+            recon = generator(encoder(real)[0]).float()
+        pairs = torch.stack([real.float(), recon], 1).flatten(0, 1)
+        writer = acc.get_tracker("tensorboard", unwrap=True)
+        nrow = int(math.sqrt(len(samples)))
+        writer.add_image("samples", make_grid(samples, nrow=nrow, normalize=True, value_range=(-1, 1)), self.state.step)
+        writer.add_image("reconstructions", make_grid(pairs, nrow=8, normalize=True, value_range=(-1, 1)), self.state.step)
+
+    # ------------------------------------------------------------------ loop
+
+    def _on_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def fit(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        acc.init_trackers("bidvl", config=flatten(to_dict(cfg)))
+        self.resume()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+        accum = cfg.train.grad_accum
+        start = self.state.step
+        stream = iter(self._stream(start * accum))
+        epoch = start // self.steps_per_epoch
+        progress = tqdm(total=cfg.train.max_steps, initial=start, disable=not acc.is_main_process,
+                        desc="train", dynamic_ncols=True)
+        window, t0, images, logs, last_saved = [], time.perf_counter(), 0, {}, (start if start else -1)
+        while self.state.step < cfg.train.max_steps:
+            batches = [next(stream)[0] for _ in range(accum)]
+            metrics = self.train_step(batches)
+            self.state.step += 1
+            images += sum(len(b) for b in batches) * acc.num_processes
+            window.append(metrics)
+            step = self.state.step
+            if step // self.steps_per_epoch > epoch:  # epoch boundary: decay both LRs
+                epoch = step // self.steps_per_epoch
+                self.energy_sched.step()
+                self.latent_sched.step()
+            if step % cfg.log.every == 0 or step == cfg.train.max_steps:
+                logs = self._log(window, time.perf_counter() - t0, images)
+                progress.set_postfix(gap=f"{logs['energy/gap']:.3f}", recon=f"{logs.get('loss/recon', 0):.1f}")
+                window, t0, images = [], time.perf_counter(), 0
+            if step % cfg.log.images_every == 0 or step == cfg.train.max_steps:
+                self._log_images(batches[0].to(acc.device))
+            if step % cfg.checkpoint.every == 0:
+                self.save_checkpoint()
+                last_saved = step
+            progress.update(1)
+            if self._stop_requested():
+                acc.print(f"signal {self._stop_signal}: checkpointing at step {step} and exiting")
+                if last_saved != step:
+                    self.save_checkpoint()
+                break
+        else:
+            if last_saved != self.state.step:
+                self.save_checkpoint()
+            self.export()
+        progress.close()
+        self.close()
+        return logs
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([float(self._stop_signal)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        return bool(flag.item() > 0)
+
+    def close(self) -> None:
+        """Free nets and optimizers and synchronise before ending (avoids aborts at exit)."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        acc.end_training()
+        acc.free_memory()
+        self.energy_net = self.encoder = self.generator = None
+        self.energy_opt = self.latent_opt = None

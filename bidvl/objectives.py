@@ -1,0 +1,140 @@
+"""The BiDVL objectives (Sec. 4.2.3 of the paper), as the authors' code computes them.
+
+Pure functions of tensors and modules: nothing here knows about devices, processes or optimizers.
+The engine decides which nets are trainable in which phase; these functions only decide which
+*inputs* carry gradient (e.g. the latent term sees the encoder through detached parameters in the
+`offset` variant, so only the generator learns from it).
+
+Notation: v data in [-1,1]; h_p ~ p(h) = N(0, I); v_hat = G(h_p); q(h|v) = N(mu(v), exp(logvar(v))).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+
+def _full(x: torch.Tensor) -> torch.Tensor:
+    """Losses are summed in (at least) float32, also under bf16/fp16 autocast."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """h_q = mu + sigma * eps (Sec. 4.3)."""
+    return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+
+
+def reconstruction_error(x_rec: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-sample summed squared error over pixels: sum (G(h_q) - v)^2; shape (B,)."""
+    return (_full(x_rec) - _full(v)).pow(2).flatten(1).sum(1)
+
+
+def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-sample KL(N(mu, sigma^2) || N(0, I)) summed over latent dims; shape (B,)."""
+    mu, logvar = _full(mu), _full(logvar)
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+
+
+def importance_ratio(energy_data: torch.Tensor, r_basic: float, bias: str) -> torch.Tensor:
+    """r(v) = r' x bias(v) (Sec. 5.4). bias `none`: 1; `sigmoid`: Sigmoid(mean E - E(v)).
+
+    `energy_data` must come from the (frozen) energy net without gradient; shape (B,).
+    """
+    if bias == "none":
+        return torch.full_like(energy_data, r_basic, dtype=torch.float32)
+    if bias == "sigmoid":
+        e = _full(energy_data.detach())
+        return r_basic * torch.sigmoid(e.mean() - e)
+    raise ValueError(f"objective.ratio_bias={bias!r}: expected none or sigmoid")
+
+
+def weighted_vae_term(recon: torch.Tensor, kl: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
+    """D_r(v)(q(v) q(h|v) || p(v,h)) of Eq. (13): importance-weighted reconstruction + KL, batch mean."""
+    return (ratio * (recon + kl)).mean()
+
+
+def energy_term(energy_samples: torch.Tensor) -> torch.Tensor:
+    """E_{p(v,h)}[E(v)] of Eq. (13): mean energy of generated samples (gradient reaches G via E)."""
+    return _full(energy_samples).mean()
+
+
+def latent_term(mu_of_samples: torch.Tensor, h_p: torch.Tensor) -> torch.Tensor:
+    """D_KL(p(v,h) || q(h|v)) of Eq. (13), as the authors run it: sum (mu(v_hat) - h_p)^2 / bs / h_dim."""
+    bs, h_dim = h_p.shape
+    return (_full(mu_of_samples) - _full(h_p)).pow(2).sum() / bs / h_dim
+
+
+def upper_level_loss(energy_data: torch.Tensor, energy_samples: torch.Tensor, form: str) -> torch.Tensor:
+    """Eq. (14): `difference` mean E(v) - mean E(v_hat) (DCGAN code) or `hinge`
+    mean relu(1 + E(v)) + mean relu(1 - E(v_hat)) (the authors' ResNet code)."""
+    energy_data, energy_samples = _full(energy_data), _full(energy_samples)
+    if form == "difference":
+        return energy_data.mean() - energy_samples.mean()
+    if form == "hinge":
+        return F.relu(1.0 + energy_data).mean() + F.relu(1.0 - energy_samples).mean()
+    raise ValueError(f"objective.upper_loss={form!r}: expected difference or hinge")
+
+
+def upper_level_encoder_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """`not_offset` only (Sec. 4.4): the encoder minimises KL(q(h|v_hat) || p(h)) in the upper level.
+
+    Normalised like the latent term it stands against (sum / bs / h_dim), so w_latent weighs both.
+    """
+    bs, h_dim = mu.shape
+    return kl_to_prior(mu, logvar).sum() / bs / h_dim
+
+
+def frozen_call(module: nn.Module, *args):
+    """Calls `module` with its parameters detached: gradients reach the inputs, never the parameters.
+
+    Buffers (BatchNorm statistics, spectral-norm vectors) are the module's own, updated as in a
+    normal forward.
+    """
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return functional_call(module, params, args, strict=False)
+
+
+class LowerLevelTerms(NamedTuple):
+    loss: torch.Tensor
+    weighted_vae: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+    energy: torch.Tensor
+    latent: torch.Tensor
+    ratio: torch.Tensor
+
+
+def lower_level_loss(v, h_p, *, energy_net, encoder, generator, encoder_for_latent,
+                     latent_mode: str, w_latent: float, r_basic: float, ratio_bias: str,
+                     energy_data=None) -> LowerLevelTerms:
+    """loss_LL of Eq. (13) (`offset`) or Eq. (11) (`not_offset`); `none` drops the latent term.
+
+    energy_net: frozen (its parameters must not require grad); encoder, generator: trained.
+    encoder_for_latent: how the latent term calls the encoder — `frozen_call`-wrapped in `offset`
+    (only G learns from it), the trainable encoder in `not_offset`.
+    energy_data: E(v) without gradient, needed only for the sigmoid ratio bias.
+    """
+    mu, logvar = encoder(v)
+    recon = reconstruction_error(generator(reparameterize(mu, logvar)), v)
+    kl = kl_to_prior(mu, logvar)
+    if ratio_bias == "sigmoid" and energy_data is None:
+        raise ValueError("the sigmoid ratio bias needs energy_data = E(v)")
+    ratio = importance_ratio(
+        energy_data if energy_data is not None else recon.detach(), r_basic, ratio_bias
+    )
+    weighted_vae = weighted_vae_term(recon, kl, ratio)
+
+    v_hat = generator(h_p)
+    e_term = energy_term(energy_net(v_hat))
+    if latent_mode == "none":
+        lat = torch.zeros((), device=v.device)
+    elif latent_mode in ("offset", "not_offset"):
+        lat = latent_term(encoder_for_latent(v_hat)[0], h_p)
+    else:
+        raise ValueError(f"objective.latent_term={latent_mode!r}: expected offset, not_offset or none")
+    loss = e_term + w_latent * lat + weighted_vae
+    return LowerLevelTerms(loss, weighted_vae, recon.mean(), kl.mean(), e_term, lat, ratio.mean())
