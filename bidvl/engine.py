@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
+import json
 import math
 import os
 import shutil
@@ -35,6 +37,7 @@ from accelerate.utils import (
     DistributedDataParallelKwargs,
     InitProcessGroupKwargs,
     ProjectConfiguration,
+    gather_object,
     set_seed,
 )
 from datetime import timedelta
@@ -329,8 +332,13 @@ class Trainer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        digests = gather_object([self.replica_digest()])
         acc.wait_for_everyone()
         if acc.is_main_process:
+            if len(set(digests)) != 1:
+                bad = [r for r, d in enumerate(digests) if d != digests[0]]
+                raise RuntimeError(f"replicas diverged at step {self.state.step}: ranks {bad} differ from rank 0")
+            (tmp / "replicas.json").write_text(json.dumps({"sha256": digests}) + "\n")
             with open(tmp / CHECKPOINT_MARKER, "w") as f:
                 f.write(f"{self.state.step}\n")
                 f.flush()
@@ -342,6 +350,19 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
+
+    def replica_digest(self) -> str:
+        """sha256 of every parameter of the three nets: equal on all ranks, or DDP broke.
+
+        Buffers are left out on purpose: with broadcast_buffers=False each rank keeps BatchNorm
+        running statistics of its own batches (rank 0's are saved), unless model.sync_batchnorm.
+        """
+        h = hashlib.sha256()
+        for net in (self.energy_net, self.encoder, self.generator):
+            for name, t in self.accelerator.unwrap_model(net).named_parameters():
+                h.update(name.encode())
+                h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def resume(self) -> None:
         resume = self.cfg.checkpoint.resume

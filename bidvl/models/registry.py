@@ -1,0 +1,136 @@
+"""Build the three BiDVL nets from the `model` config.
+
+    nets = build_nets(model_cfg, channels=3, resolution=32)
+    e = nets.energy_net(v)          # (B, C, R, R) in [-1, 1] -> (B,) energies
+    mu, logvar = nets.encoder(v)    # each (B, latent_dim)
+    x = nets.generator(h)           # (B, latent_dim) -> (B, C, R, R), tanh output
+
+One builder per `model.arch` (the BUILDERS table at the bottom); each returns initialised nets.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import spectral_norm
+
+from bidvl.models import dcgan, resnet, timm_nets
+
+ENERGY_OUTPUTS = ("softplus", "identity")
+
+
+class Nets(NamedTuple):
+    energy_net: nn.Module
+    encoder: nn.Module
+    generator: nn.Module
+
+
+def init_weights(module: nn.Module) -> None:
+    """Conv/linear weights N(0, 0.02), biases 0; BatchNorm weight 1, bias 0 (the authors' init).
+
+    Use as `net.apply(init_weights)`. A spectrally normalised layer (this package applies
+    `torch.nn.utils.parametrizations.spectral_norm` with its defaults) trains
+    `parametrizations.weight.original`; we take the parametrization off, draw the weight and put
+    spectral norm back, so that its power iteration starts from singular vectors of the new weight.
+    (The authors' code drew the computed weight of their hook-based spectral norm, which the next
+    forward recomputed from the untouched `weight_orig`; under spectral norm only the direction of
+    a random init matters, so the difference is immaterial.)
+    """
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            spectral_norm(module)
+        else:
+            nn.init.normal_(module.weight, 0.0, 0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _initialised(nets: Nets) -> Nets:
+    for net in nets:
+        net.apply(init_weights)
+    return nets
+
+
+def build_dcgan(cfg, channels: int, resolution: int) -> Nets:
+    """The authors' DCGAN nets (CIFAR-10, CelebA-32/64): width 64 / 48 / 48, latent 100."""
+    return _initialised(Nets(
+        energy_net=dcgan.DCGANEnergyNet(
+            channels, resolution, cfg.energy_width, cfg.spectral_norm, cfg.energy_output
+        ),
+        encoder=dcgan.DCGANEncoder(channels, resolution, cfg.latent_dim, cfg.encoder_width),
+        generator=dcgan.DCGANGenerator(cfg.latent_dim, channels, resolution, cfg.generator_width),
+    ))
+
+
+def build_resnet(cfg, channels: int, resolution: int) -> Nets:
+    """The authors' SNGAN ResNet nets. Their settings: 32 px widths 128 / 128 / 256, 128 px widths
+    64 / 64 / 64 (i.e. 64 -> 1024), latent 128, identity energy output (hinge upper loss)."""
+    return _initialised(Nets(
+        energy_net=resnet.ResNetEnergyNet(
+            channels, resolution, cfg.energy_width, cfg.spectral_norm, cfg.energy_output
+        ),
+        encoder=resnet.ResNetEncoder(channels, resolution, cfg.latent_dim, cfg.encoder_width),
+        generator=resnet.ResNetGenerator(cfg.latent_dim, channels, resolution, cfg.generator_width),
+    ))
+
+
+def build_timm(cfg, channels: int, resolution: int) -> Nets:
+    """timm backbones for the energy net and the encoder, the DCGAN generator."""
+    nets = Nets(
+        energy_net=timm_nets.TimmEnergyNet(
+            cfg.timm_name, channels, cfg.spectral_norm, cfg.energy_output
+        ),
+        encoder=timm_nets.TimmEncoder(cfg.timm_name, channels, cfg.latent_dim),
+        generator=dcgan.DCGANGenerator(cfg.latent_dim, channels, resolution, cfg.generator_width),
+    )
+    nets.energy_net.head.apply(init_weights)  # the backbones keep timm's own init
+    nets.encoder.head.apply(init_weights)
+    nets.generator.apply(init_weights)
+    return nets
+
+
+BUILDERS: dict[str, Callable[..., Nets]] = {
+    "dcgan": build_dcgan,
+    "resnet": build_resnet,
+    "timm": build_timm,
+}
+RESOLUTIONS = {
+    "dcgan": dcgan.RESOLUTIONS,
+    "resnet": resnet.RESOLUTIONS,
+    "timm": dcgan.RESOLUTIONS,  # set by its DCGAN generator
+}
+
+
+def _supported() -> str:
+    return "; ".join(
+        f"model.arch={arch} with data.resolution in {', '.join(map(str, res))}"
+        for arch, res in RESOLUTIONS.items()
+    )
+
+
+def build_nets(cfg, channels: int, resolution: int) -> Nets:
+    """Build (energy_net, encoder, generator) for `cfg` (a `bidvl.config.ModelConfig`)."""
+    if cfg.arch not in BUILDERS:
+        raise ValueError(f"model.arch={cfg.arch!r} is not known; supported: {_supported()}")
+    if resolution not in RESOLUTIONS[cfg.arch]:
+        raise ValueError(
+            f"model.arch={cfg.arch} does not support data.resolution={resolution}; "
+            f"supported: {_supported()}"
+        )
+    if cfg.energy_output not in ENERGY_OUTPUTS:
+        raise ValueError(
+            f"model.energy_output={cfg.energy_output!r}: "
+            f"expected one of {', '.join(ENERGY_OUTPUTS)}"
+        )
+    if channels < 1:
+        raise ValueError(f"data.channels={channels}: expected a positive number of channels")
+    if cfg.arch == "timm" and not cfg.timm_name:
+        raise ValueError("model.timm_name is empty: model.arch=timm needs a timm model name")
+    return BUILDERS[cfg.arch](cfg, channels, resolution)

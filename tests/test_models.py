@@ -1,0 +1,199 @@
+"""The three nets and their registry: `build_nets(model_cfg, channels, resolution)`.
+
+Small widths keep these fast on a CPU; the layouts are the same at full width.
+"""
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from bidvl.config import ModelConfig
+from bidvl.models import Nets, build_nets
+
+BATCH = 2
+
+# (model config, resolutions) with widths small enough for a quick CPU test.
+SMALL = {
+    "dcgan": (ModelConfig(arch="dcgan", latent_dim=16, energy_width=8, encoder_width=8,
+                          generator_width=8), (16, 32, 64, 128)),
+    "resnet": (ModelConfig(arch="resnet", latent_dim=16, energy_width=8, encoder_width=8,
+                           generator_width=8, energy_output="identity"), (32, 64, 128)),
+    "timm": (ModelConfig(arch="timm", latent_dim=16, generator_width=8, timm_name="test_resnet"),
+             (32,)),
+}
+CASES = [
+    (arch, resolution, channels)
+    for arch, (_, resolutions) in SMALL.items()
+    for resolution in resolutions
+    for channels in (1, 3)
+]
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """The trained weight tensor (under spectral norm: the parametrization's `original`)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return layer.parametrizations.weight.original
+    return layer.weight
+
+
+@pytest.mark.parametrize("arch,resolution,channels", CASES)
+def test_shapes_dtypes_and_ranges(arch, resolution, channels):
+    cfg = SMALL[arch][0]
+    torch.manual_seed(0)
+    nets = build_nets(cfg, channels=channels, resolution=resolution)
+    assert isinstance(nets, Nets) and all(isinstance(net, nn.Module) for net in nets)
+
+    v = torch.rand(BATCH, channels, resolution, resolution) * 2 - 1
+    energy = nets.energy_net(v)
+    mu, logvar = nets.encoder(v)
+    x = nets.generator(torch.randn(BATCH, cfg.latent_dim))
+
+    assert energy.shape == (BATCH,) and energy.dtype == torch.float32
+    assert mu.shape == logvar.shape == (BATCH, cfg.latent_dim)
+    assert mu.dtype == logvar.dtype == torch.float32
+    assert x.shape == (BATCH, channels, resolution, resolution) and x.dtype == torch.float32
+    assert x.abs().max() <= 1.0
+    for t in (energy, mu, logvar, x):
+        assert torch.isfinite(t).all()
+    if cfg.energy_output == "softplus":
+        assert (energy >= 0).all()
+
+
+def test_energy_gradient_reaches_the_generator():
+    """The lower level trains G through E(G(h)): E must pass gradients to its input."""
+    nets = build_nets(SMALL["dcgan"][0], channels=1, resolution=16)
+    x = nets.generator(torch.randn(BATCH, 16))
+    nets.energy_net(x).mean().backward()
+    grads = [p.grad for p in nets.generator.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("arch,resolution", [("dcgan", 32), ("resnet", 32)])
+def test_energy_output_softplus_or_identity(arch, resolution):
+    cfg = SMALL[arch][0]
+    v = torch.rand(4, 3, resolution, resolution) * 2 - 1
+    energies = {}
+    for output in ("softplus", "identity"):
+        torch.manual_seed(0)
+        net = build_nets(dataclasses.replace(cfg, energy_output=output), 3, resolution).energy_net
+        last_layer = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))][-1]
+        with torch.no_grad():
+            last_layer.bias.fill_(-10.0)  # push the raw energies well below zero
+        energies[output] = net(v)
+    assert (energies["identity"] < 0).all()
+    assert (energies["softplus"] >= 0).all()
+    torch.testing.assert_close(F.softplus(energies["identity"]), energies["softplus"])
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
+def test_init_normal_002_zero_bias_unit_batchnorm(arch):
+    cfg = dataclasses.replace(SMALL[arch][0], energy_width=16, encoder_width=16, generator_width=16)
+    torch.manual_seed(0)
+    nets = build_nets(cfg, channels=3, resolution=32)
+    for net in nets:
+        layers = [
+            m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+        ]
+        weights = torch.cat([weight_of(m).detach().flatten() for m in layers])
+        assert weights.mean().abs() < 0.002
+        assert 0.018 < weights.std() < 0.022
+        for m in layers:
+            if m.bias is not None:
+                assert (m.bias == 0).all()
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                assert (m.weight == 1).all() and (m.bias == 0).all()
+
+
+def test_spectral_norm_is_refreshed_after_init():
+    """After init the power iteration belongs to the drawn weight: ||W / sigma||_2 is about 1."""
+    nets = build_nets(SMALL["dcgan"][0], channels=3, resolution=32)
+    conv = nets.energy_net.features[0]
+    normalised = conv.weight.detach().flatten(1)
+    assert torch.linalg.matrix_norm(normalised, 2).item() == pytest.approx(1.0, abs=0.05)
+
+
+def _spectrally_normalised(net: nn.Module) -> list[bool]:
+    return [
+        parametrize.is_parametrized(m, "weight")
+        for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+    ]
+
+
+@pytest.mark.parametrize("arch,resolution", [("dcgan", 32), ("resnet", 32), ("timm", 32)])
+def test_spectral_norm_on_energy_net_only_when_asked(arch, resolution):
+    cfg = SMALL[arch][0]
+    with_sn = build_nets(dataclasses.replace(cfg, spectral_norm=True), 3, resolution)
+    without_sn = build_nets(dataclasses.replace(cfg, spectral_norm=False), 3, resolution)
+    assert all(_spectrally_normalised(with_sn.energy_net))
+    assert not any(_spectrally_normalised(without_sn.energy_net))
+    assert not any(_spectrally_normalised(with_sn.generator))
+    if arch == "resnet":  # the authors' ResNet encoder is built from spectrally normalised blocks
+        assert all(_spectrally_normalised(without_sn.encoder))
+    else:
+        assert not any(_spectrally_normalised(with_sn.encoder))
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "timm"])
+def test_deepcopy_for_ema(arch):
+    nets = build_nets(SMALL[arch][0], channels=3, resolution=32)
+    v = torch.rand(BATCH, 3, 32, 32) * 2 - 1
+    for net in nets:
+        net.eval()
+        clone = copy.deepcopy(net)
+        x = v if net is not nets.generator else torch.randn(BATCH, 16)
+        torch.testing.assert_close(clone(x), net(x))
+        theirs = {id(p) for p in net.parameters()}
+        assert not any(id(p) in theirs for p in clone.parameters())
+
+
+def test_state_dict_round_trip():
+    """What a checkpoint stores (spectral-norm vectors included) rebuilds the same nets."""
+    cfg = SMALL["resnet"][0]
+    torch.manual_seed(0)
+    source = build_nets(cfg, 3, 32)
+    torch.manual_seed(1)
+    target = build_nets(cfg, 3, 32)
+    v = torch.rand(BATCH, 3, 32, 32) * 2 - 1
+    for mine, theirs in zip(source, target):
+        theirs.load_state_dict(mine.state_dict())
+        mine.eval(), theirs.eval()
+        x = v if mine is not source.generator else torch.randn(BATCH, 16)
+        torch.testing.assert_close(mine(x), theirs(x))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_timm_backbone(channels):
+    cfg = SMALL["timm"][0]
+    nets = build_nets(cfg, channels=channels, resolution=32)
+    assert nets.energy_net.backbone.default_cfg["architecture"] == "test_resnet"
+    first_conv = next(m for m in nets.energy_net.backbone.modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.in_channels == channels
+    assert all(_spectrally_normalised(nets.energy_net))
+    # Our heads get the project init; the backbones keep timm's.
+    for head in (nets.energy_net.head, nets.encoder.head):
+        assert (head.bias == 0).all() and 0.01 < weight_of(head).std() < 0.03
+
+
+@pytest.mark.parametrize(
+    "arch,resolution", [("dcgan", 28), ("dcgan", 256), ("resnet", 16), ("timm", 28)]
+)
+def test_unsupported_resolution_names_the_keys(arch, resolution):
+    cfg = dataclasses.replace(SMALL[arch][0], arch=arch)
+    with pytest.raises(ValueError) as error:
+        build_nets(cfg, channels=3, resolution=resolution)
+    message = str(error.value)
+    assert "model.arch" in message and "data.resolution" in message
+    assert f"data.resolution={resolution}" in message and "32" in message
+
+
+def test_unknown_arch_and_energy_output():
+    with pytest.raises(ValueError, match="model.arch"):
+        build_nets(ModelConfig(arch="vgg"), channels=3, resolution=32)
+    with pytest.raises(ValueError, match="model.energy_output"):
+        build_nets(ModelConfig(energy_output="tanh"), channels=3, resolution=32)

@@ -1,0 +1,267 @@
+"""The training engine, in process (phases, guards, configs) and end to end (1 and 2 CPU processes)."""
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from bidvl.config import ConfigError, load_config
+from bidvl.data import build_shards
+from bidvl.data.meta import shard_name, write_meta
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = [
+    "data.resolution=16", "model.latent_dim=8", "model.energy_width=8", "model.encoder_width=8",
+    "model.generator_width=8", "train.batch_size=16", "data.num_workers=0", "log.every=2",
+    "log.images_every=2", "log.num_images=4", "data.auto_build=''",
+]
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "digits16"
+    build_shards("digits", out=str(out), resolution=16)
+    return out
+
+
+def random_shards(folder: Path, resolution: int, channels: int, count: int = 4) -> Path:
+    """A minimal shards folder of random images (for configs whose datasets are not here)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mode = {1: "L", 3: "RGB"}[channels]
+    rng = np.random.default_rng(0)
+    with tarfile.open(folder / shard_name("train", 0), "w") as tar:
+        for i in range(count):
+            shape = (resolution, resolution) if channels == 1 else (resolution, resolution, 3)
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, "PNG")
+            info = tarfile.TarInfo(f"r{i:03d}.png")
+            info.size = buf.tell()
+            buf.seek(0)
+            tar.addfile(info, buf)
+    write_meta(folder, {"source": "random", "resolution": resolution, "channels": channels,
+                        "num_classes": None, "options": {},
+                        "splits": {"train": {"count": count, "shards": [
+                            {"name": shard_name("train", 0), "count": count}]}}})
+    return folder
+
+
+def make_trainer(tmp_path, shards, *overrides):
+    from bidvl.engine import Trainer
+
+    cfg = load_config(REPO / "configs/digits.yaml",
+                      [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={shards}", *overrides])
+    return Trainer(cfg)
+
+
+def snapshot(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+def changed(before, net):
+    return any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_each_phase_moves_only_its_nets(tmp_path, digits16):
+    trainer = make_trainer(tmp_path, digits16)
+    v = torch.rand(16, 1, 16, 16) * 2 - 1
+    h = [torch.randn(16, 8)]
+    e, q, g = snapshot(trainer.energy_net), snapshot(trainer.encoder), snapshot(trainer.generator)
+    trainer.upper_level_step([v], h, {})
+    assert changed(e, trainer.energy_net)
+    assert not changed(q, trainer.encoder) and not changed(g, trainer.generator)
+    e = snapshot(trainer.energy_net)
+    trainer.lower_level_step([v], h, {})
+    assert not changed(e, trainer.energy_net)
+    assert changed(q, trainer.encoder) and changed(g, trainer.generator)
+    # No stale gradients are left behind on any net.
+    for net in (trainer.energy_net, trainer.encoder, trainer.generator):
+        assert all(p.grad is None for p in net.parameters())
+    trainer.close()
+
+
+def test_not_offset_upper_level_also_moves_encoder(tmp_path, digits16):
+    trainer = make_trainer(tmp_path, digits16, "objective.latent_term=not_offset")
+    v, h = torch.rand(16, 1, 16, 16) * 2 - 1, [torch.randn(16, 8)]
+    q, g = snapshot(trainer.encoder), snapshot(trainer.generator)
+    trainer.upper_level_step([v], h, {})
+    assert changed(q, trainer.encoder) and not changed(g, trainer.generator)
+    trainer.close()
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path, digits16):
+    trainer = make_trainer(tmp_path, digits16)
+    v = torch.full((16, 1, 16, 16), float("nan"))
+    e, q = snapshot(trainer.energy_net), snapshot(trainer.encoder)
+    metrics = trainer.train_step([v])
+    assert trainer.state.skipped_steps == 2  # upper and lower step
+    assert not changed(e, trainer.energy_net) and not changed(q, trainer.encoder)
+    assert not torch.isfinite(metrics["grad_norm/energy_net"])
+    trainer.train_step([torch.rand(16, 1, 16, 16)])
+    assert trainer.state.skipped_steps == 2 and changed(e, trainer.energy_net)
+    trainer.close()
+
+
+def test_gradient_accumulation_equals_the_joint_batch(tmp_path, digits16):
+    """Two micro-batches of 8 with accumulation == one batch of 16. Nets in eval mode, so that
+    neither BatchNorm statistics (generator) nor the spectral-norm power iteration, which runs once
+    per forward (energy net), depend on the split."""
+    a = make_trainer(tmp_path / "a", digits16, "train.grad_accum=2")
+    b = make_trainer(tmp_path / "b", digits16)
+    v = torch.rand(16, 1, 16, 16) * 2 - 1
+    h = torch.randn(16, 8)
+    for t in (a, b):
+        t.generator.eval()
+        t.energy_net.eval()
+    metrics_a, metrics_b = {}, {}
+    a.upper_level_step([v[:8], v[8:]], [h[:8], h[8:]], metrics_a)
+    b.upper_level_step([v], [h], metrics_b)
+    torch.testing.assert_close(metrics_a["grad_norm/energy_net"], metrics_b["grad_norm/energy_net"])
+    for x, y in zip(a.energy_net.parameters(), b.energy_net.parameters()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    a.close()
+    b.close()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_loads_builds_and_steps(tmp_path, name):
+    from bidvl.engine import Trainer
+
+    cfg = load_config(REPO / "configs" / name)
+    shards = random_shards(tmp_path / "shards", cfg.data.resolution, cfg.data.channels)
+    cfg = load_config(REPO / "configs" / name, [
+        f"run.dir={tmp_path / 'run'}", f"data.train={shards}", "data.auto_build=''",
+        "train.batch_size=2", "data.num_workers=0",
+    ])
+    trainer = Trainer(cfg)
+    v = torch.rand(2, cfg.data.channels, cfg.data.resolution, cfg.data.resolution) * 2 - 1
+    metrics = trainer.train_step([v])
+    assert torch.isfinite(metrics["loss_ll"]) and torch.isfinite(metrics["loss_ul"])
+    assert trainer.state.skipped_steps == 0
+    trainer.close()
+
+
+def test_config_errors_name_the_key(tmp_path, digits16):
+    with pytest.raises(ConfigError, match="train.bogus"):
+        load_config(REPO / "configs/digits.yaml", ["train.bogus=1"])
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(REPO / "configs/digits.yaml", ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match="objective.latent_term='sideways'"):
+        load_config(REPO / "configs/digits.yaml", ["objective.latent_term=sideways"])
+    with pytest.raises(ConfigError, match="train.max_steps=0"):
+        load_config(REPO / "configs/digits.yaml", ["train.max_steps=0"])
+    with pytest.raises(ConfigError, match=r"data.resolution=32 but .*meta.json says resolution=16"):
+        make_trainer(tmp_path, digits16, "data.resolution=32")
+
+
+# ------------------------------------------------------------------ end to end (subprocesses)
+
+
+def run_train(args, env_extra=None, processes=1, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    if processes > 1:
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+               "--main_process_port", "0", str(REPO / "launch/train.py"), *args]
+    else:
+        cmd = [sys.executable, str(REPO / "launch/train.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def tiny_args(run_dir, shards, steps, *extra):
+    return [*TINY, f"run.dir={run_dir}", f"data.train={shards}", f"train.max_steps={steps}", *extra]
+
+
+def event_tags(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    folders = {p.parent for p in Path(run_dir, "tensorboard").rglob("events.out.tfevents.*")}
+    scalars, images = set(), set()
+    for folder in folders:
+        acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        images |= set(acc.Tags()["images"])
+    return scalars, images
+
+
+@pytest.mark.slow
+def test_two_process_run_keeps_replicas_identical(tmp_path, digits16):
+    run = tmp_path / "run"
+    proc = run_train(tiny_args(run, digits16, 4, "checkpoint.every=2"), processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for ckpt in ("step_00000002", "step_00000004"):
+        digests = __import__("json").loads((run / "checkpoints" / ckpt / "replicas.json").read_text())
+        assert len(digests["sha256"]) == 2 and len(set(digests["sha256"])) == 1
+    scalars, images = event_tags(run)
+    for tag in ("loss/loss_ul", "loss/loss_ll", "loss/recon", "loss/kl", "loss/energy_term",
+                "loss/latent_term", "energy/data", "energy/samples", "energy/gap",
+                "grad_norm/energy_net", "grad_norm/encoder_generator", "lr/energy_net",
+                "perf/images_per_sec", "train/skipped_steps"):
+        assert tag in scalars, tag
+    assert {"samples", "reconstructions"} <= images
+    for name in ("energy", "encoder", "generator"):
+        assert (run / "model" / f"{name}.safetensors").is_file()
+    assert (run / "model" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_weights(tmp_path, digits16):
+    # batch 16 on 1437 images: 90 steps an epoch; start the check across LR decay with lr_decay<1.
+    extra = ["checkpoint.every=3", "train.energy_optim.lr_decay=0.5", "train.latent_optim.lr_decay=0.5",
+             "data.shuffle_buffer=50"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    p = run_train(tiny_args(whole, digits16, 6, *extra))
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_train(tiny_args(parts, digits16, 3, *extra))
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run_train(tiny_args(parts, digits16, 6, *extra))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    for name in ("energy", "encoder", "generator"):
+        a, b = load_file(whole / "model" / f"{name}.safetensors"), load_file(parts / "model" / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name}.{k}"
+
+
+@pytest.mark.slow
+def test_no_arguments_from_a_fresh_clone(tmp_path):
+    """`accelerate launch launch/train.py` in a fresh checkout builds the digits shards and trains;
+    SIGTERM makes it checkpoint and exit."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+    for path in ("launch", "configs", "accelerate_config.yaml"):  # the working tree's version
+        src, dst = REPO / path, clone / path
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy(src, dst)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(BIN / "accelerate"), "launch", "launch/train.py"], cwd=clone, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    events = clone / "runs/digits/tensorboard"
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(events.rglob("events.out.tfevents.*")):
+        time.sleep(1)
+    time.sleep(5)  # a few steps
+    os.killpg(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    deadline = time.time() + 120
+    checkpoints = clone / "runs/digits/checkpoints"
+    while time.time() < deadline and not list(checkpoints.glob("step_*/COMPLETE")):
+        time.sleep(1)
+    assert (clone / "shards/digits/meta.json").is_file(), out[-3000:]
+    assert list(checkpoints.glob("step_*/COMPLETE")), out[-3000:]
