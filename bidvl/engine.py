@@ -124,7 +124,9 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, with_data: bool = True):
+        """with_data=False skips the shards (benchmarks and tests that feed `train_step` tensors
+        themselves); `fit` then cannot be used."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.accelerator = Accelerator(
@@ -141,7 +143,7 @@ class Trainer:
             ],
         )
         acc = self.accelerator
-        self.meta = self._prepare_data()
+        self.meta = self._prepare_data() if with_data else None
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
@@ -172,7 +174,7 @@ class Trainer:
             self.ema = EMA(acc.unwrap_model(self.generator), cfg.train.ema)
             acc.register_for_checkpointing(self.ema)
 
-        self.micro_per_epoch = self._stream(0).batches_per_epoch
+        self.micro_per_epoch = self._stream(0).batches_per_epoch if with_data else 1
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / cfg.train.grad_accum))
         # Different noise on every rank from here on (same weights were made above).
         set_seed(cfg.run.seed, device_specific=True)
@@ -454,6 +456,8 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
+        if self.meta is None:
+            raise RuntimeError("Trainer(cfg, with_data=False) cannot fit(): it has no data stream")
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import signal
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -109,6 +110,13 @@ class SampleDecoder:
         return image, label
 
 
+def _worker_init(_worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and then shuts
+    them down (SLURM signals every process of the job step, workers included)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
 
@@ -177,7 +185,7 @@ class TrainStream:
             return iter(self.dataset)
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers,
-            prefetch_factor=4, persistent_workers=False,
+            prefetch_factor=4, persistent_workers=False, worker_init_fn=_worker_init,
         )
         return iter(loader)
 
@@ -275,7 +283,8 @@ class EvalStream:
         if self.num_workers == 0:
             source = iter(self.dataset)
         else:
-            source = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers))
+            source = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                     worker_init_fn=_worker_init))
         produced = 0
         last = None
         for batch in source:
