@@ -106,6 +106,19 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Periodic evaluation during training (bidvl.evaluation); every=0 turns it off."""
+
+    every: int = 0
+    metrics: str = "rmse,ood"  # comma list of fid, rmse, ood
+    num_samples: int = 1000  # generated samples for FID during training (50,000 in launch/evaluate.py)
+    max_test: int = 2000  # test images used for rmse/ood during training (0: all)
+    batch_size: int = 100
+    features: str = ""  # FID feature extractor: "" = Inception (needs inception_weights) or a path
+    inception_weights: str = ""  # local file; env BIDVL_INCEPTION_WEIGHTS is used when empty
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -114,6 +127,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 CHOICES = {
@@ -149,6 +163,15 @@ def validate(cfg: Config) -> Config:
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{key}={_get(cfg, key)}: expected a positive integer")
+    if cfg.eval.every < 0 or cfg.eval.num_samples <= 0 or cfg.eval.batch_size <= 0 or cfg.eval.max_test < 0:
+        raise ConfigError(
+            f"eval.every={cfg.eval.every}, eval.num_samples={cfg.eval.num_samples}, "
+            f"eval.batch_size={cfg.eval.batch_size}, eval.max_test={cfg.eval.max_test}: "
+            "expected every >= 0, num_samples > 0, batch_size > 0, max_test >= 0"
+        )
+    for metric in filter(None, cfg.eval.metrics.split(",")):
+        if metric.strip() not in ("fid", "rmse", "ood"):
+            raise ConfigError(f"eval.metrics={cfg.eval.metrics!r}: {metric!r} is not one of fid, rmse, ood")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers}: expected >= 0")
     if cfg.data.channels not in (1, 3):
