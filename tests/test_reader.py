@@ -139,3 +139,39 @@ def test_missing_meta_and_split_are_named(tmp_path):
     folder = make_shards(tmp_path / "s", count=10)
     with pytest.raises(ShardError, match="no split 'test'"):
         eval_stream(folder, "test")
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    from bidvl.data.tarstream import tar_members
+
+    long_dir = "d" * 120  # needs a GNU long name or pax path (ustar: prefix field)
+    members = [(f"{long_dir}/s{i}.png", bytes([i]) * (100 + 700 * i)) for i in range(4)]
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        tar.addfile(_dir_info("adir"))
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert [(n, bytes(c)) for n, c in tar_members(str(path))] == members
+
+
+def _dir_info(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_truncated_and_corrupt_shards_are_named(tmp_path):
+    folder = make_shards(tmp_path / "s", count=10, per_shard=10)
+    shard = folder / shard_name("train", 0)
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ShardError, match=r"train-000000\.tar.*truncated"):
+        list(eval_stream(folder, "train", batch_size=4))
+    corrupt = bytearray(good)
+    corrupt[1024 + 10] ^= 0xFF  # the second member's header (the first PNG fits one block)
+    shard.write_bytes(bytes(corrupt))
+    with pytest.raises(ShardError, match=r"train-000000\.tar.*(checksum|corrupt)"):
+        list(eval_stream(folder, "train", batch_size=4))

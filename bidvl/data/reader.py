@@ -42,9 +42,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
-from webdataset.tariterators import tarfile_samples
 
 from .meta import ShardError, split_info
+from .tarstream import samples_of, tar_samples
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 ALLOWED = set(IMAGE_EXTENSIONS) | {"cls", "json"}
@@ -57,14 +57,17 @@ def _seed(*parts: int) -> int:
 
 
 class SampleDecoder:
-    """Turns a raw webdataset sample into (CHW float tensor in [-1,1], label); strict about content."""
+    """Turns a raw sample into (CHW uint8 array, label); strict about content.
+
+    Conversion to float in [-1, 1] happens once per batch in `_collate` (cheaper than per image).
+    """
 
     def __init__(self, resolution: int, channels: int):
         self.resolution = resolution
         self.channels = channels
         self.mode = {1: "L", 3: "RGB"}[channels]
 
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def __call__(self, sample: dict) -> tuple[np.ndarray, int]:
         where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')}"
         members = [k for k in sample if not k.startswith("__")]
         for k in members:
@@ -96,11 +99,7 @@ class SampleDecoder:
         if im.mode != self.mode:
             raise ShardError(f"{where}: image mode {im.mode}, expected {self.mode} ({self.channels} channels)")
         array = np.asarray(im, dtype=np.uint8)
-        if array.ndim == 2:
-            array = array[None]
-        else:
-            array = array.transpose(2, 0, 1)
-        image = torch.from_numpy(array.copy()).float().div_(127.5).sub_(1.0)
+        image = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         label = -1
         if "cls" in sample:
             try:
@@ -117,8 +116,14 @@ def _worker_init(_worker_id: int) -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items], dtype=torch.long)
+def _to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B,C,H,W) -> float32 in [-1, 1]."""
+    return torch.from_numpy(images).float().div_(127.5).sub_(1.0)
+
+
+def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    images = _to_float(np.stack([x for x, _ in items]))
+    return images, torch.tensor([y for _, y in items], dtype=torch.long)
 
 
 # ---------------------------------------------------------------- training
@@ -140,11 +145,11 @@ class _TrainRoles(IterableDataset):
         """Raw (undecoded) samples of one role and epoch: resampled shards through a shuffle buffer."""
         rng = random.Random(_seed(self.seed, self.rank, role, epoch))
 
-        def shard_urls():
+        def resampled_shards():
             while True:
-                yield {"url": rng.choice(self.shards)}
+                yield rng.choice(self.shards)
 
-        samples = tarfile_samples(shard_urls())
+        samples = samples_of(resampled_shards())
         return _shuffle(samples, bufsize=self.buffer, initial=min(self.buffer, 100), rng=rng)
 
     def role_batches(self, role: int, local_start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -175,9 +180,12 @@ class TrainStream:
         per_role = math.ceil(count / (batch_size * world_size * roles))
         self.batches_per_epoch = per_role * roles
         self.num_workers = num_workers
+        # The shuffle buffer restarts every epoch (each epoch is a pure function of its seed), so
+        # its leftover is read but not used: cap it at a quarter of a role's epoch.
+        buffer = max(1, min(shuffle_buffer, per_role * batch_size // 4))
         self.dataset = _TrainRoles(
             shards, SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size,
-            per_role, roles, seed, rank, start_batch, shuffle_buffer,
+            per_role, roles, seed, rank, start_batch, buffer,
         )
 
     def __iter__(self):
@@ -225,7 +233,7 @@ class _EvalShards(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         batch = []
         for k, modulo in self.units[worker::workers]:
-            samples = tarfile_samples([{"url": self.shards[k]}])
+            samples = tar_samples(self.shards[k])
             for j, sample in enumerate(samples):
                 index = self.offsets[k] + j
                 if modulo is not None and index % self.world_size != modulo:
@@ -241,7 +249,7 @@ class _EvalShards(IterableDataset):
 
 def _pad(batch, batch_size):
     n = len(batch)
-    images = torch.stack([b[0] for b in batch] + [batch[-1][0]] * (batch_size - n))
+    images = _to_float(np.stack([b[0] for b in batch] + [batch[-1][0]] * (batch_size - n)))
     labels = torch.tensor([b[1] for b in batch] + [-1] * (batch_size - n), dtype=torch.long)
     index = torch.tensor([b[2] for b in batch] + [-1] * (batch_size - n), dtype=torch.long)
     return images, labels, index
