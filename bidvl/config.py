@@ -43,6 +43,8 @@ class DataConfig:
     channels: int = 1  # must equal the shards' meta.json
     num_workers: int = 1  # DataLoader workers per process
     shuffle_buffer: int = 2000
+    on_error: str = "raise"  # raise | skip: bad samples/shards stop the run, or are skipped and counted
+    max_skipped: int = 100  # with on_error=skip: stop once more than this many were skipped
 
 
 @dataclass
@@ -85,6 +87,14 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 0.0  # 0: off
     ema: float = 0.0  # generator EMA decay; 0: off (as the authors)
+    # Non-finite loss/gradients skip the optimizer step (always). After `nonfinite_patience`
+    # consecutive steps with a skip: `skip` goes on, `stop` ends the run with an error, `rollback`
+    # reloads the last complete checkpoint with the LRs scaled by `rollback_lr_scale` (at most
+    # `max_rollbacks` times, then stops).
+    on_nonfinite: str = "rollback"
+    nonfinite_patience: int = 10
+    rollback_lr_scale: float = 0.5
+    max_rollbacks: int = 3
     energy_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0)
     )
@@ -138,6 +148,8 @@ CHOICES = {
     "objective.upper_loss": ("difference", "hinge"),
     "objective.order": ("upper_first", "lower_first"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
+    "data.on_error": ("raise", "skip"),
+    "train.on_nonfinite": ("skip", "rollback", "stop"),
 }
 
 
@@ -172,6 +184,13 @@ def validate(cfg: Config) -> Config:
     for metric in filter(None, cfg.eval.metrics.split(",")):
         if metric.strip() not in ("fid", "rmse", "ood"):
             raise ConfigError(f"eval.metrics={cfg.eval.metrics!r}: {metric!r} is not one of fid, rmse, ood")
+    if cfg.train.nonfinite_patience <= 0 or cfg.train.max_rollbacks < 0 or cfg.data.max_skipped < 0:
+        raise ConfigError(
+            f"train.nonfinite_patience={cfg.train.nonfinite_patience}, train.max_rollbacks="
+            f"{cfg.train.max_rollbacks}, data.max_skipped={cfg.data.max_skipped}: expected > 0, >= 0, >= 0"
+        )
+    if not 0.0 < cfg.train.rollback_lr_scale <= 1.0:
+        raise ConfigError(f"train.rollback_lr_scale={cfg.train.rollback_lr_scale}: expected in (0, 1]")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers}: expected >= 0")
     if cfg.data.channels not in (1, 3):

@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import time
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,11 +42,11 @@ from accelerate.utils import (
     set_seed,
 )
 from datetime import timedelta
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import objectives as obj
-from .config import Config, ConfigError, to_dict, to_yaml
+from .config import Config, ConfigError, load_config, to_dict, to_yaml
 from .data import ShardError, read_meta, train_stream
 from .models import build_nets
 
@@ -54,17 +55,19 @@ CHECKPOINT_MARKER = "COMPLETE"
 
 @dataclass
 class TrainState:
-    """Counters saved in every checkpoint (registered with Accelerate)."""
+    """Counters saved as `train_state.json` in every checkpoint (JSON: nothing is unpickled)."""
 
     step: int = 0
-    skipped_steps: int = 0  # non-finite gradients (and fp16 overflow) steps skipped
+    skipped_steps: int = 0  # optimizer steps skipped for non-finite gradients (and fp16 overflow)
+    skipped_in_a_row: int = 0  # consecutive training steps with a skipped optimizer step
+    rollbacks: int = 0
 
     def state_dict(self):
-        return {"step": self.step, "skipped_steps": self.skipped_steps}
+        return dataclasses.asdict(self)
 
     def load_state_dict(self, state):
-        self.step = int(state["step"])
-        self.skipped_steps = int(state["skipped_steps"])
+        for k, v in state.items():
+            setattr(self, k, int(v))
 
 
 class EMA:
@@ -82,7 +85,7 @@ class EMA:
             ema_b.copy_(b)
 
     def state_dict(self):
-        return self.module.state_dict()
+        return {k: v.detach().cpu().contiguous() for k, v in self.module.state_dict().items()}
 
     def load_state_dict(self, state):
         self.module.load_state_dict(state)
@@ -163,16 +166,9 @@ class Trainer:
         (self.energy_net, self.encoder, self.generator, self.energy_opt, self.latent_opt) = acc.prepare(
             energy_net, encoder, generator, energy_opt, latent_opt
         )
-        # LR decays once per epoch (ExponentialLR, the authors' schedule). Not passed through
-        # prepare(): Accelerate would step it once per process.
-        self.energy_sched = torch.optim.lr_scheduler.ExponentialLR(energy_opt, gamma=eo.lr_decay)
-        self.latent_sched = torch.optim.lr_scheduler.ExponentialLR(latent_opt, gamma=lo.lr_decay)
         self.state = TrainState()
-        acc.register_for_checkpointing(self.energy_sched, self.latent_sched, self.state)
-        self.ema = None
-        if cfg.train.ema > 0:
-            self.ema = EMA(acc.unwrap_model(self.generator), cfg.train.ema)
-            acc.register_for_checkpointing(self.ema)
+        self.lr_scale = 1.0  # lowered by a rollback after repeated non-finite steps
+        self.ema = EMA(acc.unwrap_model(self.generator), cfg.train.ema) if cfg.train.ema > 0 else None
 
         self.micro_per_epoch = self._stream(0).batches_per_epoch if with_data else 1
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / cfg.train.grad_accum))
@@ -181,6 +177,7 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.run.seed)
         self.fixed_latent = torch.randn(cfg.log.num_images, cfg.model.latent_dim, generator=g)
         self._stop_signal = 0
+        self.skipped_samples = 0  # bad data skipped by this rank's loader (data.on_error=skip)
 
     # ------------------------------------------------------------------ data
 
@@ -212,7 +209,7 @@ class Trainer:
         return train_stream(
             cfg.data.train, cfg.data.train_split, cfg.train.batch_size, seed=cfg.run.seed,
             rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
-            start_batch=start_micro, shuffle_buffer=cfg.data.shuffle_buffer,
+            start_batch=start_micro, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
         )
 
     # ------------------------------------------------------------------ phases
@@ -235,6 +232,7 @@ class Trainer:
         if not torch.isfinite(norm) and acc.mixed_precision != "fp16":
             # Gradients are identical on every rank after the all-reduce, so every rank skips.
             self.state.skipped_steps += 1
+            metrics["_nonfinite"] = True
         else:
             optimizer.step()
             if getattr(optimizer, "step_was_skipped", False):  # fp16 overflow: scaler skipped
@@ -294,11 +292,47 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.generator))
 
+    def set_learning_rates(self) -> None:
+        """The authors' schedule, ExponentialLR stepped once per epoch, as a pure function of the
+        step: lr = base_lr x lr_decay ** epoch (x lr_scale after a rollback)."""
+        epoch = self.state.step // self.steps_per_epoch
+        for opt, oc in ((self.energy_opt, self.cfg.train.energy_optim),
+                        (self.latent_opt, self.cfg.train.latent_optim)):
+            for group in opt.param_groups:
+                group["lr"] = oc.lr * oc.lr_decay ** epoch * self.lr_scale
+
     @staticmethod
     def _accumulate(metrics: dict, **values):
         for k, v in values.items():
             metrics[k] = metrics.get(k, 0.0) + v.detach().float()
             metrics[f"_n_{k}"] = metrics.get(f"_n_{k}", 0) + 1
+
+    def check_nonfinite(self, metrics: dict) -> bool:
+        """Counts consecutive steps with a non-finite skip; applies train.on_nonfinite after
+        train.nonfinite_patience of them. Returns True when the run was rolled back."""
+        cfg = self.cfg.train
+        if not metrics.get("_nonfinite"):
+            self.state.skipped_in_a_row = 0
+            return False
+        self.state.skipped_in_a_row += 1
+        if self.state.skipped_in_a_row < cfg.nonfinite_patience or cfg.on_nonfinite == "skip":
+            return False
+        what = f"{self.state.skipped_in_a_row} consecutive steps with non-finite loss or gradients"
+        if cfg.on_nonfinite == "stop":
+            raise FloatingPointError(f"{what} at step {self.state.step} (train.on_nonfinite=stop)")
+        if self.state.rollbacks >= cfg.max_rollbacks:
+            raise FloatingPointError(f"{what} at step {self.state.step}, after {self.state.rollbacks} "
+                                     f"rollbacks (train.max_rollbacks={cfg.max_rollbacks})")
+        found = complete_checkpoints(self.checkpoint_dir)
+        if not found:
+            raise FloatingPointError(f"{what} at step {self.state.step} and no checkpoint to roll back to")
+        rollbacks = self.state.rollbacks + 1
+        self.load_checkpoint(found[-1])
+        self.state.rollbacks = rollbacks
+        self.lr_scale *= cfg.rollback_lr_scale
+        self.set_learning_rates()
+        self.accelerator.print(f"{what}: rolled back to {found[-1].name}, learning rates x{self.lr_scale:g}")
+        return True
 
     def train_step(self, batches: list[torch.Tensor]) -> dict:
         """One bi-level iteration on `grad_accum` micro-batches; returns this step's metrics."""
@@ -325,7 +359,9 @@ class Trainer:
         return self.run_dir / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Accelerate state into a temp folder, marker, then rename: only complete ones exist."""
+        """Accelerate state + our JSON/safetensors into a temp folder, fsync, a COMPLETE marker, then
+        one rename: only complete checkpoints exist under their final name. Keeps the newest
+        `checkpoint.keep` complete ones (never fewer than one)."""
         acc = self.accelerator
         name = f"step_{self.state.step:08d}"
         final, tmp = self.checkpoint_dir / name, self.checkpoint_dir / f".tmp_{name}"
@@ -341,6 +377,14 @@ class Trainer:
                 bad = [r for r, d in enumerate(digests) if d != digests[0]]
                 raise RuntimeError(f"replicas diverged at step {self.state.step}: ranks {bad} differ from rank 0")
             (tmp / "replicas.json").write_text(json.dumps({"sha256": digests}) + "\n")
+            (tmp / "train_state.json").write_text(
+                json.dumps({**self.state.state_dict(), "lr_scale": self.lr_scale}) + "\n")
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            if self.ema is not None:
+                save_file(self.ema.state_dict(), str(tmp / "generator_ema.safetensors"))
+            for path in tmp.iterdir():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
             with open(tmp / CHECKPOINT_MARKER, "w") as f:
                 f.write(f"{self.state.step}\n")
                 f.flush()
@@ -349,6 +393,7 @@ class Trainer:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             for old in complete_checkpoints(self.checkpoint_dir)[: -self.cfg.checkpoint.keep]:
+                (old / CHECKPOINT_MARKER).unlink()  # first: a half-deleted folder is never "complete"
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
@@ -366,24 +411,48 @@ class Trainer:
                 h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
-    def resume(self) -> None:
+    def find_resume_checkpoint(self) -> Path | None:
         resume = self.cfg.checkpoint.resume
         if resume == "none":
-            return
+            return None
         if resume == "auto":
             found = complete_checkpoints(self.checkpoint_dir)
-            if not found:
-                return
-            path = found[-1]
-        else:
-            path = Path(resume)
-            if not (path / CHECKPOINT_MARKER).is_file():
-                raise ConfigError(
-                    f"checkpoint.resume={resume}: not a complete checkpoint folder "
-                    f"(no {CHECKPOINT_MARKER} marker)"
-                )
-        self.accelerator.load_state(str(path))
-        self.accelerator.print(f"resumed from {path} at step {self.state.step}")
+            return found[-1] if found else None
+        path = Path(resume)
+        if not (path / CHECKPOINT_MARKER).is_file():
+            raise ConfigError(
+                f"checkpoint.resume={resume}: not a complete checkpoint folder (no {CHECKPOINT_MARKER} marker)"
+            )
+        return path
+
+    def check_compatible(self, path: Path) -> None:
+        """A checkpoint of another architecture fails here, naming the key and both values."""
+        saved = load_config(path / "config.yaml")
+        for section, keys in (("model", [f.name for f in dataclasses.fields(saved.model)]),
+                              ("data", ["resolution", "channels"])):
+            for key in keys:
+                ours, theirs = getattr(getattr(self.cfg, section), key), getattr(getattr(saved, section), key)
+                if ours != theirs:
+                    raise ConfigError(
+                        f"checkpoint {path} was trained with {section}.{key}={theirs!r}, "
+                        f"this config has {section}.{key}={ours!r}"
+                    )
+
+    def load_checkpoint(self, path: Path) -> None:
+        self.check_compatible(path)
+        self.accelerator.load_state(str(path))  # safetensors + weights_only torch.load
+        state = json.loads((path / "train_state.json").read_text())
+        self.lr_scale = float(state.pop("lr_scale", 1.0))
+        self.state.load_state_dict(state)
+        if self.ema is not None:
+            self.ema.load_state_dict(load_file(str(path / "generator_ema.safetensors")))
+        self.set_learning_rates()
+
+    def resume(self) -> None:
+        path = self.find_resume_checkpoint()
+        if path is not None:
+            self.load_checkpoint(path)
+            self.accelerator.print(f"resumed from {path} at step {self.state.step}")
 
     def export(self) -> Path:
         """The three nets as safetensors + resolved config, written atomically by the main process."""
@@ -408,9 +477,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    def _log(self, window: list[dict], elapsed: float, images: int) -> dict:
+    def _log(self, window: list[dict], elapsed: float, images: int, skipped_samples: int = 0) -> dict:
         acc = self.accelerator
-        keys = sorted(k for k in window[0] if not k.startswith("_n_"))
+        keys = sorted(k for k in window[0] if not k.startswith("_"))
         sums = {}
         for k in keys:
             total = sum(m[k] for m in window if k in m)
@@ -426,6 +495,8 @@ class Trainer:
         logs["lr/encoder_generator"] = self.latent_opt.param_groups[0]["lr"]
         logs["perf/images_per_sec"] = images / max(elapsed, 1e-9)
         logs["train/skipped_steps"] = self.state.skipped_steps
+        logs["train/skipped_samples"] = skipped_samples
+        logs["train/rollbacks"] = self.state.rollbacks
         logs["train/epoch"] = self.state.step / self.steps_per_epoch
         acc.log(logs, step=self.state.step)
         return logs
@@ -461,31 +532,44 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            for partial in self.checkpoint_dir.glob(".tmp_step_*"):  # left by a killed run
+                shutil.rmtree(partial, ignore_errors=True)
         acc.init_trackers("bidvl", config=flatten(to_dict(cfg)))
         self.resume()
+        self.set_learning_rates()
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
         accum = cfg.train.grad_accum
         start = self.state.step
         stream = iter(self._stream(start * accum))
-        epoch = start // self.steps_per_epoch
         progress = tqdm(total=cfg.train.max_steps, initial=start, disable=not acc.is_main_process,
                         desc="train", dynamic_ncols=True)
         window, t0, images, logs, last_saved = [], time.perf_counter(), 0, {}, (start if start else -1)
         while self.state.step < cfg.train.max_steps:
-            batches = [next(stream)[0] for _ in range(accum)]
+            batches = []
+            for _ in range(accum):
+                batch, _, skipped = next(stream)
+                batches.append(batch)
+                self.skipped_samples += skipped
             metrics = self.train_step(batches)
             self.state.step += 1
             images += sum(len(b) for b in batches) * acc.num_processes
             window.append(metrics)
+            stop_signal, skipped_samples = self._synchronised_flags()
+            if skipped_samples > cfg.data.max_skipped:
+                raise ShardError(f"{skipped_samples} bad samples or shards skipped, more than "
+                                 f"data.max_skipped={cfg.data.max_skipped} (see the warnings above)")
+            if self.check_nonfinite(metrics):  # rolled back: reopen the data where that step was
+                stream = iter(self._stream(self.state.step * accum))
+                progress.n = self.state.step
+                window = []
+                continue
             step = self.state.step
-            if step // self.steps_per_epoch > epoch:  # epoch boundary: decay both LRs
-                epoch = step // self.steps_per_epoch
-                self.energy_sched.step()
-                self.latent_sched.step()
-            if step % cfg.log.every == 0 or step == cfg.train.max_steps:
-                logs = self._log(window, time.perf_counter() - t0, images)
+            if step % self.steps_per_epoch == 0:  # epoch boundary: decay both LRs
+                self.set_learning_rates()
+            if window and (step % cfg.log.every == 0 or step == cfg.train.max_steps):
+                logs = self._log(window, time.perf_counter() - t0, images, skipped_samples)
                 progress.set_postfix(gap=f"{logs['energy/gap']:.3f}", recon=f"{logs.get('loss/recon', 0):.1f}")
                 window, t0, images = [], time.perf_counter(), 0
             if step % cfg.log.images_every == 0 or step == cfg.train.max_steps:
@@ -494,8 +578,8 @@ class Trainer:
                 self.save_checkpoint()
                 last_saved = step
             progress.update(1)
-            if self._stop_requested():
-                acc.print(f"signal {self._stop_signal}: checkpointing at step {step} and exiting")
+            if stop_signal:
+                acc.print(f"signal {stop_signal}: checkpointing at step {step} and exiting")
                 if last_saved != step:
                     self.save_checkpoint()
                 break
@@ -507,11 +591,13 @@ class Trainer:
         self.close()
         return logs
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([float(self._stop_signal)], device=self.accelerator.device)
+    def _synchronised_flags(self) -> tuple[int, int]:
+        """(a stop signal received by any rank, bad data skipped on all ranks): one small
+        all-reduce per step, so every rank takes the same decision at the same step."""
+        flags = torch.tensor([float(self._stop_signal), float(self.skipped_samples)], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        return int(flags[0].item()), int(flags[1].item())
 
     def close(self) -> None:
         """Free nets and optimizers and synchronise before ending (avoids aborts at exit)."""

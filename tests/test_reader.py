@@ -58,7 +58,8 @@ def sample_ids(images):
 def test_train_batches_shape_range_labels(tmp_path):
     folder = make_shards(tmp_path / "s")
     stream = train_stream(folder, "train", batch_size=5, seed=0)
-    images, labels = next(iter(stream))
+    images, labels, skipped = next(iter(stream))
+    assert skipped == 0
     assert images.shape == (5, 1, 8, 8) and images.dtype == torch.float32
     assert images.min() >= -1 and images.max() <= 1
     assert [i % 10 for i in sample_ids(images)] == labels.tolist()

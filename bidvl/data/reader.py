@@ -34,6 +34,7 @@ import math
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -129,8 +130,22 @@ def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.T
 # ---------------------------------------------------------------- training
 
 
+def _tolerant_samples(shards, report) -> Iterator[dict]:
+    """Like `samples_of`, but a shard that fails to read (truncated, corrupt, unreadable) is reported
+    and the stream goes on with the next shard."""
+    for shard in shards:
+        try:
+            for sample in tar_samples(shard):
+                yield sample
+        except ShardError as exc:
+            report(exc)
+
+
 class _TrainRoles(IterableDataset):
-    def __init__(self, shards, decoder, batch_size, per_role, roles, seed, rank, start_batch, buffer):
+    def __init__(self, shards, decoder, batch_size, per_role, roles, seed, rank, start_batch, buffer,
+                 on_error="raise"):
+        self.on_error = on_error
+        self.skipped = 0  # bad samples/shards skipped since the last batch (on_error="skip")
         self.shards = [str(p) for p in shards]
         self.decoder = decoder
         self.batch_size = batch_size
@@ -149,17 +164,36 @@ class _TrainRoles(IterableDataset):
             while True:
                 yield rng.choice(self.shards)
 
-        samples = samples_of(resampled_shards())
+        if self.on_error == "skip":
+            samples = _tolerant_samples(resampled_shards(), self._report)
+        else:
+            samples = samples_of(resampled_shards())
         return _shuffle(samples, bufsize=self.buffer, initial=min(self.buffer, 100), rng=rng)
 
-    def role_batches(self, role: int, local_start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _report(self, exc: Exception) -> None:
+        self.skipped += 1
+        print(f"warning: skipping bad data (data.on_error=skip): {exc}", file=sys.stderr, flush=True)
+
+    def _decoded(self, stream):
+        if self.on_error != "skip":
+            return self.decoder(next(stream))
+        while True:
+            try:
+                return self.decoder(next(stream))
+            except ShardError as exc:
+                self._report(exc)
+
+    def role_batches(self, role: int, local_start: int):
+        """(images, labels, bad samples skipped since the previous batch) of one role, forever."""
         epoch, skip = divmod(local_start, self.per_role)
         while True:
             stream = self._epoch_samples(role, epoch)
             for _ in range(skip * self.batch_size):
                 next(stream)
             for _ in range(self.per_role - skip):
-                yield _collate([self.decoder(next(stream)) for _ in range(self.batch_size)])
+                images, labels = _collate([self._decoded(stream) for _ in range(self.batch_size)])
+                skipped, self.skipped = self.skipped, 0
+                yield images, labels, skipped
             epoch, skip = epoch + 1, 0
 
     def __iter__(self):
@@ -170,10 +204,19 @@ class _TrainRoles(IterableDataset):
 
 
 class TrainStream:
-    """Infinite iterable of (images (B,C,H,W) in [-1,1], labels (B,), -1 when unknown) for one rank."""
+    """Infinite iterable of (images (B,C,H,W) in [-1,1], labels (B,) (-1 when unknown), skipped)
+    for one rank; `skipped` counts bad samples or shards passed over since the previous batch of
+    the same worker (always 0 unless on_error="skip").
+
+    on_error="skip" goes on past bad samples and unreadable shards (each reported on stderr); the
+    caller enforces a budget. Resuming stays exact only if no sample was skipped earlier in the
+    same epoch (the fast-forward counts raw samples without decoding them).
+    """
 
     def __init__(self, folder, split, batch_size, *, seed, rank=0, world_size=1, num_workers=0,
-                 start_batch=0, shuffle_buffer=2000):
+                 start_batch=0, shuffle_buffer=2000, on_error="raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"data.on_error={on_error!r}: expected raise or skip")
         self.meta, shards, _ = split_info(folder, split)
         count = self.meta["splits"][split]["count"]
         roles = max(1, num_workers)
@@ -185,7 +228,7 @@ class TrainStream:
         buffer = max(1, min(shuffle_buffer, per_role * batch_size // 4))
         self.dataset = _TrainRoles(
             shards, SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size,
-            per_role, roles, seed, rank, start_batch, buffer,
+            per_role, roles, seed, rank, start_batch, buffer, on_error,
         )
 
     def __iter__(self):
