@@ -23,11 +23,11 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
         from bidvl.engine import Trainer
 
-        trainer = Trainer(cfg)
-    except (ConfigError, ShardError) as exc:
+        Trainer(cfg).fit()
+    except (ConfigError, ShardError, FloatingPointError) as exc:
+        # Bad input or a diverged run: one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    trainer.fit()
     return 0
 
 

@@ -86,8 +86,10 @@ def split_info(folder: str | os.PathLike, split: str) -> tuple[dict, list[Path],
         raise ShardError(f"{Path(folder) / 'meta.json'}: split {split!r} lists no shards")
     paths = [Path(folder) / s["name"] for s in info["shards"]]
     for p in paths:
-        if not p.is_file():
+        if not p.exists():
             raise ShardError(f"shard {p} listed in meta.json is missing")
+        if not p.is_file():
+            raise ShardError(f"shard {p} listed in meta.json is not a regular file")
     return meta, paths, [s["count"] for s in info["shards"]]
 
 

@@ -1,0 +1,318 @@
+"""Faults injected for real: killed and signalled runs, broken shards, NaN, wrong configs, a dying rank."""
+
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load_file
+
+from bidvl.config import ConfigError, load_config
+from bidvl.data import ShardError, build_shards, eval_stream, train_stream
+from bidvl.data.meta import shard_name, write_meta
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = [
+    "data.resolution=16", "model.latent_dim=8", "model.energy_width=8", "model.encoder_width=8",
+    "model.generator_width=8", "train.batch_size=16", "data.num_workers=0", "log.every=2",
+    "log.images_every=1000", "log.num_images=4", "data.auto_build=''",
+]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def digits16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "digits16"
+    build_shards("digits", out=str(out), resolution=16)
+    return out
+
+
+def train_cmd(run, shards, steps, *extra):
+    return [sys.executable, str(REPO / "launch/train.py"), *TINY, f"run.dir={run}",
+            f"data.train={shards}", f"train.max_steps={steps}", *extra]
+
+
+def newest_complete(run: Path) -> int:
+    done = [int(p.parent.name.split("_")[1]) for p in (run / "checkpoints").glob("step_*/COMPLETE")]
+    return max(done, default=0)
+
+
+def exported(run: Path) -> dict:
+    return {n: load_file(run / "model" / f"{n}.safetensors") for n in ("energy", "encoder", "generator")}
+
+
+def assert_same_weights(a: dict, b: dict):
+    for net in a:
+        assert a[net].keys() == b[net].keys()
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net}.{k}"
+
+
+# ------------------------------------------------------------------ process faults
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path, digits16):
+    steps, extra = 40, ["checkpoint.every=1", "checkpoint.keep=2"]
+    whole = tmp_path / "whole"
+    subprocess.run(train_cmd(whole, digits16, steps, *extra), env=ENV, check=True, capture_output=True)
+    run, rng, kills = tmp_path / "killed", random.Random(0), 0
+    while kills < 10:
+        before = newest_complete(run) if run.exists() else 0
+        proc = subprocess.Popen(train_cmd(run, digits16, steps, *extra), env=ENV,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Start-up (imports) takes a few seconds; then a step and a checkpoint every ~0.1 s.
+        time.sleep(rng.uniform(3.0, 7.0))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        after = newest_complete(run)
+        assert after >= before  # a kill never costs a completed checkpoint
+    assert kills >= 10
+    final = subprocess.run(train_cmd(run, digits16, steps, *extra), env=ENV, capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert not list((run / "checkpoints").glob(".tmp_*"))
+    assert_same_weights(exported(whole), exported(run))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_checkpoints_and_exits_cleanly(tmp_path, digits16, sig):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(run, digits16, 100000, "checkpoint.every=100000"), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "config.yaml").exists():
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    assert newest_complete(run) > 0
+    assert f"signal {int(sig)}: checkpointing" in out
+
+
+@pytest.mark.slow
+def test_a_dying_rank_ends_the_job_naming_it(tmp_path, digits16):
+    run = tmp_path / "run"
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "0", str(REPO / "launch/train.py"), *TINY, f"run.dir={run}",
+           f"data.train={digits16}", "train.max_steps=100000", "checkpoint.every=100000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "config.yaml").exists():
+        time.sleep(0.2)
+    time.sleep(3)
+    children = subprocess.run(["pgrep", "-f", f"run.dir={run}"], capture_output=True, text=True)
+    trainers = [int(p) for p in children.stdout.split() if int(p) != proc.pid]
+    ranks = {}
+    for pid in trainers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = [e for e in environ if e.startswith(b"RANK=")]
+        if rank:
+            ranks[int(rank[0].split(b"=")[1])] = pid
+    assert set(ranks) == {0, 1}, (trainers, ranks)
+    os.kill(ranks[1], signal.SIGKILL)
+    t0 = time.time()
+    try:
+        out = proc.communicate(timeout=120)[0].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert time.time() - t0 < 120
+    assert "rank" in out and "1" in out, out[-2000:]
+
+
+# ------------------------------------------------------------------ data faults
+
+
+def write_shards(folder: Path, samples, res=8, channels=1):
+    """samples: list of lists of (member name, bytes), one list per sample, all in one shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / shard_name("train", 0), "w") as tar:
+        for members in samples:
+            for name, payload in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    write_meta(folder, {"source": "test", "resolution": res, "channels": channels, "num_classes": None,
+                        "options": {}, "splits": {"train": {"count": len(samples), "shards": [
+                            {"name": shard_name("train", 0), "count": len(samples)}]}}})
+    return folder
+
+
+def png(shape, mode="L"):
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros(shape, np.uint8), mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def good(i):
+    return [(f"s{i:04d}.png", png((8, 8))), (f"s{i:04d}.cls", b"1")]
+
+
+BAD = {
+    "non-image member": ([("s0003.txt", b"hello")], r"s0003.*\.txt is not allowed"),
+    "pickle member": ([("s0003.pickle", b"\x80\x04K\x01.")], r"s0003.*\.pickle is not allowed"),
+    "undecodable image": ([("s0003.png", b"not a png at all")], r"s0003.*not a readable image"),
+    "wrong size": ([("s0003.png", png((9, 8)))], r"s0003.*8x9, expected 8x8"),
+    "wrong channels": ([("s0003.png", png((8, 8, 3), "RGB"))], r"s0003.*mode RGB, expected L"),
+    "decompression bomb": ([("s0003.png", png((5000, 5000)))], r"s0003.*5000x5000, refusing"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BAD))
+def test_bad_members_are_named_and_can_be_skipped(tmp_path, fault):
+    members, message = BAD[fault]
+    samples = [good(i) for i in range(10)]
+    samples[3] = members
+    folder = write_shards(tmp_path / "s", samples)
+    with pytest.raises(ShardError, match=r"train-000000\.tar.*" + message):
+        list(eval_stream(folder, "train", batch_size=4))
+    stream = iter(train_stream(folder, "train", batch_size=4, seed=0, on_error="skip"))
+    skipped = sum(next(stream)[2] for _ in range(6))
+    assert skipped >= 1
+
+
+def test_folder_level_faults_are_named(tmp_path):
+    with pytest.raises(ShardError, match="meta.json is missing"):
+        (tmp_path / "nometa").mkdir()
+        train_stream(tmp_path / "nometa", "train", batch_size=2, seed=0)
+    folder = write_shards(tmp_path / "empty", [good(0)])
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["splits"]["train"] = {"count": 0, "shards": []}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match="lists no shards"):
+        train_stream(folder, "train", batch_size=2, seed=0)
+    folder = write_shards(tmp_path / "unreadable", [good(0)])
+    (folder / shard_name("train", 0)).unlink()
+    (folder / shard_name("train", 0)).mkdir()  # a path that exists but cannot be read as a file
+    with pytest.raises(ShardError, match=r"train-000000\.tar listed in meta.json is not a regular file"):
+        list(eval_stream(folder, "train", batch_size=2))
+    (folder / shard_name("train", 0)).rmdir()
+    with pytest.raises(ShardError, match=r"train-000000\.tar listed in meta.json is missing"):
+        eval_stream(folder, "train", batch_size=2)
+
+
+def test_skip_budget_stops_training_clearly(tmp_path):
+    samples = [good(i) for i in range(40)]
+    for i in (3, 9, 17):
+        samples[i] = [(f"s{i:04d}.png", b"garbage")]
+    folder = write_shards(tmp_path / "s", samples, res=16)
+    # Re-encode the good ones at 16 px so the tiny 16 px nets can train on them.
+    samples = [[(f"s{i:04d}.png", png((16, 16)))] if i not in (3, 9, 17) else samples[i] for i in range(40)]
+    folder = write_shards(tmp_path / "s", samples, res=16)
+    run = tmp_path / "run"
+    ok = subprocess.run(train_cmd(run, folder, 6, "data.on_error=skip", "data.max_skipped=100"),
+                        env=ENV, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "skipping bad data" in ok.stderr
+    stop = subprocess.run(train_cmd(tmp_path / "run2", folder, 6, "data.on_error=skip", "data.max_skipped=0"),
+                          env=ENV, capture_output=True, text=True)
+    assert stop.returncode != 0
+    assert "more than data.max_skipped=0" in stop.stderr
+    fail = subprocess.run(train_cmd(tmp_path / "run3", folder, 6), env=ENV, capture_output=True, text=True)
+    assert fail.returncode != 0
+    assert "not a readable image" in fail.stderr
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_mangled_tars_give_batches_or_shard_errors(tmp_path, data):
+    folder = tmp_path / "fuzz"
+    folder.mkdir(exist_ok=True)
+    write_shards(folder, [good(i) for i in range(6)])
+    path = folder / shard_name("train", 0)
+    raw = bytearray(path.read_bytes())
+    for _ in range(data.draw(st.integers(1, 8))):
+        pos = data.draw(st.integers(0, len(raw) - 1))
+        raw[pos] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        raw = raw[: data.draw(st.integers(0, len(raw)))]
+    path.write_bytes(bytes(raw))
+    try:
+        for images, labels, index in eval_stream(folder, "train", batch_size=4):
+            assert images.shape == (4, 1, 8, 8)
+            assert torch.isfinite(images).all()
+    except ShardError:
+        pass
+
+
+# ------------------------------------------------------------------ numeric and config faults
+
+
+def tiny_trainer(tmp_path, shards, *overrides):
+    from bidvl.engine import Trainer
+
+    cfg = load_config(REPO / "configs/digits.yaml",
+                      [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={shards}", *overrides])
+    return Trainer(cfg)
+
+
+def test_repeated_nan_rolls_back_with_lower_lr_then_stops(tmp_path, digits16):
+    trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=2", "train.max_rollbacks=1",
+                           "train.on_nonfinite=rollback", "train.rollback_lr_scale=0.5")
+    good_batch = [torch.rand(16, 1, 16, 16) * 2 - 1]
+    nan_batch = [torch.full((16, 1, 16, 16), float("nan"))]
+    trainer.train_step(good_batch)
+    trainer.state.step = 1
+    trainer.save_checkpoint()
+    weights = [p.detach().clone() for p in trainer.energy_net.parameters()]
+    base_lr = trainer.energy_opt.param_groups[0]["lr"]
+    trainer.state.step = 2
+    assert not trainer.check_nonfinite(trainer.train_step(nan_batch))
+    trainer.state.step = 3
+    assert trainer.check_nonfinite(trainer.train_step(nan_batch))  # second in a row: roll back
+    assert trainer.state.step == 1 and trainer.state.rollbacks == 1
+    assert trainer.energy_opt.param_groups[0]["lr"] == pytest.approx(base_lr * 0.5)
+    for a, b in zip(weights, trainer.energy_net.parameters()):
+        assert torch.equal(a, b)
+    trainer.check_nonfinite(trainer.train_step(nan_batch))
+    with pytest.raises(FloatingPointError, match="after 1 rollbacks"):
+        trainer.check_nonfinite(trainer.train_step(nan_batch))
+    trainer.close()
+
+
+def test_nan_stop_policy(tmp_path, digits16):
+    trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=1", "train.on_nonfinite=stop")
+    with pytest.raises(FloatingPointError, match="train.on_nonfinite=stop"):
+        trainer.check_nonfinite(trainer.train_step([torch.full((16, 1, 16, 16), float("nan"))]))
+    trainer.close()
+
+
+def test_resume_from_another_architecture_fails_before_the_first_step(tmp_path, digits16):
+    run = tmp_path / "run"
+    subprocess.run(train_cmd(run, digits16, 2, "checkpoint.every=2"), env=ENV, check=True, capture_output=True)
+    ckpt = next((run / "checkpoints").glob("step_*"))
+    p = subprocess.run(train_cmd(tmp_path / "other", digits16, 4, "model.energy_width=16",
+                                 f"checkpoint.resume={ckpt}"), env=ENV, capture_output=True, text=True)
+    assert p.returncode == 2
+    assert "model.energy_width=8" in p.stderr and "model.energy_width=16" in p.stderr
+
+
+def test_config_faults_fail_before_training(tmp_path, digits16):
+    with pytest.raises(ConfigError, match="data.on_error='ignore'"):
+        load_config(REPO / "configs/digits.yaml", ["data.on_error=ignore"])
+    with pytest.raises(ConfigError, match="data.channels=3 but .*meta.json says channels=1"):
+        tiny_trainer(tmp_path, digits16, "data.channels=3")
+    with pytest.raises(ConfigError, match="checkpoint.resume=.*not a complete checkpoint"):
+        tiny_trainer(tmp_path, digits16, f"checkpoint.resume={tmp_path}").find_resume_checkpoint()
