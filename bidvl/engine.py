@@ -574,6 +574,12 @@ class Trainer:
                 window, t0, images = [], time.perf_counter(), 0
             if step % cfg.log.images_every == 0 or step == cfg.train.max_steps:
                 self._log_images(batches[0].to(acc.device))
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                from .evaluation.periodic import evaluate_during_training
+
+                figures = evaluate_during_training(acc, cfg, self.energy_net, self.encoder, self.generator, step)
+                if figures:
+                    acc.log(figures, step=step)
             if step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
                 last_saved = step

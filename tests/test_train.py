@@ -217,6 +217,22 @@ def test_two_process_run_keeps_replicas_identical(tmp_path, digits16):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_with_ema_and_periodic_eval(tmp_path, digits16, precision):
+    run = tmp_path / "run"
+    p = run_train(tiny_args(run, digits16, 4, f"train.mixed_precision={precision}", "train.ema=0.9",
+                            "eval.every=2", "eval.metrics=rmse,ood", "eval.max_test=64"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    scalars, _ = event_tags(run)
+    assert {"eval/rmse", "eval/auroc_uniform", "loss/loss_ll"} <= scalars
+    ema, gen = load_file(run / "model/generator_ema.safetensors"), load_file(run / "model/generator.safetensors")
+    assert ema.keys() == gen.keys()
+    assert any(not torch.equal(ema[k], gen[k]) for k in ema if ema[k].is_floating_point())
+    for t in gen.values():
+        assert torch.isfinite(t.float()).all()
+
+
+@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_weights(tmp_path, digits16):
     # batch 16 on 1437 images: 90 steps an epoch; start the check across LR decay with lr_decay<1.
     extra = ["checkpoint.every=3", "train.energy_optim.lr_decay=0.5", "train.latent_optim.lr_decay=0.5",

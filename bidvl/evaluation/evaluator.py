@@ -1,0 +1,226 @@
+"""The evaluation suite: FID, test reconstruction RMSE and OOD AUROC of one set of nets.
+
+    report = evaluate_nets(accelerator, cfg, nets, EvalOptions(metrics=("rmse", "ood")))
+    report["scalars"]   # {"eval/rmse": ..., "eval/auroc_uniform": ...}
+    write_report(run_dir, step, report)   # main process: eval/step_XXXXXXXX.{json,md} + TensorBoard
+
+Every rank calls `evaluate_nets` (the passes gather across ranks); the figures are computed on the
+main process and broadcast, so every rank returns the same report. Bad inputs (OOD folders of
+another size, missing weights) are checked on every rank before any pass, so all ranks fail
+together instead of leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+from bidvl.config import Config
+from bidvl.data import split_info
+
+from . import fid as fid_lib
+from .fid import frechet_distance, reference_statistics, sample_features, statistics
+from .gather import broadcast_from_main
+from .loading import EvalError, heldout_data, train_data
+from .metrics import auroc, heldout_pass, ood_split, rmse_figures, uniform_pass
+from .sampling import BN_MODES
+
+METRICS = ("fid", "rmse", "ood")
+TENSORBOARD_RUN = "bidvl"  # the engine's tracker run name: eval points join the training curves
+
+
+@dataclass
+class EvalOptions:
+    metrics: tuple[str, ...] = METRICS
+    num_samples: int = 50_000  # generated samples for FID
+    batch_size: int = 100
+    split: str = ""  # in-distribution test split; "" = cfg.data.test_split
+    max_test: int = 0  # use only the first max_test test images for rmse/ood (0: all)
+    ood: tuple[str, ...] = ()  # OOD shards folders (uniform noise is always added)
+    fid_ref: str = "train"  # train | test: the split whose statistics FID compares against
+    features: str = ""  # "" = Inception; else a TorchScript / timm-spec file (FID-style)
+    inception_weights: str = ""  # "" = env BIDVL_INCEPTION_WEIGHTS
+    seed: int = 0  # latents of the generated samples and the uniform noise
+    bn_mode: str = "train"  # generator mode while sampling for FID (the authors: train)
+    cache_dir: str = ""  # where reference statistics go when the shards folder is read-only
+    num_workers: int = 0  # data loader workers per process
+    extractor: Optional[object] = field(default=None, repr=False)  # a ready fid.Features
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise EvalError(f"--metrics {text!r}: expected a comma list of {', '.join(METRICS)}")
+    return names
+
+
+def ood_name(folder: str, taken: set) -> str:
+    """Column / tag name of an OOD folder: its base name, made unique."""
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(folder).resolve().name) or "ood"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+def check_options(cfg: Config, opts: EvalOptions) -> list[tuple[str, str, str]]:
+    """Fails early on bad options; returns the OOD sets as (name, folder, split)."""
+    for m in opts.metrics:
+        if m not in METRICS:
+            raise EvalError(f"metric {m!r}: expected one of {', '.join(METRICS)}")
+    if opts.bn_mode not in BN_MODES:
+        raise EvalError(f"--bn-mode {opts.bn_mode!r}: expected one of {', '.join(BN_MODES)}")
+    if opts.fid_ref not in ("train", "test"):
+        raise EvalError(f"--fid-ref {opts.fid_ref!r}: expected train or test")
+    if opts.num_samples < 2 or opts.batch_size < 1 or opts.max_test < 0:
+        raise EvalError(f"--num-samples {opts.num_samples}, --batch-size {opts.batch_size}, "
+                        f"--max-test {opts.max_test}: expected >= 2, >= 1, >= 0")
+    if "fid" in opts.metrics:
+        ref_folder, ref_split = train_data(cfg) if opts.fid_ref == "train" else heldout_data(cfg, opts.split)
+        _, _, counts = split_info(ref_folder, ref_split)
+        if sum(counts) < 2:
+            raise EvalError(f"--fid-ref {opts.fid_ref}: split {ref_split!r} of {ref_folder} has "
+                            f"{sum(counts)} image(s); FID needs at least 2")
+    sets, taken = [], {"uniform"}
+    if "ood" in opts.metrics:
+        for folder in opts.ood:
+            split = ood_split(folder, cfg.data.resolution, cfg.data.channels)
+            sets.append((ood_name(folder, taken), str(folder), split))
+    return sets
+
+
+def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
+    """Runs the requested metrics on all ranks; returns the same report on every rank."""
+    ood_sets = check_options(cfg, opts)
+    extractor = None
+    if "fid" in opts.metrics:
+        device = accelerator.device if accelerator is not None else "cpu"
+        extractor = opts.extractor or fid_lib.feature_extractor(opts.features, opts.inception_weights, device)
+    is_main = accelerator is None or accelerator.is_main_process
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    report: dict = {"world_size": accelerator.num_processes if accelerator is not None else 1}
+    scalars: dict = {}
+
+    folder, split = heldout_data(cfg, opts.split)
+    if "rmse" in opts.metrics or "ood" in opts.metrics:
+        held = heldout_pass(accelerator, nets, folder, split, opts.batch_size,
+                            max_count=opts.max_test, reconstruct="rmse" in opts.metrics,
+                            energy="ood" in opts.metrics, num_workers=opts.num_workers)
+        data = {"folder": str(folder), "split": split, "count": int(len(held["index"]))}
+    if "rmse" in opts.metrics:
+        figures = rmse_figures(held["sse"], math.prod(shape))
+        report["rmse"] = {**figures, "data": data, "reconstruction": "G(mu(v)), nets in eval mode"}
+        scalars.update({"eval/rmse": figures["rmse"], "eval/rmse_01": figures["rmse_01"],
+                        "eval/sse_per_image": figures["sse_per_image"]})
+    if "ood" in opts.metrics:
+        in_scores = -held["energy"]
+        results, counts = {}, {}
+        noise = uniform_pass(accelerator, nets.energy_net, len(in_scores), shape, opts.batch_size, opts.seed)
+        results["uniform"], counts["uniform"] = auroc(in_scores, -noise), len(noise)
+        for name, ood_folder, ood_split_name in ood_sets:
+            rows = heldout_pass(accelerator, nets, ood_folder, ood_split_name, opts.batch_size,
+                                reconstruct=False, energy=True, num_workers=opts.num_workers)
+            results[name], counts[name] = auroc(in_scores, -rows["energy"]), len(rows["energy"])
+        report["ood"] = {
+            "score": "-E(v)", "in_distribution": data, "auroc": results,
+            "sets": {"uniform": {"kind": "U[-1,1] noise", "count": counts["uniform"], "seed": opts.seed},
+                     **{n: {"folder": f, "split": s, "count": counts[n]} for n, f, s in ood_sets}},
+        }
+        scalars.update({f"eval/auroc_{n}": v for n, v in results.items()})
+    if "fid" in opts.metrics:
+        ref_folder, ref_split = train_data(cfg) if opts.fid_ref == "train" else (folder, split)
+        reference = reference_statistics(accelerator, extractor, ref_folder, ref_split,
+                                         opts.batch_size, opts.cache_dir, opts.num_workers)
+        generated = sample_features(accelerator, extractor, nets.generator, opts.num_samples,
+                                    cfg.model.latent_dim, shape, opts.seed, opts.batch_size, opts.bn_mode)
+        if is_main:
+            value = frechet_distance(*statistics(generated), reference["mu"], reference["sigma"])
+            report["fid"] = {
+                "value": value, "label": extractor.label, "features": extractor.name,
+                "comparable_to_published": extractor.comparable, "extractor": extractor.identity,
+                "num_samples": opts.num_samples, "seed": opts.seed, "bn_mode": opts.bn_mode,
+                "batch_size": opts.batch_size,
+                "reference": {"folder": str(ref_folder), "split": ref_split,
+                              "count": reference["count"], "cache": reference["cache"]},
+            }
+            scalars["eval/fid"] = value
+    report["scalars"] = scalars
+    return broadcast_from_main(accelerator, report)
+
+
+# ---------------------------------------------------------------- report files
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4f}" if abs(x) < 1000 else f"{x:.1f}"
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Evaluation of {report.get('run', '?')} at step {report.get('step', '?')}", ""]
+    w = report.get("weights")
+    if w:
+        lines += [f"Weights: {w['kind']} `{w['path']}`.", ""]
+    rows = []
+    if "fid" in report:
+        f = report["fid"]
+        rows.append((f"{f['label']}: {f['num_samples']} samples (bn_mode {f['bn_mode']}) vs "
+                     f"{f['reference']['split']} split of `{f['reference']['folder']}` "
+                     f"({f['reference']['count']} images)", _fmt(f["value"])))
+    if "rmse" in report:
+        r = report["rmse"]
+        where = f"{r['data']['split']} split of `{r['data']['folder']}`, {r['num_images']} images"
+        rows += [(f"RMSE per pixel value, [-1, 1] scale ({where})", _fmt(r["rmse"])),
+                 ("RMSE per pixel value, [0, 1] scale", _fmt(r["rmse_01"])),
+                 ("Summed squared error per image, [-1, 1] scale (the authors' loss)", _fmt(r["sse_per_image"]))]
+    if rows:
+        lines += ["| Metric | Value |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows], ""]
+    if "ood" in report:
+        o = report["ood"]
+        names = list(o["auroc"])
+        lines += [f"OOD detection, AUROC of {o['score']}; in-distribution: {o['in_distribution']['split']} "
+                  f"split of `{o['in_distribution']['folder']}` ({o['in_distribution']['count']} images).", "",
+                  "| Model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                  f"| BiDVL (step {report.get('step', '?')}) | "
+                  + " | ".join(f"{o['auroc'][n]:.4f}" for n in names) + " |", "",
+                  "OOD sets: " + "; ".join(
+                      f"{n}: " + (f"`{s['folder']}` split {s['split']}" if "folder" in s else s["kind"])
+                      + f", {s['count']} images" for n, s in o["sets"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | os.PathLike, step: int, report: dict, weights: Optional[dict] = None,
+                 tensorboard: bool = True) -> Path:
+    """Main process only. Merges into RUN_DIR/eval/step_XXXXXXXX.json (a later `--metrics fid`
+    adds to an earlier `rmse,ood`), writes the .md beside it and the scalars to TensorBoard."""
+    run_dir = Path(run_dir)
+    path = run_dir / "eval" / f"step_{step:08d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update({k: v for k, v in report.items() if k != "scalars"})
+    merged["scalars"] = {**merged.get("scalars", {}), **report.get("scalars", {})}
+    merged.update({"run": str(run_dir), "step": step})
+    if weights:
+        merged["weights"] = weights
+    for target, text in ((path, json.dumps(merged, indent=2, sort_keys=True) + "\n"),
+                         (path.with_suffix(".md"), markdown(merged))):
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    if tensorboard and report.get("scalars"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(run_dir / "tensorboard" / TENSORBOARD_RUN)) as writer:
+            for tag, value in report["scalars"].items():
+                writer.add_scalar(tag, value, step)
+    return path
+
+
+def options_dict(opts: EvalOptions) -> dict:
+    return {f.name: getattr(opts, f.name) for f in fields(opts) if f.name != "extractor"}

@@ -1,0 +1,372 @@
+"""FID: generated samples vs reference statistics of a shards split, in a chosen feature space.
+
+Feature extractors (`feature_extractor(features, inception_weights)`):
+
+* Inception (default): torch-fidelity's `inception-v3-compat` extractor, 2048-d pool features, the
+  port of the TF Inception graph that the published FIDs (and the authors' TF code) use. Its weights
+  come only from a local file, `--inception-weights PATH` / `eval.inception_weights` or the env
+  variable BIDVL_INCEPTION_WEIGHTS: torch-fidelity's published `weights-inception-2015-12-05-
+  6726825d.pth` (see WEIGHTS_HELP). The file is first loaded with `torch.load(weights_only=True)`
+  (tensors only, no code), then handed to torch-fidelity by path, so it never downloads.
+  Images in [-1, 1] become uint8 with round((x + 1) * 127.5) (exactly the shards' bytes for real
+  images), one channel is repeated to three, and the extractor resizes to 299 px itself (its
+  TF-1.x-compatible bilinear resize).
+* `--features FILE.pt` (any name not ending in .safetensors): a TorchScript module
+  (`torch.jit.save`) mapping float images in [-1, 1], (B, C, H, W) with the run's channels, to
+  (B, D) vectors (a tuple output: its first element).
+* `--features FILE.safetensors`: a timm model spec. The file holds the state dict of
+  `timm.create_model(NAME, pretrained=False, num_classes=0, in_chans=K)` and string metadata
+  `bidvl.features = "timm"`, `bidvl.timm_name = NAME`, optionally `bidvl.in_chans = K` (default 3;
+  1-channel images are repeated to 3 when K is 3) and `bidvl.input_size = S` (bilinear resize to
+  S x S first; default 0 = none). The net gets images in [-1, 1]; its pooled output is the feature.
+  Write one with `save_timm_features(model, name, path, in_chans, input_size)`.
+
+Anything but Inception is labelled "FID-style (features: NAME), not comparable to published FID".
+
+Reference statistics (mu, sigma of the features of every image of a split) are computed once and
+cached as `.npz` in `SHARDS/fid_stats/` (or in a fallback folder when that one is not writable),
+keyed by sha256 of: the extractor identity (its file's sha256), meta.json and every shard's bytes.
+Copying shards elsewhere keeps the cache valid; changing a byte or the extractor invalidates it.
+
+The Fréchet distance between N(mu1, S1) and N(mu2, S2) is
+    ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2),
+and tr (S1 S2)^(1/2) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)) (a symmetric PSD matrix, as
+S1 S2 and S1^(1/2) S2 S1^(1/2) share their eigenvalues). Computing it that way needs no general
+matrix square root, no eps offset for singular products and never yields imaginary parts; tiny
+negative eigenvalues from rounding are clipped to 0. It equals scipy.linalg.sqrtm's trace where
+that is well defined (tests/test_evaluation.py checks both).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bidvl.data import eval_stream, split_info
+
+from .gather import IndexedRows, broadcast_from_main
+from .loading import EvalError
+from .sampling import dealt_batches, generate, index_of, local_batchnorm
+
+ENV_WEIGHTS = "BIDVL_INCEPTION_WEIGHTS"
+PUBLISHED_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
+PUBLISHED_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{PUBLISHED_WEIGHTS}"
+WEIGHTS_HELP = (
+    f"FID needs the TF-compatible Inception-v3 weights as a local file: pass --inception-weights PATH "
+    f"(eval.inception_weights in a config) or set {ENV_WEIGHTS}=PATH. The file is torch-fidelity's "
+    f"{PUBLISHED_WEIGHTS}; fetch it once on a machine with internet access (e.g. `wget "
+    f"{PUBLISHED_URL}`) and copy it over; nothing is downloaded at run time. "
+    f"Or pass --features PATH for an FID-style figure in another feature space"
+)
+CACHE_VERSION = "bidvl-fid-reference/1"
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (see the module docstring)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"shapes differ: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    root1 = _psd_sqrt(s1)
+    inner = root1 @ s2 @ root1
+    eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_covmean = float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+    diff = mu1 - mu2
+    value = float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    return max(value, 0.0)  # only rounding makes it negative
+
+
+def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, covariance with N-1) of (N, D) features, float64."""
+    features = np.asarray(features, np.float64)
+    if len(features) < 2:
+        raise EvalError(f"FID needs at least 2 images per side, got {len(features)}")
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
+# ---------------------------------------------------------------- feature extractors
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats (B, C, H, W) -> uint8 (B, 3, H, W): round((x + 1) * 127.5), gray repeated."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+class Features:
+    """images in [-1, 1] (B, C, H, W) -> (B, D) float32 features."""
+
+    name: str  # shown in labels
+    identity: str  # changes whenever the features could change (keys the reference cache)
+    comparable: bool  # True only for the TF-compatible Inception
+
+    def __init__(self):
+        self._dims: dict[tuple, int] = {}
+
+    def extract(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.extract(images)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.reshape(len(images), -1).float()
+
+    def dim(self, channels: int, resolution: int, device) -> int:
+        """Feature size for this image shape (one dummy forward the first time)."""
+        key = (channels, resolution)
+        if key not in self._dims:
+            self._dims[key] = self(torch.zeros(1, channels, resolution, resolution, device=device)).shape[1]
+        return self._dims[key]
+
+    @property
+    def label(self) -> str:
+        if self.comparable:
+            return "FID (TF-compatible Inception-v3, torch-fidelity inception-v3-compat, 2048-d)"
+        return f"FID-style (features: {self.name}), not comparable to published FID"
+
+
+class InceptionFeatures(Features):
+    comparable = True
+
+    def __init__(self, weights: str | os.PathLike, device="cpu"):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        path = Path(weights)
+        if not path.is_file():
+            raise EvalError(f"Inception weights file {path} does not exist. {WEIGHTS_HELP}")
+        try:  # tensors only: refuses a file that would run code when unpickled
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise EvalError(f"Inception weights file {path}: not a plain state dict of tensors ({exc})") from None
+        try:
+            self.net = FeatureExtractorInceptionV3(
+                "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)
+            ).to(device)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise EvalError(f"Inception weights file {path} does not fit Inception-v3: {first}") from None
+        self.name = f"inception-v3-compat ({path.name})"
+        self.sha256 = _sha256(path)
+        self.identity = f"inception-v3-compat/2048/uint8-round/sha256:{self.sha256}"
+
+    def extract(self, images):
+        return self.net(to_uint8_rgb(images))
+
+    def dim(self, channels, resolution, device) -> int:
+        return 2048
+
+
+class TorchScriptFeatures(Features):
+    comparable = False
+
+    def __init__(self, path: str | os.PathLike, device="cpu"):
+        super().__init__()
+        path = Path(path)
+        try:
+            self.net = torch.jit.load(str(path), map_location=device).eval()
+        except Exception as exc:
+            raise EvalError(f"--features {path}: not a TorchScript file ({exc})") from None
+        self.name = path.name
+        self.identity = f"torchscript/sha256:{_sha256(path)}"
+
+    def extract(self, images):
+        return self.net(images.float())
+
+
+class TimmFeatures(Features):
+    comparable = False
+
+    def __init__(self, path: str | os.PathLike, device="cpu"):
+        super().__init__()
+        import timm
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        except Exception as exc:
+            raise EvalError(f"--features {path}: not a readable safetensors file ({exc})") from None
+        if meta.get("bidvl.features") != "timm" or not meta.get("bidvl.timm_name"):
+            raise EvalError(f"--features {path}: metadata needs bidvl.features=timm and "
+                            f"bidvl.timm_name (see bidvl/evaluation/fid.py)")
+        self.in_chans = int(meta.get("bidvl.in_chans", "3"))
+        self.input_size = int(meta.get("bidvl.input_size", "0"))
+        try:
+            self.net = timm.create_model(meta["bidvl.timm_name"], pretrained=False, num_classes=0,
+                                         in_chans=self.in_chans)
+            self.net.load_state_dict(state)
+        except Exception as exc:
+            first = str(exc).splitlines()[0]
+            raise EvalError(f"--features {path}: cannot build timm model "
+                            f"{meta['bidvl.timm_name']!r} from it: {first}") from None
+        self.net.to(device).eval()
+        self.name = f"{path.name} (timm {meta['bidvl.timm_name']})"
+        self.identity = f"timm/sha256:{_sha256(path)}"
+
+    def extract(self, images):
+        x = images.float()
+        if x.shape[1] == 1 and self.in_chans == 3:
+            x = x.expand(-1, 3, -1, -1)
+        if self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False)
+        return self.net(x)
+
+
+def save_timm_features(model: torch.nn.Module, timm_name: str, path: str | os.PathLike,
+                       in_chans: int = 3, input_size: int = 0) -> None:
+    """Write a `--features` file for a timm model made with num_classes=0 (see the docstring)."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"bidvl.features": "timm", "bidvl.timm_name": timm_name,
+                                          "bidvl.in_chans": str(in_chans),
+                                          "bidvl.input_size": str(input_size)})
+
+
+def feature_extractor(features: str = "", inception_weights: str = "", device="cpu") -> Features:
+    """The extractor for `--features` if given, else Inception with local weights (flag or env)."""
+    if features:
+        path = Path(features)
+        if not path.is_file():
+            raise EvalError(f"--features {path}: no such file")
+        if path.suffix == ".safetensors":
+            return TimmFeatures(path, device)
+        return TorchScriptFeatures(path, device)
+    weights = inception_weights or os.environ.get(ENV_WEIGHTS, "")
+    if not weights:
+        raise EvalError(f"no Inception weights given. {WEIGHTS_HELP}")
+    return InceptionFeatures(weights, device)
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def _world(accelerator):
+    if accelerator is None:
+        return torch.device("cpu"), 0, 1, True
+    return accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+
+
+def reference_key(extractor: Features, folder: str | os.PathLike, split: str) -> str:
+    """sha256 of the extractor identity, meta.json and the bytes of every shard of the split."""
+    _, shards, counts = split_info(folder, split)
+    h = hashlib.sha256()
+    h.update(f"{CACHE_VERSION}\n{extractor.identity}\n{split}\n".encode())
+    h.update((Path(folder) / "meta.json").read_bytes())
+    for shard, count in zip(shards, counts):
+        h.update(f"{shard.name}:{count}:{_sha256(shard)}\n".encode())
+    return h.hexdigest()
+
+
+def _cache_paths(folder, split, key, fallback_dir) -> list[Path]:
+    name = f"{split}-{key[:20]}.npz"
+    paths = [Path(folder) / "fid_stats" / name]
+    if fallback_dir:
+        paths.append(Path(fallback_dir) / f"{Path(folder).resolve().name}-{name}")
+    return paths
+
+
+def _load_cached(path: Path, key: str) -> Optional[dict]:
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            return {"mu": z["mu"], "sigma": z["sigma"], "count": int(z["count"]), "cache": str(path)}
+    except (OSError, ValueError, KeyError):
+        return None  # unreadable or partial: recompute
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def reference_statistics(accelerator, extractor: Features, folder: str, split: str,
+                         batch_size: int = 100, fallback_dir: str | os.PathLike = "",
+                         num_workers: int = 0) -> Optional[dict]:
+    """{"mu", "sigma", "count", "cache"} of every image of the split on the main process (None on
+    the others). Computed over all ranks on a cache miss, then cached (see the module docstring)."""
+    device, rank, world, is_main = _world(accelerator)
+    key, cached = None, None
+    if is_main:
+        key = reference_key(extractor, folder, split)
+        cached = next(filter(None, (_load_cached(p, key) for p in _cache_paths(
+            folder, split, key, fallback_dir))), None)
+    key, hit = broadcast_from_main(accelerator, (key, cached is not None))
+    if hit:
+        return cached
+    rows = IndexedRows(accelerator)
+    stream = eval_stream(folder, split, batch_size, rank=rank, world_size=world, num_workers=num_workers)
+    for images, _, index in stream:
+        if (index >= 0).any():
+            feats = extractor(images.to(device))
+        else:  # only padding: skip the extractor, keep the collective
+            dim = extractor.dim(images.shape[1], images.shape[-1], device)
+            feats = torch.zeros(len(index), dim, device=device)
+        rows.add(index, features=feats)
+    if not is_main:
+        return None
+    features = rows.result()["features"]
+    mu, sigma = statistics(features)
+    saved = ""
+    for path in _cache_paths(folder, split, key, fallback_dir):
+        try:
+            _save_npz(path, mu=mu, sigma=sigma, count=np.int64(len(features)), key=np.str_(key),
+                      identity=np.str_(extractor.identity))
+            saved = str(path)
+            break
+        except OSError:
+            continue
+    return {"mu": mu, "sigma": sigma, "count": len(features), "cache": saved}
+
+
+def sample_features(accelerator, extractor: Features, generator: torch.nn.Module, num: int,
+                    latent_dim: int, shape: tuple[int, int, int], seed: int = 0,
+                    batch_size: int = 100, bn_mode: str = "train") -> Optional[np.ndarray]:
+    """(num, D) features of generated samples 0..num-1 on the main process (None elsewhere); every
+    rank generates its dealt batches (see bidvl.evaluation.sampling)."""
+    device, rank, world, is_main = _world(accelerator)
+    generator = local_batchnorm(generator)
+    rows = IndexedRows(accelerator)
+    for positions in dealt_batches(num, batch_size, rank, world):
+        if positions is None:  # no batch for this rank in the last round
+            dim = extractor.dim(shape[0], shape[1], device)
+            rows.add(torch.full((batch_size,), -1), features=torch.zeros(batch_size, dim, device=device))
+            continue
+        images = generate(generator, positions, latent_dim, seed, bn_mode, device)
+        rows.add(index_of(positions, num), features=extractor(images))
+    return rows.result()["features"] if is_main else None

@@ -1,0 +1,164 @@
+"""Run folder -> (config, the three nets, step): from the export or a complete checkpoint.
+
+    run = load_run("runs/cifar10")                      # export if present, else latest checkpoint
+    run = load_run("runs/cifar10", checkpoint="latest") # latest complete checkpoint
+    run = load_run("runs/cifar10", checkpoint="final")  # the export only
+    run = load_run("runs/cifar10", checkpoint=40000)    # checkpoints/step_00040000
+    run.cfg, run.nets.energy_net, run.step, run.source
+
+Weights are read with safetensors only (never a pickle):
+`RUN_DIR/model/{energy,encoder,generator}.safetensors` (the export; its `step` metadata is the
+step), or `RUN_DIR/checkpoints/step_XXXXXXXX/model{,_1,_2}.safetensors` (Accelerate's file names,
+in the engine's prepare order energy net, encoder, generator). Only folders with a `COMPLETE`
+marker count as checkpoints. The config is `RUN_DIR/config.yaml` (or the export's copy).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from bidvl.config import Config, ConfigError, load_config
+from bidvl.models import build_nets
+from bidvl.models.registry import Nets
+
+CHECKPOINT_MARKER = "COMPLETE"  # the engine's marker of a complete checkpoint
+EXPORT_FILES = ("energy.safetensors", "encoder.safetensors", "generator.safetensors")
+CHECKPOINT_FILES = ("model.safetensors", "model_1.safetensors", "model_2.safetensors")
+
+
+class EvalError(ValueError):
+    """A run folder, weights file, data folder or option is unusable; the message names it."""
+
+
+@dataclass
+class LoadedRun:
+    cfg: Config
+    nets: Nets
+    step: int
+    source: Path  # the export folder or the checkpoint folder the weights came from
+    kind: str  # "export" | "checkpoint"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.glob("step_*"):
+        suffix = p.name.split("_", 1)[1]
+        if suffix.isdigit() and (p / CHECKPOINT_MARKER).is_file():
+            found.append(p)
+    return sorted(found, key=lambda p: int(p.name.split("_", 1)[1]))
+
+
+def _has_export(run_dir: Path) -> bool:
+    return all((run_dir / "model" / name).is_file() for name in EXPORT_FILES)
+
+
+def _export_step(run_dir: Path) -> int:
+    with safe_open(str(run_dir / "model" / EXPORT_FILES[0]), framework="pt") as f:
+        step = (f.metadata() or {}).get("step", "")
+    if not step.isdigit():
+        raise EvalError(f"{run_dir / 'model' / EXPORT_FILES[0]}: no 'step' in its metadata")
+    return int(step)
+
+
+def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = None
+                    ) -> tuple[str, Path, int]:
+    """(kind, folder, step) of the weights to evaluate; see the module docstring for `checkpoint`.
+
+    `checkpoint` may also be the path of a checkpoint folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvalError(f"run folder {run_dir} does not exist")
+    found = complete_checkpoints(run_dir)
+    where = (f"{run_dir} has no exported model ({run_dir / 'model'}/{{energy,encoder,generator}}"
+             f".safetensors) and no complete checkpoint ({run_dir / 'checkpoints'}/step_*/"
+             f"{CHECKPOINT_MARKER}); train it first with launch/train.py run.dir={run_dir}")
+    if checkpoint in (None, ""):
+        if _has_export(run_dir):
+            return "export", run_dir / "model", _export_step(run_dir)
+        if not found:
+            raise EvalError(where)
+        checkpoint = "latest"
+    checkpoint = str(checkpoint)
+    if checkpoint == "final":
+        if not _has_export(run_dir):
+            raise EvalError(
+                f"--checkpoint final: {run_dir / 'model'} has no export "
+                f"({', '.join(EXPORT_FILES)}); the run has not finished"
+                + (f"; complete checkpoints: {', '.join(p.name for p in found)}" if found else "")
+            )
+        return "export", run_dir / "model", _export_step(run_dir)
+    if checkpoint == "latest":
+        if not found:
+            raise EvalError(where)
+        path = found[-1]
+    elif checkpoint.isdigit():
+        path = run_dir / "checkpoints" / f"step_{int(checkpoint):08d}"
+        if path not in found:
+            have = ", ".join(p.name for p in found) or "none"
+            raise EvalError(f"--checkpoint {checkpoint}: {path} is not a complete checkpoint "
+                            f"(complete ones: {have})")
+    else:
+        path = Path(checkpoint)
+        if not (path / CHECKPOINT_MARKER).is_file():
+            raise EvalError(f"--checkpoint {checkpoint}: expected latest, final, a step number or "
+                            f"a checkpoint folder with a {CHECKPOINT_MARKER} marker")
+    return "checkpoint", path, int(path.name.split("_", 1)[1])
+
+
+def run_config(run_dir: str | os.PathLike) -> Config:
+    run_dir = Path(run_dir)
+    for path in (run_dir / "config.yaml", run_dir / "model" / "config.yaml"):
+        if path.is_file():
+            try:
+                return load_config(path)
+            except ConfigError as exc:
+                raise EvalError(f"{path}: {exc}") from None
+    raise EvalError(f"{run_dir / 'config.yaml'} is missing: {run_dir} is not a run folder")
+
+
+def _load_into(net: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise EvalError(f"weights file {path} is missing")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise EvalError(f"{path}: not a readable safetensors file ({exc})") from None
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise EvalError(f"{path} does not fit the net built from the run's config: {first}") from None
+
+
+def load_run(run_dir: str | os.PathLike, checkpoint: str | int | None = None,
+             device: torch.device | str = "cpu") -> LoadedRun:
+    """Config + nets (eval mode, requires_grad off) + step for a run folder."""
+    kind, folder, step = resolve_weights(run_dir, checkpoint)
+    cfg = run_config(run_dir)
+    try:
+        nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
+    except ValueError as exc:
+        raise EvalError(f"{Path(run_dir) / 'config.yaml'}: {exc}") from None
+    files = EXPORT_FILES if kind == "export" else CHECKPOINT_FILES
+    for net, name in zip(nets, files):
+        _load_into(net, folder / name)
+        net.to(device).eval().requires_grad_(False)
+    return LoadedRun(cfg, nets, step, folder, kind)
+
+
+def heldout_data(cfg: Config, split: str = "") -> tuple[str, str]:
+    """(folder, split) of the run's test images: `data.test`, or `data.train` when that is empty."""
+    return (cfg.data.test or cfg.data.train), (split or cfg.data.test_split)
+
+
+def train_data(cfg: Config) -> tuple[str, str]:
+    return cfg.data.train, cfg.data.train_split

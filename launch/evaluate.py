@@ -1,0 +1,76 @@
+"""Evaluate a run: FID, test reconstruction RMSE, OOD AUROC.
+
+    python launch/evaluate.py --run runs/cifar10 --inception-weights weights-inception-2015-12-05-6726825d.pth
+    accelerate launch launch/evaluate.py --run runs/cifar10 --metrics rmse,ood --ood shards/svhn shards/celeba32
+
+Weights: the export RUN_DIR/model if present, else the latest complete checkpoint (--checkpoint
+latest|final|STEP|PATH picks one). Writes RUN_DIR/eval/step_XXXXXXXX.json and .md (merged with an
+earlier evaluation of the same step) and logs eval/fid, eval/rmse, eval/auroc_<name> to
+RUN_DIR/tensorboard at that step. Under `accelerate launch` every process evaluates its share; the
+figures do not depend on the number of processes. FID weights are never downloaded: give
+--inception-weights or BIDVL_INCEPTION_WEIGHTS (torch-fidelity's
+weights-inception-2015-12-05-6726825d.pth), or --features for an FID-style figure.
+"""
+
+import argparse
+import json
+import sys
+
+from bidvl.config import ConfigError
+from bidvl.data import ShardError
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder (holds config.yaml)")
+    p.add_argument("--checkpoint", default=None,
+                   help="latest | final (the export) | STEP | checkpoint folder (default: export, else latest)")
+    p.add_argument("--metrics", default="fid,rmse,ood", help="comma list of fid, rmse, ood (default: %(default)s)")
+    p.add_argument("--ood", nargs="*", default=[], metavar="DIR",
+                   help="OOD shards folders (their test split, or their only split); uniform noise is always added")
+    p.add_argument("--num-samples", type=int, default=50_000, help="generated samples for FID (default: %(default)s)")
+    p.add_argument("--split", default="", help="in-distribution test split (default: the config's data.test_split)")
+    p.add_argument("--max-test", type=int, default=0, help="use only the first N test images for rmse/ood (0: all)")
+    p.add_argument("--fid-ref", choices=("train", "test"), default="train",
+                   help="reference statistics from the train split (the authors) or the test split")
+    p.add_argument("--inception-weights", default="", help="local Inception weights file (or env BIDVL_INCEPTION_WEIGHTS)")
+    p.add_argument("--features", default="",
+                   help="another feature extractor: TorchScript file, or timm-spec .safetensors (FID-style figure)")
+    p.add_argument("--batch-size", type=int, default=100, help="per process (default: %(default)s)")
+    p.add_argument("--bn-mode", choices=("train", "eval"), default="train",
+                   help="generator mode while sampling for FID (default: train, as the authors)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample latents and the noise images")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
+    args = p.parse_args(argv)
+
+    from accelerate import Accelerator
+
+    from bidvl.evaluation import EvalError, EvalOptions, evaluate_nets, load_run, write_report
+    from bidvl.evaluation.evaluator import options_dict, parse_metrics
+
+    accelerator = Accelerator()
+    try:
+        run = load_run(args.run, args.checkpoint, device=accelerator.device)
+        opts = EvalOptions(
+            metrics=parse_metrics(args.metrics), num_samples=args.num_samples, batch_size=args.batch_size,
+            split=args.split, max_test=args.max_test, ood=tuple(args.ood), fid_ref=args.fid_ref,
+            features=args.features, inception_weights=args.inception_weights, seed=args.seed,
+            bn_mode=args.bn_mode, cache_dir=f"{args.run}/eval/cache", num_workers=args.num_workers,
+        )
+        report = evaluate_nets(accelerator, run.cfg, run.nets, opts)
+    except (EvalError, ShardError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if accelerator.is_main_process:
+        report["options"] = options_dict(opts)
+        path = write_report(args.run, run.step, report,
+                            weights={"kind": run.kind, "path": str(run.source), "step": run.step})
+        print(json.dumps(report["scalars"], indent=2))
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

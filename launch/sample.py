@@ -1,0 +1,83 @@
+"""Draw samples (or test reconstructions) of a run into a PNG grid and optionally a .npy file.
+
+    python launch/sample.py --run runs/digits --num 64 --out samples.png --npy samples.npy
+    python launch/sample.py --run runs/digits --num 32 --out recon.png --reconstruct
+
+Samples are G(h), h ~ N(0, I) from --seed (sample i is the same as sample i of launch/evaluate.py's
+FID set with the same seed, batch size and --bn-mode). --bn-mode train (default, as the authors)
+uses batch statistics; the weights on disk are never changed. --reconstruct grids test images and
+their reconstructions G(mu(v)) side by side (pairs: image, reconstruction); --npy then holds the
+reconstructions. The .npy array is float32 (N, C, H, W) in [-1, 1].
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from bidvl.config import ConfigError
+from bidvl.data import ShardError
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run folder (holds config.yaml)")
+    p.add_argument("--num", type=int, default=64, help="number of samples / test images (default: %(default)s)")
+    p.add_argument("--out", required=True, help="grid PNG to write")
+    p.add_argument("--npy", default="", help="also save the images as a float32 .npy array in [-1, 1]")
+    p.add_argument("--reconstruct", action="store_true", help="test images and their reconstructions")
+    p.add_argument("--bn-mode", choices=("train", "eval"), default="train",
+                   help="BatchNorm/net mode while generating (default: train, as the authors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=100, help="samples per forward (matters in train mode)")
+    p.add_argument("--checkpoint", default=None, help="latest | final | STEP | checkpoint folder")
+    p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt)")
+    args = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+    from torchvision.utils import make_grid, save_image
+
+    from bidvl.data import eval_stream
+    from bidvl.evaluation import EvalError, load_run, sample_images
+    from bidvl.evaluation.loading import heldout_data
+    from bidvl.evaluation.sampling import forward_in_mode
+
+    try:
+        if args.num < 1:
+            raise EvalError(f"--num {args.num}: expected a positive number")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        run = load_run(args.run, args.checkpoint, device=device)
+        if args.reconstruct:
+            folder, split = heldout_data(run.cfg)
+            real = []
+            for images, _, index in eval_stream(folder, split, min(args.num, 256)):
+                real.append(images[index >= 0])
+                if sum(len(r) for r in real) >= args.num:
+                    break
+            real = torch.cat(real)[: args.num].to(device)
+            mu, _ = forward_in_mode(run.nets.encoder, args.bn_mode, real)
+            images = forward_in_mode(run.nets.generator, args.bn_mode, mu).float()
+            grid = make_grid(torch.stack([real.float(), images], 1).flatten(0, 1).cpu(),
+                             nrow=args.nrow or 2 * max(1, round(math.sqrt(len(real) / 2))),
+                             normalize=True, value_range=(-1, 1))
+        else:
+            images = sample_images(run.nets.generator, args.num, run.cfg.model.latent_dim, args.seed,
+                                   args.batch_size, args.bn_mode, device)
+            grid = make_grid(images.cpu(), nrow=args.nrow or max(1, round(math.sqrt(len(images)))),
+                             normalize=True, value_range=(-1, 1))
+    except (EvalError, ShardError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, args.out)
+    if args.npy:
+        np.save(args.npy, images.detach().cpu().numpy().astype(np.float32))
+    what = "reconstructions" if args.reconstruct else "samples"
+    print(f"wrote {len(images)} {what} of step {run.step} ({run.kind}) to {args.out}"
+          + (f" and {args.npy}" if args.npy else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
