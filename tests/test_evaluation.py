@@ -6,7 +6,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from conftest import BIN, ENV, REPO, TINY
 from bidvl.config import load_config, to_yaml
-from bidvl.data import build_shards
 from bidvl.data.meta import shard_name, write_meta
 from bidvl.evaluation import EvalError, EvalOptions, evaluate_nets, frechet_distance, load_run
 from bidvl.evaluation import fid as fid_lib
@@ -30,14 +29,6 @@ from bidvl.evaluation.fid import statistics
 from bidvl.evaluation.sampling import dealt_batches, latents, sample_images, uniform_noise
 from bidvl.models.registry import Nets
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY = [
-    "data.resolution=16", "model.latent_dim=8", "model.energy_width=8", "model.encoder_width=8",
-    "model.generator_width=8", "train.batch_size=16", "data.num_workers=0", "log.every=2",
-    "log.images_every=2", "log.num_images=4", "data.auto_build=''",
-]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def launch_module(name):
@@ -81,11 +72,6 @@ def random_images(n, resolution=16, channels=1, seed=0):
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-@pytest.fixture(scope="session")
-def digits16(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards") / "digits16"
-    build_shards("digits", out=str(out), resolution=16)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -19,25 +19,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import BIN, ENV, REPO, TINY
 from bidvl.config import ConfigError, load_config
-from bidvl.data import ShardError, build_shards, eval_stream, train_stream
+from bidvl.data import ShardError, eval_stream, train_stream
 from bidvl.data.meta import shard_name, write_meta
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY = [
-    "data.resolution=16", "model.latent_dim=8", "model.energy_width=8", "model.encoder_width=8",
-    "model.generator_width=8", "train.batch_size=16", "data.num_workers=0", "log.every=2",
-    "log.images_every=1000", "log.num_images=4", "data.auto_build=''",
-]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def digits16(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards") / "digits16"
-    build_shards("digits", out=str(out), resolution=16)
-    return out
 
 
 def train_cmd(run, shards, steps, *extra):

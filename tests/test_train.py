@@ -16,24 +16,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import BIN, REPO, TINY
 from bidvl.config import ConfigError, load_config
-from bidvl.data import build_shards
 from bidvl.data.meta import shard_name, write_meta
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-TINY = [
-    "data.resolution=16", "model.latent_dim=8", "model.energy_width=8", "model.encoder_width=8",
-    "model.generator_width=8", "train.batch_size=16", "data.num_workers=0", "log.every=2",
-    "log.images_every=2", "log.num_images=4", "data.auto_build=''",
-]
 
 
-@pytest.fixture(scope="session")
-def digits16(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards") / "digits16"
-    build_shards("digits", out=str(out), resolution=16)
-    return out
 
 
 def random_shards(folder: Path, resolution: int, channels: int, count: int = 4) -> Path:

@@ -43,7 +43,7 @@ def shard_name(split: str, index: int) -> str:
 
 def num_shards(count: int) -> int:
     if count <= 0:
-        raise ShardError(f"cannot shard an empty split (0 samples)")
+        raise ShardError("cannot shard an empty split (0 samples)")
     return max(math.ceil(count / MAX_PER_SHARD), min(MIN_SHARDS, count))
 
 

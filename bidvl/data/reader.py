@@ -29,13 +29,10 @@ ever unpickled.
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
 import random
 import signal
 import sys
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -306,7 +303,6 @@ class EvalStream:
         assignment = _eval_assignment(counts, world_size)
         units = assignment[rank]
         self.num_workers = min(num_workers, len(units)) if units and units[0][1] is None else 0
-        workers = max(1, self.num_workers)
 
         def batches_of(r):
             # Workers batch their own samples: count each worker's partial batch.

@@ -1,0 +1,26 @@
+"""Shared by the test files: the tiny-run overrides and the 16 px digits shards (built once)."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from bidvl.data import build_shards
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's accelerate, next to its python
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# Tiny nets on 16 px digits: a training step takes a few hundredths of a second on the CPU.
+TINY = [
+    "data.resolution=16", "model.latent_dim=8", "model.energy_width=8", "model.encoder_width=8",
+    "model.generator_width=8", "train.batch_size=16", "data.num_workers=0", "log.every=2",
+    "log.images_every=2", "log.num_images=4", "data.auto_build=''",
+]
+
+
+@pytest.fixture(scope="session")
+def digits16(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "digits16"
+    build_shards("digits", out=str(out), resolution=16)
+    return out
