@@ -85,6 +85,8 @@ class TrainConfig:
     max_steps: int = 2000
     mixed_precision: str = "no"  # no | bf16 | fp16
     grad_accum: int = 1
+    channels_last: bool = False  # nets and batches in NHWC memory format (a GPU speed option)
+    compile: bool = False  # torch.compile each trained net (Accelerate's dynamo backend, inductor)
     grad_clip: float = 0.0  # 0: off
     ema: float = 0.0  # generator EMA decay; 0: off (as the authors)
     # Non-finite loss/gradients skip the optimizer step (always). After `nonfinite_patience`

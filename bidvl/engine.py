@@ -134,6 +134,7 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision,
+            dynamo_backend="inductor" if cfg.train.compile else "no",
             log_with="tensorboard",
             project_config=ProjectConfiguration(
                 project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "tensorboard")
@@ -154,6 +155,9 @@ class Trainer:
         if cfg.model.sync_batchnorm and acc.num_processes > 1:
             encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
             generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+        if cfg.train.channels_last:
+            for net in (energy_net, encoder, generator):
+                net.to(memory_format=torch.channels_last)
         eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
         energy_opt = torch.optim.Adam(
             energy_net.parameters(), lr=eo.lr, betas=tuple(eo.betas), weight_decay=eo.weight_decay
@@ -338,7 +342,8 @@ class Trainer:
         """One bi-level iteration on `grad_accum` micro-batches; returns this step's metrics."""
         cfg = self.cfg
         device = self.accelerator.device
-        batches = [b.to(device, non_blocking=True) for b in batches]
+        layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        batches = [b.to(device, non_blocking=True).contiguous(memory_format=layout) for b in batches]
         # h_p is drawn once per batch and reused by the upper step and the N lower steps.
         latents = [torch.randn(len(v), cfg.model.latent_dim, device=device) for v in batches]
         metrics: dict = {}

@@ -122,6 +122,23 @@ def test_gradient_accumulation_equals_the_joint_batch(tmp_path, digits16):
     b.close()
 
 
+@pytest.mark.parametrize("option", ["train.channels_last=true"])
+def test_speed_options_do_not_change_results_beyond_precision(tmp_path, digits16, option):
+    plain = make_trainer(tmp_path / "a", digits16)
+    fast = make_trainer(tmp_path / "b", digits16, option)
+    torch.manual_seed(5)
+    v = torch.rand(16, 1, 16, 16) * 2 - 1
+    for t in (plain, fast):
+        torch.manual_seed(6)  # same h_p and eps in both
+        t.train_step([v])
+    for a, b in zip(plain.energy_net.parameters(), fast.energy_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(plain.generator.parameters(), fast.generator.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    plain.close()
+    fast.close()
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_config_loads_builds_and_steps(tmp_path, name):
     from bidvl.engine import Trainer
