@@ -1,0 +1,320 @@
+"""Time the engine's bi-level iteration against a plain PyTorch loop of the same nets.
+
+    python launch/benchmark.py --config configs/cifar10.yaml [--steps 20] [--warmup 3]
+        [--batch-size B] [--variants fp32,bf16,channels_last,compile,bf16+compile]
+        [--device cpu|cuda] [--peak-tflops 989] [--data-batches 50]
+
+Prints one JSON object (on one line). For each variant it times, on random tensors of the
+config's shape (median over --steps after --warmup):
+  engine  `Trainer(cfg, with_data=False).train_step([v])`: one upper and N lower steps under
+          Accelerate, with the engine's grad-norm and non-finite checks and metrics;
+  plain   the same work written as a single-process loop over `bidvl.models.build_nets` and
+          `bidvl.objectives` (below), with the same optimizers, batch and precision.
+ratio_engine_to_plain is the engine's overhead. Each side runs in a fresh process, so peak memory
+(CUDA max_memory_allocated, or the process's max RSS on the CPU) is its own.
+
+A variant is `+`-joined tokens: fp32 | bf16 (autocast), channels_last, compile (torch.compile).
+The engine gets them as train.mixed_precision / train.channels_last / train.compile; the plain loop
+applies `net.to(memory_format=torch.channels_last)` and `torch.compile(net)` to its three nets
+(all their calls compiled, the frozen ones included).
+
+`data` times pulling batches from `bidvl.data.train_stream` over the config's shards (no compute);
+null when data.train has no shards. `data_fraction` = loader ms per batch / step ms: below 1 the
+loader keeps up when it runs beside the step (num_workers > 0); with num_workers = 0 it adds to
+the step. On CUDA, `flops_per_iter` (torch.utils.flop_counter over one plain iteration, forward
+and backward) gives MFU = FLOPs/s / --peak-tflops (default: H100 SXM bf16 dense).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TOKENS = ("fp32", "bf16", "channels_last", "compile")
+
+
+def parse_variant(name: str) -> dict:
+    tokens = name.split("+")
+    unknown = [t for t in tokens if t not in TOKENS]
+    if unknown or ("fp32" in tokens and "bf16" in tokens):
+        raise ValueError(f"variant {name!r}: expected '+'-joined tokens from {', '.join(TOKENS)}")
+    return {"precision": "bf16" if "bf16" in tokens else "fp32",
+            "channels_last": "channels_last" in tokens, "compile": "compile" in tokens}
+
+
+# ---------------------------------------------------------------- the plain loop
+
+
+def plain_step(nets, opts, v, cfg, autocast):
+    """One bi-level iteration as a single-process PyTorch loop (same maths as bidvl.engine)."""
+    import torch
+    from bidvl import objectives as obj
+
+    energy_net, encoder, generator = nets
+    energy_opt, latent_opt = opts
+    o = cfg.objective
+    h_p = torch.randn(len(v), cfg.model.latent_dim, device=v.device)
+
+    def upper():
+        with autocast():
+            with torch.no_grad():
+                v_hat = generator(h_p)
+            energies = energy_net(torch.cat([v, v_hat.to(v.dtype)]))
+            loss = obj.upper_level_loss(energies[: len(v)], energies[len(v):], o.upper_loss)
+            if o.latent_term == "not_offset":
+                loss = loss + o.w_latent * obj.upper_level_encoder_kl(*encoder(v_hat))
+        loss.backward()
+        energy_opt.step()
+        energy_opt.zero_grad(set_to_none=True)
+        if o.latent_term == "not_offset":
+            latent_opt.step()
+            latent_opt.zero_grad(set_to_none=True)
+
+    def lower():
+        with autocast():
+            energy_data = None
+            if o.ratio_bias == "sigmoid":
+                with torch.no_grad():
+                    energy_data = energy_net(v)
+            terms = obj.lower_level_loss(
+                v, h_p, energy_net=partial(obj.frozen_call, energy_net), encoder=encoder,
+                generator=generator,
+                encoder_for_latent=encoder if o.latent_term == "not_offset" else partial(obj.frozen_call, encoder),
+                latent_mode=o.latent_term, w_latent=o.w_latent, r_basic=o.r_basic,
+                ratio_bias=o.ratio_bias, energy_data=energy_data,
+            )
+        terms.loss.backward()
+        latent_opt.step()
+        latent_opt.zero_grad(set_to_none=True)
+
+    if o.order == "upper_first":
+        upper()
+    for _ in range(o.lower_steps):
+        lower()
+    if o.order == "lower_first":
+        upper()
+
+
+def build_plain(cfg, device):
+    import torch
+    from bidvl.models import build_nets
+
+    nets = [net.to(device).train() for net in build_nets(cfg.model, cfg.data.channels, cfg.data.resolution)]
+    eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
+    opts = (
+        torch.optim.Adam(nets[0].parameters(), lr=eo.lr, betas=tuple(eo.betas), weight_decay=eo.weight_decay),
+        torch.optim.Adam([*nets[1].parameters(), *nets[2].parameters()], lr=lo.lr, betas=tuple(lo.betas),
+                         weight_decay=lo.weight_decay),
+    )
+    return nets, opts
+
+
+def apply_variant(nets, variant):
+    import torch
+
+    if variant["channels_last"]:
+        nets = [net.to(memory_format=torch.channels_last) for net in nets]
+    if variant["compile"]:
+        nets = [torch.compile(net) for net in nets]
+    return nets
+
+
+# ---------------------------------------------------------------- one measurement (own process)
+
+
+def load(config: str, batch_size: int, variant: dict, run_dir: str):
+    from bidvl.config import load_config
+
+    return load_config(config, [
+        f"run.dir={run_dir}", f"train.batch_size={batch_size}", "data.auto_build=''",
+        # quoted: OmegaConf reads a bare `no` as the boolean False
+        f"train.mixed_precision={'bf16' if variant['precision'] == 'bf16' else repr('no')}",
+        f"train.channels_last={str(variant['channels_last']).lower()}",
+        f"train.compile={str(variant['compile']).lower()}",
+    ])
+
+
+def measure(side: str, config: str, variant: dict, device: str, batch_size: int, steps: int,
+            warmup: int) -> dict:
+    """Median step time of `side` (engine | plain) in this (fresh) process; on CUDA the plain side
+    also counts the FLOPs of one eager iteration first."""
+    if device == "cpu":
+        os.environ["ACCELERATE_USE_CPU"] = "1"  # Accelerator on the CPU even where CUDA exists
+    import torch
+
+    torch.manual_seed(0)
+    cuda = device == "cuda"
+    result = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load(config, batch_size, variant, tmp)
+        shape = (batch_size, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        v = torch.rand(shape, device=device) * 2 - 1
+        if variant["channels_last"]:
+            v = v.contiguous(memory_format=torch.channels_last)
+        trainer = None
+        if side == "engine":
+            from bidvl.engine import Trainer
+
+            trainer = Trainer(cfg, with_data=False)
+            step = lambda: trainer.train_step([v])  # noqa: E731
+        else:
+            nets, opts = build_plain(cfg, device)
+            autocast = (partial(torch.autocast, device_type=device, dtype=torch.bfloat16)
+                        if variant["precision"] == "bf16" else nullcontext)
+            if cuda:
+                from torch.utils.flop_counter import FlopCounterMode
+
+                with FlopCounterMode(display=False) as counter:
+                    plain_step(nets, opts, v, cfg, autocast)
+                result["flops_per_iter"] = counter.get_total_flops()
+            step = partial(plain_step, apply_variant(nets, variant), opts, v, cfg, autocast)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(warmup + steps):
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        if trainer is not None:
+            trainer.close()
+    step_ms = 1e3 * statistics.median(times[warmup:])
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
+    return {"step_ms": round(step_ms, 3), "images_per_s": round(batch_size / step_ms * 1e3, 1),
+            "first_step_ms": round(1e3 * times[0], 1), "peak_memory_mb": round(peak, 1), **result}
+
+
+def in_fresh_process(pool, *args) -> dict:
+    try:
+        return pool.submit(measure, *args).result()
+    except Exception as exc:  # one failing variant (e.g. compile) must not lose the others
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+# ---------------------------------------------------------------- data
+
+
+def data_wait(cfg, batch_size: int, batches: int) -> dict | None:
+    """Loader throughput over the config's shards (None without shards), in this process."""
+    from bidvl.data import ShardError, train_stream
+
+    if not (Path(cfg.data.train) / "meta.json").is_file():
+        return None
+    try:
+        stream = train_stream(cfg.data.train, cfg.data.train_split, batch_size, seed=cfg.run.seed,
+                              num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
+        it = iter(stream)
+        t0 = time.perf_counter()
+        next(it)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(batches):
+            next(it)
+        per_batch = (time.perf_counter() - t0) / batches
+        del it  # stops the loader workers
+    except ShardError as exc:
+        return {"shards": str(cfg.data.train), "error": str(exc)}
+    return {"shards": str(cfg.data.train), "num_workers": cfg.data.num_workers, "batches": batches,
+            "first_batch_ms": round(1e3 * first, 1), "ms_per_batch": round(1e3 * per_batch, 3)}
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs/digits.yaml"))
+    parser.add_argument("--steps", type=int, default=20, help="timed iterations (median)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (compile happens here)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train.batch_size")
+    parser.add_argument("--variants", default="fp32,bf16", help="comma list, e.g. fp32,bf16,bf16+compile")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="peak of the device for MFU (default: H100 SXM bf16 dense)")
+    parser.add_argument("--data-batches", type=int, default=50, help="batches pulled for the data measurement")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+
+    import accelerate
+    import torch
+
+    from bidvl.config import ConfigError, load_config
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device")
+    try:
+        variants = {name: parse_variant(name) for name in args.variants.split(",") if name}
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    batch = args.batch_size or cfg.train.batch_size
+
+    result = {
+        "benchmark": "engine_vs_plain", "config": args.config, "device": device,
+        "device_name": device_name(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "accelerate": accelerate.__version__,
+        "arch": cfg.model.arch, "resolution": cfg.data.resolution, "channels": cfg.data.channels,
+        "batch_size": batch, "steps": args.steps, "warmup": args.warmup,
+        "memory": "cuda_max_allocated_mb" if device == "cuda" else "cpu_max_rss_mb (whole process)",
+        "peak_tflops": args.peak_tflops if device == "cuda" else None,
+        "flops_per_iter": None,
+        "data": data_wait(cfg, batch, args.data_batches),
+        "variants": {},
+    }
+    data = result["data"]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
+        def run(side, variant):
+            return in_fresh_process(pool, side, args.config, variant, device, batch, args.steps, args.warmup)
+
+        for name, variant in variants.items():
+            engine = run("engine", variant)
+            plain = run("plain", variant)
+            flops = result["flops_per_iter"] = plain.pop("flops_per_iter", None) or result["flops_per_iter"]
+            row = {**variant, "engine": engine, "plain": plain, "ratio_engine_to_plain": None,
+                   "data_fraction": None, "mfu": None}
+            ok = {k: s for k, s in (("engine", engine), ("plain", plain)) if s and "step_ms" in s}
+            if len(ok) == 2:
+                row["ratio_engine_to_plain"] = round(engine["step_ms"] / plain["step_ms"], 3)
+            reference = ok.get("engine") or ok.get("plain")
+            if data and "ms_per_batch" in data and reference:
+                row["data_fraction"] = round(data["ms_per_batch"] / reference["step_ms"], 3)
+            if flops and ok:
+                row["mfu"] = {k: round(flops / (s["step_ms"] / 1e3) / (args.peak_tflops * 1e12), 4)
+                              for k, s in ok.items()}
+            result["variants"][name] = row
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

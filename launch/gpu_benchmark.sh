@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Engine vs plain loop on one GPU (H100 sized: at most ~8 minutes in all): configs/cifar10.yaml
+# (DCGAN, 32 px, batch 100) and configs/celeba128.yaml (ResNet, 128 px, batch 36) on random
+# tensors, fp32 vs bf16 vs bf16+compile (engine: train.compile=true; plain loop: torch.compile of
+# its three nets; see launch/benchmark.py).
+#
+#   OUT=bench_out launch/gpu_benchmark.sh      # then: cat bench_out/benchmarks.jsonl
+#
+# One JSON object per line in $OUT/benchmarks.jsonl (a run that fails or times out writes a line
+# with "error"), stderr of each run in $OUT/logs/, the GPU in $OUT/nvidia-smi.txt. Each run has
+# its own `timeout`, so one hang (e.g. in torch.compile) costs only its own slot.
+# Environment: OUT [./bench_out], PYTHON [.venv/bin/python if present, else python],
+# STEPS [30], WARMUP [5], PEAK_TFLOPS [989: H100 SXM bf16 dense]; for a smoke test of this script
+# without a GPU: DEVICE=cpu BATCH=2 STEPS=1 WARMUP=0 (BATCH overrides the configs' batch sizes).
+set -uo pipefail
+
+OUT=$(realpath -m "${OUT:-./bench_out}")  # relative to where it is started
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
+STEPS=${STEPS:-30}
+WARMUP=${WARMUP:-5}
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}
+DEVICE=${DEVICE:-cuda}
+batch=()
+if [[ -n ${BATCH:-} ]]; then
+    batch=(--batch-size "$BATCH")
+fi
+mkdir -p "$OUT/logs"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
+
+# config, variants, time limit (s). The four limits add up to 7.8 minutes; the compile runs
+# (two cold torch.compile each: engine and plain loop, in fresh processes) are the slowest part.
+runs=(
+    "configs/cifar10.yaml   fp32,bf16     60"
+    "configs/cifar10.yaml   bf16+compile  150"
+    "configs/celeba128.yaml fp32,bf16     90"
+    "configs/celeba128.yaml bf16+compile  170"
+)
+
+start=$SECONDS
+for run in "${runs[@]}"; do
+    read -r config variants limit <<< "$run"
+    name="$(basename "$config" .yaml)_${variants//[+,]/_}"
+    echo "$(date -u '+%T') $config $variants (limit ${limit}s)" >&2
+    line=$(timeout -k 5 "$limit" "$PYTHON" launch/benchmark.py --config "$config" --device "$DEVICE" \
+               "${batch[@]}" --variants "$variants" --steps "$STEPS" --warmup "$WARMUP" --peak-tflops "$PEAK_TFLOPS" \
+               2> "$OUT/logs/$name.log")
+    status=$?
+    if [[ $status -eq 0 && -n $line ]]; then
+        echo "$line" >> "$OUT/benchmarks.jsonl"
+    else
+        reason=$([[ $status -eq 124 || $status -eq 137 ]] && echo "timeout after ${limit}s" || echo "exit status $status")
+        printf '{"config": "%s", "variants": "%s", "error": "%s", "log": "logs/%s.log"}\n' \
+            "$config" "$variants" "$reason" "$name" >> "$OUT/benchmarks.jsonl"
+        echo "  failed: $reason (see $OUT/logs/$name.log)" >&2
+    fi
+done
+echo "$(date -u '+%T') done in $((SECONDS - start)) s: $OUT/benchmarks.jsonl" >&2

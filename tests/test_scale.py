@@ -1,0 +1,181 @@
+"""Scaling out on one machine: two "nodes" through launch/slurm/node_launch.sh, the sbatch script
+with stand-ins for srun/scontrol (SIGUSR1 -> checkpoint -> requeue), and the benchmark.
+
+Each "node" is one `accelerate launch` with one CPU process (ACCELERATE_USE_CPU=1); two of them
+meet through the same c10d rendezvous that real nodes use.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import BIN, REPO, TINY
+
+NODE_LAUNCH = REPO / "launch/slurm/node_launch.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(**extra) -> dict:
+    """Environment of a CPU "cluster": the venv's accelerate first on PATH, one thread per process."""
+    return {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def replicas(checkpoint: Path) -> list[str]:
+    return json.loads((checkpoint / "replicas.json").read_text())["sha256"]
+
+
+def kill_tree(*procs: subprocess.Popen) -> None:
+    """After a failed check: no training process may outlive the test."""
+    for proc in procs:
+        if proc.poll() is not None:  # exited and reaped: its pid may belong to someone else now
+            continue
+        try:
+            family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def complete(run: Path) -> list[Path]:
+    found = [p.parent for p in (run / "checkpoints").glob("step_*/COMPLETE")]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+@pytest.mark.slow
+def test_two_nodes_train_with_identical_replicas(tmp_path, digits16):
+    """node_launch.sh as train.sbatch runs it on each node: NNODES=2, one process per node."""
+    run = tmp_path / "run"
+    env = cpu_env(NNODES="2", GPUS_PER_NODE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    args = ["launch/train.py", "--config", "configs/digits.yaml", *TINY, f"run.dir={run}",
+            f"data.train={digits16}", "train.max_steps=4", "checkpoint.every=2"]
+    nodes = [subprocess.Popen([str(NODE_LAUNCH), *args], cwd=REPO, env={**env, "NODE_RANK": str(rank)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        kill_tree(*nodes)
+    for node, out in zip(nodes, outputs):
+        assert node.returncode == 0, out[-3000:]
+    assert [p.name for p in complete(run)] == ["step_00000002", "step_00000004"]
+    for checkpoint in complete(run):
+        digests = replicas(checkpoint)
+        assert len(digests) == 2 and digests[0] == digests[1]
+    assert (run / "model" / "generator.safetensors").is_file()
+
+
+FAKE_SRUN = '''#!{python}
+"""Stand-in for srun in a one-machine test: runs the command once per "node" (SLURM_NNODES) with
+SLURM_NODEID set, each task in its own process group; forwards SIGUSR1/SIGTERM to the tasks' process
+groups, as slurmstepd does with proctrack/pgid; exits with the highest task status."""
+import os, signal, subprocess, sys
+args = sys.argv[1:]
+while args and args[0].startswith("--"):
+    args.pop(0)
+tasks = [subprocess.Popen(args, env={{**os.environ, "SLURM_NODEID": str(i)}}, start_new_session=True)
+         for i in range(int(os.environ["SLURM_NNODES"]))]
+def forward(signum, frame):
+    for t in tasks:
+        try:
+            os.killpg(t.pid, signum)
+        except ProcessLookupError:
+            pass
+signal.signal(signal.SIGUSR1, forward)
+signal.signal(signal.SIGTERM, forward)
+sys.exit(max(t.wait() for t in tasks))
+'''
+
+FAKE_SCONTROL = '''#!/bin/bash
+# Stand-in for scontrol: `show hostnames` gives the loopback "head node"; `requeue` is recorded.
+case "$1 $2" in
+  "show hostnames") echo 127.0.0.1; echo 127.0.0.1 ;;
+  requeue*) echo "$@" >> "$FAKE_SLURM_LOG" ;;
+esac
+'''
+
+
+def fake_slurm(folder: Path) -> Path:
+    folder.mkdir()
+    for name, text in (("srun", FAKE_SRUN.format(python=sys.executable)), ("scontrol", FAKE_SCONTROL)):
+        (folder / name).write_text(text)
+        (folder / name).chmod(0o755)
+    return folder
+
+
+def sbatch(fake_bin, run, shards, extra, log):
+    """train.sbatch as Slurm would run it on 2 nodes x 1 "GPU" (CPU processes here)."""
+    env = cpu_env(
+        PATH=os.pathsep.join([str(fake_bin), str(BIN), os.environ["PATH"]]),
+        SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[01-02]", SLURM_SUBMIT_DIR=str(REPO),
+        GPUS_PER_NODE="1", MASTER_PORT=str(free_port()), FAKE_SLURM_LOG=str(log),
+        CONFIG="configs/digits.yaml", RUN_DIR=str(run),
+        EXTRA=" ".join([*TINY, f"data.train={shards}", "checkpoint.every=2", *extra]),
+    )
+    return subprocess.Popen(["bash", str(REPO / "launch/slurm/train.sbatch")], cwd=run.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_sbatch_usr1_checkpoints_and_requeues(tmp_path, digits16):
+    """The time-limit path: SIGUSR1 to the batch script -> srun -> node_launch.sh -> training
+    processes checkpoint and exit 0 -> `scontrol requeue`. The requeued job runs the same command
+    with checkpoint.resume=auto (resuming itself is tested in tests/test_train.py)."""
+    run, log, fake_bin = tmp_path / "run", tmp_path / "slurm.log", fake_slurm(tmp_path / "bin")
+    job = sbatch(fake_bin, run, digits16, ["train.max_steps=100000"], log)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not complete(run) and job.poll() is None:
+            time.sleep(0.5)
+        if not complete(run):
+            kill_tree(job)
+            pytest.fail("no checkpoint written:\n" + job.communicate(timeout=30)[0][-3000:])
+        job.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 does near the time limit
+        out = job.communicate(timeout=180)[0]
+    finally:
+        kill_tree(job)
+    assert job.returncode == 0, out[-3000:]
+    assert log.read_text().split() == ["requeue", "4242"], out[-3000:]
+    assert not (run / "model").exists(), out[-3000:]  # stopped early, not finished
+    last = complete(run)[-1]
+    digests = replicas(last)
+    assert len(digests) == 2 and digests[0] == digests[1]
+    resolved = (run / "config.yaml").read_text()
+    assert "resume: auto" in resolved and f"dir: {run}" in resolved
+
+
+def test_benchmark_prints_one_json_object():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch/benchmark.py"), "--config", "configs/digits.yaml",
+         "--steps", "2", "--warmup", "1", "--batch-size", "8", "--device", "cpu"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for key in ("config", "device", "batch_size", "steps", "warmup", "variants", "data", "flops_per_iter",
+                "peak_tflops", "memory"):
+        assert key in result, key
+    assert set(result["variants"]) == {"fp32", "bf16"}
+    for variant in result["variants"].values():
+        for key in ("engine", "plain", "ratio_engine_to_plain", "mfu"):
+            assert key in variant, key
+        for side in ("engine", "plain"):
+            for key in ("step_ms", "images_per_s", "peak_memory_mb"):
+                assert variant[side][key] > 0, (side, key)
