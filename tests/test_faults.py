@@ -201,6 +201,16 @@ def test_folder_level_faults_are_named(tmp_path):
         eval_stream(folder, "train", batch_size=2)
 
 
+def test_meta_json_cannot_point_outside_its_folder(tmp_path):
+    folder = write_shards(tmp_path / "s", [good(0)])
+    meta = json.loads((folder / "meta.json").read_text())
+    for name in ("../outside.tar", "/etc/passwd", ".hidden.tar"):
+        meta["splits"]["train"]["shards"][0]["name"] = name
+        (folder / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(ShardError, match="is not a plain file name"):
+            train_stream(folder, "train", batch_size=1, seed=0)
+
+
 def test_skip_budget_stops_training_clearly(tmp_path):
     samples = [good(i) for i in range(40)]
     for i in (3, 9, 17):

@@ -84,6 +84,11 @@ def split_info(folder: str | os.PathLike, split: str) -> tuple[dict, list[Path],
     info = meta["splits"][split]
     if not info["shards"]:
         raise ShardError(f"{Path(folder) / 'meta.json'}: split {split!r} lists no shards")
+    for s in info["shards"]:
+        name = s.get("name", "")
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+            # meta.json may only name files inside its own folder: no paths, no "..".
+            raise ShardError(f"{Path(folder) / 'meta.json'}: shard name {name!r} is not a plain file name")
     paths = [Path(folder) / s["name"] for s in info["shards"]]
     for p in paths:
         if not p.exists():
