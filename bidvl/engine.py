@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from . import objectives as obj
 from .config import Config, ConfigError, load_config, to_dict, to_yaml
 from .data import ShardError, read_meta, train_stream
+from .evaluation.sampling import restored_buffers
 from .models import build_nets
 
 CHECKPOINT_MARKER = "COMPLETE"
@@ -103,19 +104,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = str(v)
     return out
-
-
-@contextlib.contextmanager
-def preserved_buffers(module: torch.nn.Module):
-    """Run a train-mode forward (the authors sample with BatchNorm in train mode) without letting it
-    change running statistics or spectral-norm vectors: logging must not change training."""
-    saved = [b.detach().clone() for b in module.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(module.buffers(), saved):
-                b.copy_(s)
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
@@ -515,7 +503,9 @@ class Trainer:
 
         generator = self.ema.module if self.ema is not None else acc.unwrap_model(self.generator)
         encoder = acc.unwrap_model(self.encoder)
-        with preserved_buffers(generator), preserved_buffers(encoder), acc.autocast():
+        # Train-mode BatchNorm, as the authors sample, without changing any statistic: logging must
+        # not change training.
+        with restored_buffers(generator), restored_buffers(encoder), acc.autocast():
             samples = generator(self.fixed_latent.to(acc.device)).float()
             real = v[: min(32, len(v))]
             recon = generator(encoder(real)[0]).float()

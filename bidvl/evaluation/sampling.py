@@ -87,8 +87,8 @@ def local_batchnorm(module: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def restored_buffers(module: nn.Module):
-    """Buffers (BatchNorm statistics, spectral-norm vectors) are put back on exit. (The engine has
-    the same helper; it is not imported so that the engine can import this package.)"""
+    """Buffers (BatchNorm statistics, spectral-norm vectors) are put back on exit (also used by the
+    engine for its image grids)."""
     saved = [b.detach().clone() for b in module.buffers()]
     try:
         yield
