@@ -164,6 +164,8 @@ def _get(cfg: Config, dotted: str):
 
 def validate(cfg: Config) -> Config:
     """Checks that types cannot express; raises ConfigError naming the key and the value."""
+    if cfg.train.mixed_precision == "False":  # YAML and OmegaConf read a bare `no` as false
+        cfg.train.mixed_precision = "no"
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:

@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 import dataclasses
 from dataclasses import dataclass
 from functools import partial
@@ -120,6 +121,18 @@ class Trainer:
         themselves); `fit` then cannot be used."""
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
+        # From the start: a SLURM time-limit signal during start-up or resume must not be lost
+        # (the per-node launcher starts us with SIGUSR1 ignored).
+        self._stop_signal = 0
+        self._previous_handlers = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)
+        }
+        launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launcher_precision not in ("no", cfg.train.mixed_precision):
+            warnings.warn(
+                f"the accelerate launcher asks for mixed_precision={launcher_precision} but "
+                f"train.mixed_precision={cfg.train.mixed_precision} is used: set "
+                f"train.mixed_precision={launcher_precision} to train in it", stacklevel=2)
         self.accelerator = Accelerator(
             mixed_precision=cfg.train.mixed_precision,
             dynamo_backend="inductor" if cfg.train.compile else "no",
@@ -168,7 +181,6 @@ class Trainer:
         set_seed(cfg.run.seed, device_specific=True)
         g = torch.Generator().manual_seed(cfg.run.seed)
         self.fixed_latent = torch.randn(cfg.log.num_images, cfg.model.latent_dim, generator=g)
-        self._stop_signal = 0
         self.skipped_samples = 0  # bad data skipped by this rank's loader (data.on_error=skip)
 
     # ------------------------------------------------------------------ data
@@ -532,8 +544,6 @@ class Trainer:
         acc.init_trackers("bidvl", config=flatten(to_dict(cfg)))
         self.resume()
         self.set_learning_rates()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
 
         accum = cfg.train.grad_accum
         start = self.state.step
@@ -603,6 +613,8 @@ class Trainer:
     def close(self) -> None:
         """Free nets and optimizers and synchronise before ending (avoids aborts at exit)."""
         acc = self.accelerator
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
         acc.wait_for_everyone()
         acc.end_training()
         acc.free_memory()

@@ -61,6 +61,7 @@ def parse_variant(name: str) -> dict:
 def plain_step(nets, opts, v, cfg, autocast):
     """One bi-level iteration as a single-process PyTorch loop (same maths as bidvl.engine)."""
     import torch
+
     from bidvl import objectives as obj
 
     energy_net, encoder, generator = nets
@@ -110,6 +111,7 @@ def plain_step(nets, opts, v, cfg, autocast):
 
 def build_plain(cfg, device):
     import torch
+
     from bidvl.models import build_nets
 
     nets = [net.to(device).train() for net in build_nets(cfg.model, cfg.data.channels, cfg.data.resolution)]
@@ -169,7 +171,7 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
             from bidvl.engine import Trainer
 
             trainer = Trainer(cfg, with_data=False)
-            step = lambda: trainer.train_step([v])  # noqa: E731
+            step = partial(trainer.train_step, [v])
         else:
             nets, opts = build_plain(cfg, device)
             autocast = (partial(torch.autocast, device_type=device, dtype=torch.bfloat16)
@@ -202,7 +204,7 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
 def in_fresh_process(pool, *args) -> dict:
     try:
         return pool.submit(measure, *args).result()
-    except Exception as exc:  # one failing variant (e.g. compile) must not lose the others
+    except Exception as exc:  # noqa: BLE001 -- one failing variant (e.g. compile) must not lose the others
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
