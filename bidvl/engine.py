@@ -49,11 +49,9 @@ from tqdm.auto import tqdm
 from . import objectives as obj
 from .config import Config, ConfigError, load_config, to_dict, to_yaml
 from .data import ShardError, read_meta, train_stream
+from .evaluation.loading import CHECKPOINT_MARKER, complete_checkpoints
 from .evaluation.sampling import restored_buffers
 from .models import build_nets
-
-CHECKPOINT_MARKER = "COMPLETE"
-
 
 @dataclass
 class TrainState:
@@ -105,14 +103,6 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = str(v)
     return out
-
-
-def complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoint folders with a completion marker, oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("step_*") if (p / CHECKPOINT_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 class Trainer:
@@ -175,8 +165,8 @@ class Trainer:
         self.lr_scale = 1.0  # lowered by a rollback after repeated non-finite steps
         self.ema = EMA(acc.unwrap_model(self.generator), cfg.train.ema) if cfg.train.ema > 0 else None
 
-        self.micro_per_epoch = self._stream(0).batches_per_epoch if with_data else 1
-        self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / cfg.train.grad_accum))
+        micro_per_epoch = self._stream(0).batches_per_epoch if with_data else 1
+        self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.train.grad_accum))
         # Different noise on every rank from here on (same weights were made above).
         set_seed(cfg.run.seed, device_specific=True)
         g = torch.Generator().manual_seed(cfg.run.seed)
@@ -327,7 +317,7 @@ class Trainer:
         if self.state.rollbacks >= cfg.max_rollbacks:
             raise FloatingPointError(f"{what} at step {self.state.step}, after {self.state.rollbacks} "
                                      f"rollbacks (train.max_rollbacks={cfg.max_rollbacks})")
-        found = complete_checkpoints(self.checkpoint_dir)
+        found = complete_checkpoints(self.run_dir)
         if not found:
             raise FloatingPointError(f"{what} at step {self.state.step} and no checkpoint to roll back to")
         rollbacks = self.state.rollbacks + 1
@@ -397,7 +387,7 @@ class Trainer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            for old in complete_checkpoints(self.checkpoint_dir)[: -self.cfg.checkpoint.keep]:
+            for old in complete_checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep]:
                 (old / CHECKPOINT_MARKER).unlink()  # first: a half-deleted folder is never "complete"
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
@@ -421,7 +411,7 @@ class Trainer:
         if resume == "none":
             return None
         if resume == "auto":
-            found = complete_checkpoints(self.checkpoint_dir)
+            found = complete_checkpoints(self.run_dir)
             return found[-1] if found else None
         path = Path(resume)
         if not (path / CHECKPOINT_MARKER).is_file():

@@ -33,7 +33,7 @@ import math
 import random
 import signal
 import sys
-from typing import Iterator, Optional
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -245,25 +245,15 @@ def train_stream(folder, split="train", batch_size=64, **kwargs) -> TrainStream:
 # ---------------------------------------------------------------- evaluation
 
 
-def _eval_assignment(counts: list[int], world_size: int) -> list[list[tuple[int, Optional[int]]]]:
-    """Per rank: list of (shard index, sample modulo filter or None)."""
-    if len(counts) >= world_size:
-        return [[(k, None) for k in range(rank, len(counts), world_size)] for rank in range(world_size)]
-    return [[(k, rank) for k in range(len(counts))] for rank in range(world_size)]
-
-
-def _rank_count(counts, assignment, rank, world_size) -> int:
-    if assignment[rank] and assignment[rank][0][1] is not None:
-        total = sum(counts)
-        return len(range(rank, total, world_size))
-    return sum(counts[k] for k, _ in assignment[rank])
-
-
 class _EvalShards(IterableDataset):
-    def __init__(self, shards, counts, units, decoder, batch_size, world_size):
+    """One rank's evaluation samples: the shards `mine` (indices into `shards`), keeping only
+    samples whose global index % world_size == `modulo` when samples (not shards) are dealt."""
+
+    def __init__(self, shards, counts, mine, modulo, decoder, batch_size, world_size):
         self.shards = [str(p) for p in shards]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        self.units = units  # [(shard index, rank filter or None)] for this rank
+        self.mine = mine
+        self.modulo = modulo
         self.decoder = decoder
         self.batch_size = batch_size
         self.world_size = world_size
@@ -272,11 +262,11 @@ class _EvalShards(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         batch = []
-        for k, modulo in self.units[worker::workers]:
+        for k in self.mine[worker::workers]:
             samples = tar_samples(self.shards[k])
             for j, sample in enumerate(samples):
                 index = self.offsets[k] + j
-                if modulo is not None and index % self.world_size != modulo:
+                if self.modulo is not None and index % self.world_size != self.modulo:
                     continue
                 image, label = self.decoder(sample)
                 batch.append((image, label, index))
@@ -300,26 +290,23 @@ class EvalStream:
 
     def __init__(self, folder, split, batch_size, *, rank=0, world_size=1, num_workers=0):
         self.meta, shards, counts = split_info(folder, split)
-        assignment = _eval_assignment(counts, world_size)
-        units = assignment[rank]
-        self.num_workers = min(num_workers, len(units)) if units and units[0][1] is None else 0
+        # Whole shards are dealt to ranks when there are enough of them; otherwise every rank reads
+        # every shard and keeps the samples i with i % world_size == rank (in one worker).
+        by_sample = len(counts) < world_size
+        shards_of = [list(range(len(counts))) if by_sample else list(range(r, len(counts), world_size))
+                     for r in range(world_size)]
 
-        def batches_of(r):
-            # Workers batch their own samples: count each worker's partial batch.
-            units_r = assignment[r]
-            if units_r and units_r[0][1] is not None:
-                return math.ceil(_rank_count(counts, assignment, r, world_size) / batch_size)
-            w = max(1, min(num_workers, len(units_r)))
-            return sum(
-                math.ceil(sum(counts[k] for k, _ in units_r[i::w]) / batch_size) for i in range(w)
-            )
+        def batches_of(r):  # each worker batches its own samples: count its partial batch too
+            if by_sample:
+                return math.ceil(len(range(r, sum(counts), world_size)) / batch_size)
+            w = max(1, min(num_workers, len(shards_of[r])))
+            return sum(math.ceil(sum(counts[k] for k in shards_of[r][i::w]) / batch_size) for i in range(w))
 
         self.num_batches = max(batches_of(r) for r in range(world_size))
-        self.num_samples = _rank_count(counts, assignment, rank, world_size)
-        self.count = sum(counts)
+        self.num_workers = 0 if by_sample else min(num_workers, len(shards_of[rank]))
         self.batch_size = batch_size
         self.dataset = _EvalShards(
-            shards, counts, units,
+            shards, counts, shards_of[rank], rank if by_sample else None,
             SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size, world_size,
         )
 

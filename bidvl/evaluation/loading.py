@@ -27,7 +27,7 @@ from bidvl.config import Config, ConfigError, load_config
 from bidvl.models import build_nets
 from bidvl.models.registry import Nets
 
-CHECKPOINT_MARKER = "COMPLETE"  # the engine's marker of a complete checkpoint
+CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint folder by the engine
 EXPORT_FILES = ("energy.safetensors", "encoder.safetensors", "generator.safetensors")
 CHECKPOINT_FILES = ("model.safetensors", "model_1.safetensors", "model_2.safetensors")
 
@@ -46,6 +46,8 @@ class LoadedRun:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """RUN_DIR/checkpoints/step_N folders holding the completion marker, oldest first (shared with
+    the engine, which writes them)."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return []
