@@ -62,7 +62,12 @@ class ModelConfig:
 
 @dataclass
 class ObjectiveConfig:
-    latent_term: str = "offset"  # offset | not_offset | none
+    # bidvl | vae | divergence_triangle. The baselines run in the same engine: `vae` trains encoder
+    # + generator on the negative ELBO only (energy net untouched); `divergence_triangle` (Han et
+    # al. 2019) trains the energy net with the `difference` upper loss and encoder + generator on
+    # recon + KL + E(G(h)) + w_latent x latent NLL (Han et al.: w_latent=0.1, see objectives.py).
+    name: str = "bidvl"
+    latent_term: str = "offset"  # offset | not_offset | none (bidvl only)
     w_latent: float = 1.0
     r_basic: float = 0.05  # r' in the paper
     ratio_bias: str = "none"  # none | sigmoid
@@ -89,6 +94,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile each trained net (Accelerate's dynamo backend, inductor)
     grad_clip: float = 0.0  # 0: off
     ema: float = 0.0  # generator EMA decay; 0: off (as the authors)
+    # Stop (checkpoint + export, like reaching max_steps) once training has used this many minutes;
+    # 0: off. Counted over data loading + training steps only (not evaluation or checkpoints) and
+    # carried across resumes. budget_clock `wall` is elapsed time; `process` is the CPU time of
+    # the training process (all its threads, DataLoader workers excluded): equal `process` budgets
+    # give runs equal compute even on a shared, loaded machine (launch/study.py uses it with one
+    # thread and data.num_workers=0).
+    time_budget_min: float = 0.0
+    budget_clock: str = "wall"  # wall | process
     # Non-finite loss/gradients skip the optimizer step (always). After `nonfinite_patience`
     # consecutive steps with a skip: `skip` goes on, `stop` ends the run with an error, `rollback`
     # reloads the last complete checkpoint with the LRs scaled by `rollback_lr_scale` (at most
@@ -145,7 +158,9 @@ class Config:
 CHOICES = {
     "model.arch": ("dcgan", "resnet", "timm"),
     "model.energy_output": ("softplus", "identity"),
+    "objective.name": ("bidvl", "vae", "divergence_triangle"),
     "objective.latent_term": ("offset", "not_offset", "none"),
+    "train.budget_clock": ("wall", "process"),
     "objective.ratio_bias": ("none", "sigmoid"),
     "objective.upper_loss": ("difference", "hinge"),
     "objective.order": ("upper_first", "lower_first"),
@@ -209,6 +224,10 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"train.{name}.lr_decay={opt.lr_decay}: expected in (0, 1]")
     if cfg.objective.r_basic < 0:
         raise ConfigError(f"objective.r_basic={cfg.objective.r_basic}: expected >= 0")
+    if cfg.train.time_budget_min < 0:
+        raise ConfigError(f"train.time_budget_min={cfg.train.time_budget_min}: expected >= 0 (0 disables)")
+    if cfg.objective.w_latent < 0:
+        raise ConfigError(f"objective.w_latent={cfg.objective.w_latent}: expected >= 0")
     if not 0.0 <= cfg.train.ema < 1.0:
         raise ConfigError(f"train.ema={cfg.train.ema}: expected in [0, 1)")
     if cfg.train.grad_clip < 0:

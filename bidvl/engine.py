@@ -61,13 +61,15 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps skipped for non-finite gradients (and fp16 overflow)
     skipped_in_a_row: int = 0  # consecutive training steps with a skipped optimizer step
     rollbacks: int = 0
+    budget_used_s: float = 0.0  # training time counted against train.time_budget_min
 
     def state_dict(self):
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state):
-        for k, v in state.items():
-            setattr(self, k, int(v))
+        for f in dataclasses.fields(self):
+            if f.name in state:
+                setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
 
 
 class EMA:
@@ -238,7 +240,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         o = cfg.objective
         generator = acc.unwrap_model(self.generator)
-        trained = [self.energy_net] + ([self.encoder] if o.latent_term == "not_offset" else [])
+        not_offset = o.name == "bidvl" and o.latent_term == "not_offset"
+        trained = [self.energy_net] + ([self.encoder] if not_offset else [])
         for i, (v, h_p) in enumerate(zip(batches, latents)):
             last = i == len(batches) - 1
             with self._no_sync(last, *trained), acc.autocast():
@@ -247,17 +250,36 @@ class Trainer:
                 energies = self.energy_net(torch.cat([v, v_hat.to(v.dtype)]))
                 e_data, e_samples = energies[: len(v)], energies[len(v):]
                 loss = obj.upper_level_loss(e_data, e_samples, o.upper_loss)
-                if o.latent_term == "not_offset":
+                if not_offset:
                     mu, logvar = self.encoder(v_hat)
                     loss = loss + o.w_latent * obj.upper_level_encoder_kl(mu, logvar)
                 acc.backward(loss / len(batches))
             self._accumulate(metrics, loss_ul=loss, energy_data=e_data.mean(), energy_samples=e_samples.mean())
         self._optimizer_step(self.energy_opt, self.energy_net.parameters(), "energy_net", metrics)
-        if o.latent_term == "not_offset":
+        if not_offset:
             self._optimizer_step(self.latent_opt, self.encoder.parameters(), "encoder_ul", metrics)
 
+    def _lower_terms(self, v, h_p, energy_frozen, encoder_for_latent) -> obj.LowerLevelTerms:
+        """The encoder + generator loss of objective.name (energy net frozen in all of them)."""
+        o, acc = self.cfg.objective, self.accelerator
+        if o.name == "vae":
+            return obj.vae_loss(v, encoder=self.encoder, generator=self.generator)
+        if o.name == "divergence_triangle":
+            return obj.divergence_triangle_loss(v, h_p, energy_net=energy_frozen, encoder=self.encoder,
+                                                generator=self.generator, w_latent=o.w_latent)
+        energy_data = None
+        if o.ratio_bias == "sigmoid":
+            with torch.no_grad():
+                energy_data = acc.unwrap_model(self.energy_net)(v)
+        return obj.lower_level_loss(
+            v, h_p, energy_net=energy_frozen, encoder=self.encoder, generator=self.generator,
+            encoder_for_latent=encoder_for_latent, latent_mode=o.latent_term,
+            w_latent=o.w_latent, r_basic=o.r_basic, ratio_bias=o.ratio_bias, energy_data=energy_data,
+        )
+
     def lower_level_step(self, batches, latents, metrics: dict) -> None:
-        """Eq. (13) (or (11) in `not_offset`): update encoder + generator, energy net frozen."""
+        """Eq. (13) (or (11) in `not_offset`), or a baseline's encoder + generator loss: update
+        encoder + generator, energy net frozen."""
         cfg, acc = self.cfg, self.accelerator
         o = cfg.objective
         energy_frozen = self._frozen(self.energy_net)
@@ -265,16 +287,7 @@ class Trainer:
         for i, (v, h_p) in enumerate(zip(batches, latents)):
             last = i == len(batches) - 1
             with self._no_sync(last, self.encoder, self.generator), acc.autocast():
-                energy_data = None
-                if o.ratio_bias == "sigmoid":
-                    with torch.no_grad():
-                        energy_data = acc.unwrap_model(self.energy_net)(v)
-                terms = obj.lower_level_loss(
-                    v, h_p, energy_net=energy_frozen, encoder=self.encoder, generator=self.generator,
-                    encoder_for_latent=encoder_for_latent, latent_mode=o.latent_term,
-                    w_latent=o.w_latent, r_basic=o.r_basic, ratio_bias=o.ratio_bias,
-                    energy_data=energy_data,
-                )
+                terms = self._lower_terms(v, h_p, energy_frozen, encoder_for_latent)
                 acc.backward(terms.loss / len(batches))
             self._accumulate(
                 metrics, loss_ll=terms.loss, recon=terms.recon, kl=terms.kl,
@@ -339,11 +352,12 @@ class Trainer:
         metrics: dict = {}
         for net in (self.energy_net, self.encoder, self.generator):
             net.train()
-        if cfg.objective.order == "upper_first":
+        upper = cfg.objective.name != "vae"  # the VAE has no energy net to train
+        if upper and cfg.objective.order == "upper_first":
             self.upper_level_step(batches, latents, metrics)
         for _ in range(cfg.objective.lower_steps):
             self.lower_level_step(batches, latents, metrics)
-        if cfg.objective.order == "lower_first":
+        if upper and cfg.objective.order == "lower_first":
             self.upper_level_step(batches, latents, metrics)
         return metrics
 
@@ -541,7 +555,11 @@ class Trainer:
         progress = tqdm(total=cfg.train.max_steps, initial=start, disable=not acc.is_main_process,
                         desc="train", dynamic_ncols=True)
         window, t0, images, logs, last_saved = [], time.perf_counter(), 0, {}, (start if start else -1)
-        while self.state.step < cfg.train.max_steps:
+        clock = time.process_time if cfg.train.budget_clock == "process" else time.perf_counter
+        budget_s = cfg.train.time_budget_min * 60.0
+        over_budget = budget_s > 0 and self.state.budget_used_s >= budget_s  # resumed after its end
+        while self.state.step < cfg.train.max_steps and not over_budget:
+            tick = clock()
             batches = []
             for _ in range(accum):
                 batch, _, skipped = next(stream)
@@ -549,9 +567,11 @@ class Trainer:
                 self.skipped_samples += skipped
             metrics = self.train_step(batches)
             self.state.step += 1
+            self.state.budget_used_s += clock() - tick
             images += sum(len(b) for b in batches) * acc.num_processes
             window.append(metrics)
-            stop_signal, skipped_samples = self._synchronised_flags()
+            stop_signal, skipped_samples, over_budget = self._synchronised_flags(
+                budget_s > 0 and self.state.budget_used_s >= budget_s)
             if skipped_samples > cfg.data.max_skipped:
                 raise ShardError(f"{skipped_samples} bad samples or shards skipped, more than "
                                  f"data.max_skipped={cfg.data.max_skipped} (see the warnings above)")
@@ -563,11 +583,12 @@ class Trainer:
             step = self.state.step
             if step % self.steps_per_epoch == 0:  # epoch boundary: decay both LRs
                 self.set_learning_rates()
-            if window and (step % cfg.log.every == 0 or step == cfg.train.max_steps):
+            last = step == cfg.train.max_steps or over_budget
+            if window and (step % cfg.log.every == 0 or last):
                 logs = self._log(window, time.perf_counter() - t0, images, skipped_samples)
                 progress.set_postfix(gap=f"{logs['energy/gap']:.3f}", recon=f"{logs.get('loss/recon', 0):.1f}")
                 window, t0, images = [], time.perf_counter(), 0
-            if step % cfg.log.images_every == 0 or step == cfg.train.max_steps:
+            if step % cfg.log.images_every == 0 or last:
                 self._log_images(batches[0].to(acc.device))
             if cfg.eval.every and step % cfg.eval.every == 0:
                 from .evaluation.periodic import evaluate_during_training
@@ -584,7 +605,10 @@ class Trainer:
                 if last_saved != step:
                     self.save_checkpoint()
                 break
-        else:
+        else:  # max_steps reached or time budget used up (a signal breaks out above)
+            if over_budget:
+                acc.print(f"time budget of {cfg.train.time_budget_min:g} min ({cfg.train.budget_clock} "
+                          f"clock) used at step {self.state.step}: exporting and stopping")
             if last_saved != self.state.step:
                 self.save_checkpoint()
             self.export()
@@ -592,13 +616,15 @@ class Trainer:
         self.close()
         return logs
 
-    def _synchronised_flags(self) -> tuple[int, int]:
-        """(a stop signal received by any rank, bad data skipped on all ranks): one small
-        all-reduce per step, so every rank takes the same decision at the same step."""
-        flags = torch.tensor([float(self._stop_signal), float(self.skipped_samples)], device=self.accelerator.device)
+    def _synchronised_flags(self, over_budget: bool = False) -> tuple[int, int, bool]:
+        """(a stop signal received by any rank, bad data skipped on all ranks, any rank over its
+        time budget): one small all-reduce per step, so every rank takes the same decision at the
+        same step."""
+        flags = torch.tensor([float(self._stop_signal), float(self.skipped_samples), float(over_budget)],
+                             device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
-        return int(flags[0].item()), int(flags[1].item())
+        return int(flags[0].item()), int(flags[1].item()), bool(flags[2].item() > 0)
 
     def close(self) -> None:
         """Free nets and optimizers and synchronise before ending (avoids aborts at exit)."""

@@ -10,6 +10,7 @@ Notation: v data in [-1,1]; h_p ~ p(h) = N(0, I); v_hat = G(h_p); q(h|v) = N(mu(
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -138,3 +139,64 @@ def lower_level_loss(v, h_p, *, energy_net, encoder, generator, encoder_for_late
         raise ValueError(f"objective.latent_term={latent_mode!r}: expected offset, not_offset or none")
     loss = e_term + w_latent * lat + weighted_vae
     return LowerLevelTerms(loss, weighted_vae, recon.mean(), kl.mean(), e_term, lat, ratio.mean())
+
+
+# ---------------------------------------------------------------- baselines (objective.name)
+
+
+def gaussian_nll(h: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-sample -log N(h; mu, exp(logvar)) summed over latent dims; shape (B,)."""
+    h, mu, logvar = _full(h), _full(mu), _full(logvar)
+    return 0.5 * ((h - mu).pow(2) * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
+
+
+def vae_loss(v, *, encoder, generator) -> LowerLevelTerms:
+    """`vae` baseline: the negative ELBO, summed-pixel squared error + Gaussian KL, batch mean.
+
+    Same reconstruction and KL terms as BiDVL's (`reconstruction_error`, `kl_to_prior`) with weight
+    1 instead of r'. No energy net, no latent term (reported as 0, ratio as 1).
+    """
+    mu, logvar = encoder(v)
+    recon = reconstruction_error(generator(reparameterize(mu, logvar)), v)
+    kl = kl_to_prior(mu, logvar)
+    loss = (recon + kl).mean()
+    zero = torch.zeros((), device=v.device)
+    return LowerLevelTerms(loss, loss, recon.mean(), kl.mean(), zero, zero, torch.ones((), device=v.device))
+
+
+def divergence_triangle_loss(v, h_p, *, energy_net, encoder, generator, w_latent: float) -> LowerLevelTerms:
+    """`divergence_triangle` baseline (Han et al., CVPR 2019), encoder + generator part.
+
+    One joint loss  recon(v) + KL(q(h|v) || p(h)) + E(G(h_p)) + w_latent * NLL(h_p | q(h|G(h_p)))
+    whose gradients split exactly as the paper's separate losses: the encoder gets
+    recon + KL + w_latent * NLL (E(G(h_p)) does not depend on it), the generator gets
+    recon + E(G(h_p)) + w_latent * NLL (the KL does not depend on it). Han et al. use w_latent = 0.1.
+    energy_net must be frozen (`frozen_call`); its own loss is `upper_level_loss(..., "difference")`.
+    Terms reported: weighted_vae = recon + KL (batch means), latent = the NLL, ratio = 1.
+    """
+    mu, logvar = encoder(v)
+    recon = reconstruction_error(generator(reparameterize(mu, logvar)), v)
+    kl = kl_to_prior(mu, logvar)
+    v_hat = generator(h_p)
+    e_term = energy_term(energy_net(v_hat))
+    mu_hat, logvar_hat = encoder(v_hat)
+    nll = gaussian_nll(h_p, mu_hat, logvar_hat).mean()
+    vae = (recon + kl).mean()
+    loss = vae + e_term + w_latent * nll
+    return LowerLevelTerms(loss, vae, recon.mean(), kl.mean(), e_term, nll, torch.ones((), device=v.device))
+
+
+class NegativeElbo(nn.Module):
+    """The VAE's stand-in for an energy: -ELBO(v) at the posterior mean, recon(G(mu(v)), v) + KL.
+
+    Deterministic (h = mu(v), no sampling), so OOD scores are reproducible; lower = more
+    in-distribution, like E(v). Used by the evaluation when objective.name = vae.
+    """
+
+    def __init__(self, encoder: nn.Module, generator: nn.Module):
+        super().__init__()
+        self.encoder, self.generator = encoder, generator
+
+    def forward(self, v):
+        mu, logvar = self.encoder(v)
+        return reconstruction_error(self.generator(mu), v) + kl_to_prior(mu, logvar)

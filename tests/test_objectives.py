@@ -210,3 +210,77 @@ def test_frozen_call_matches_forward_and_keeps_spectral_norm_buffers():
     out.sum().backward()
     assert x.grad is not None
     assert net.parametrizations.weight.original.grad is None and net.bias.grad is None
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def dt_terms(nets, w_latent=0.1):
+    energy_net, encoder, generator = nets
+    v, h_p = data()
+    return obj.divergence_triangle_loss(v, h_p, energy_net=partial(obj.frozen_call, energy_net),
+                                        encoder=encoder, generator=generator, w_latent=w_latent)
+
+
+def test_vae_loss_is_negative_elbo_and_moves_encoder_and_generator_only(nets):
+    energy_net, encoder, generator = nets
+    v, _ = data()
+    torch.manual_seed(2)
+    terms = obj.vae_loss(v, encoder=encoder, generator=generator)
+    torch.testing.assert_close(terms.loss, terms.recon + terms.kl, check_dtype=False)
+    # by hand, with the same reparameterisation noise
+    torch.manual_seed(2)
+    mu, logvar = encoder(v)
+    h = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    by_hand = ((generator(h) - v) ** 2).flatten(1).sum(1) + 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+    torch.testing.assert_close(terms.loss, by_hand.mean(), check_dtype=False)
+    terms.loss.backward()
+    assert has_grad(encoder) and has_grad(generator)
+    assert all(g is None for g in grads_of(energy_net))
+
+
+def test_gaussian_nll_matches_torch_distributions():
+    h, mu, logvar = (torch.randn(B, H, dtype=torch.float64) for _ in range(3))
+    expected = -torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(h).sum(1)
+    torch.testing.assert_close(obj.gaussian_nll(h, mu, logvar), expected)
+
+
+def test_divergence_triangle_loss_is_the_sum_of_its_terms(nets):
+    terms = dt_terms(nets, w_latent=0.1)
+    torch.testing.assert_close(terms.loss, terms.weighted_vae + terms.energy + 0.1 * terms.latent)
+    torch.testing.assert_close(terms.weighted_vae, terms.recon + terms.kl)
+
+
+def test_divergence_triangle_gradients_split_as_han_et_al(nets):
+    """Encoder: recon + KL + 0.1 NLL; generator: recon + E(G(z)) + 0.1 NLL; energy net: nothing."""
+    energy_net, encoder, generator = nets
+    torch.manual_seed(3)  # the same reparameterisation noise in both evaluations
+    t = dt_terms(nets)
+    enc_sep = torch.autograd.grad(t.recon + t.kl + 0.1 * t.latent, list(encoder.parameters()), retain_graph=True)
+    gen_sep = torch.autograd.grad(t.recon + t.energy + 0.1 * t.latent, list(generator.parameters()))
+    torch.manual_seed(3)
+    t = dt_terms(nets)
+    enc_joint = torch.autograd.grad(t.loss, list(encoder.parameters()), retain_graph=True)
+    gen_joint = torch.autograd.grad(t.loss, list(generator.parameters()))
+    for a, b in zip(enc_joint + gen_joint, enc_sep + gen_sep):
+        torch.testing.assert_close(a, b)
+    assert any(g.abs().sum() > 0 for g in enc_joint) and any(g.abs().sum() > 0 for g in gen_joint)
+    # Which terms reach which net:
+    for name, moves_encoder, moves_generator in (("energy", False, True), ("kl", True, False),
+                                                 ("latent", True, True), ("recon", True, True)):
+        encoder.zero_grad(set_to_none=True)
+        generator.zero_grad(set_to_none=True)
+        getattr(dt_terms(nets), name).backward()
+        assert has_grad(encoder) == moves_encoder, name
+        assert has_grad(generator) == moves_generator, name
+        assert all(g is None for g in grads_of(energy_net)), name
+
+
+def test_negative_elbo_scores_like_an_energy(nets):
+    _, encoder, generator = nets
+    v, _ = data()
+    score = obj.NegativeElbo(encoder, generator)(v)
+    mu, logvar = encoder(v)
+    expected = ((generator(mu) - v) ** 2).flatten(1).sum(1) + 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+    torch.testing.assert_close(score, expected, check_dtype=False)
+    assert score.shape == (B,)

@@ -286,3 +286,50 @@ def test_no_arguments_from_a_fresh_clone(tmp_path):
         time.sleep(1)
     assert (clone / "shards/digits/meta.json").is_file(), out[-3000:]
     assert list(checkpoints.glob("step_*/COMPLETE")), out[-3000:]
+
+
+def test_vae_baseline_trains_encoder_and_generator_only(tmp_path, digits16):
+    trainer = make_trainer(tmp_path, digits16, "objective.name=vae")
+    e, q, g = snapshot(trainer.energy_net), snapshot(trainer.encoder), snapshot(trainer.generator)
+    metrics = trainer.train_step([torch.rand(16, 1, 16, 16) * 2 - 1])
+    assert not changed(e, trainer.energy_net)
+    assert changed(q, trainer.encoder) and changed(g, trainer.generator)
+    assert "grad_norm/energy_net" not in metrics and "loss_ll" in metrics
+    trainer.close()
+
+
+def test_divergence_triangle_baseline_phases(tmp_path, digits16):
+    trainer = make_trainer(tmp_path, digits16, "objective.name=divergence_triangle", "objective.w_latent=0.1")
+    v, h = torch.rand(16, 1, 16, 16) * 2 - 1, [torch.randn(16, 8)]
+    e, q, g = snapshot(trainer.energy_net), snapshot(trainer.encoder), snapshot(trainer.generator)
+    trainer.upper_level_step([v], h, {})
+    assert changed(e, trainer.energy_net) and not changed(q, trainer.encoder) and not changed(g, trainer.generator)
+    e = snapshot(trainer.energy_net)
+    metrics = {}
+    trainer.lower_level_step([v], h, metrics)
+    assert not changed(e, trainer.energy_net)
+    assert changed(q, trainer.encoder) and changed(g, trainer.generator)
+    assert metrics["latent_term"] > 0  # the latent NLL is reported as the latent term
+    trainer.close()
+
+
+@pytest.mark.slow
+def test_time_budget_stops_exports_and_survives_resume(tmp_path, digits16):
+    run = tmp_path / "run"
+    # 0.002 min = 0.12 s of training: a handful of tiny steps, far below max_steps.
+    p = run_train(tiny_args(run, digits16, 10_000, "train.time_budget_min=0.002",
+                            "train.budget_clock=process", "checkpoint.every=100000"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "time budget" in p.stdout + p.stderr
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and (run / "model/generator.safetensors").is_file()
+    import json
+
+    state = json.loads((ckpts[0] / "train_state.json").read_text())
+    assert 0 < state["step"] < 10_000 and state["budget_used_s"] >= 0.12
+    # Running again resumes after the end of the budget: no further step, the export stays.
+    p = run_train(tiny_args(run, digits16, 10_000, "train.time_budget_min=0.002",
+                            "train.budget_clock=process", "checkpoint.every=100000"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert sorted((run / "checkpoints").glob("step_*")) == ckpts
+    assert load_file(run / "model/generator.safetensors").keys()

@@ -109,6 +109,12 @@ def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
     scalars: dict = {}
 
     folder, split = heldout_data(cfg, opts.split)
+    score = "-E(v)"
+    if cfg.objective.name == "vae":  # no trained energy net: score by the ELBO instead
+        from bidvl.objectives import NegativeElbo
+
+        nets = nets._replace(energy_net=NegativeElbo(nets.encoder, nets.generator))
+        score = "ELBO(v) at h = mu(v) (VAE: -[recon + KL])"
     if "rmse" in opts.metrics or "ood" in opts.metrics:
         held = heldout_pass(accelerator, nets, folder, split, opts.batch_size,
                             max_count=opts.max_test, reconstruct="rmse" in opts.metrics,
@@ -129,7 +135,7 @@ def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
                                 reconstruct=False, energy=True, num_workers=opts.num_workers)
             results[name], counts[name] = auroc(in_scores, -rows["energy"]), len(rows["energy"])
         report["ood"] = {
-            "score": "-E(v)", "in_distribution": data, "auroc": results,
+            "score": score, "model": cfg.objective.name, "in_distribution": data, "auroc": results,
             "sets": {"uniform": {"kind": "U[-1,1] noise", "count": counts["uniform"], "seed": opts.seed},
                      **{n: {"folder": f, "split": s, "count": counts[n]} for n, f, s in ood_sets}},
         }
@@ -187,7 +193,7 @@ def markdown(report: dict) -> str:
         lines += [f"OOD detection, AUROC of {o['score']}; in-distribution: {o['in_distribution']['split']} "
                   f"split of `{o['in_distribution']['folder']}` ({o['in_distribution']['count']} images).", "",
                   "| Model | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-                  f"| BiDVL (step {report.get('step', '?')}) | "
+                  f"| {o.get('model', 'bidvl')} (step {report.get('step', '?')}) | "
                   + " | ".join(f"{o['auroc'][n]:.4f}" for n in names) + " |", "",
                   "OOD sets: " + "; ".join(
                       f"{n}: " + (f"`{s['folder']}` split {s['split']}" if "folder" in s else s["kind"])
