@@ -20,6 +20,10 @@ Feature extractors (`feature_extractor(features, inception_weights)`):
   1-channel images are repeated to 3 when K is 3) and `bidvl.input_size = S` (bilinear resize to
   S x S first; default 0 = none). The net gets images in [-1, 1]; its pooled output is the feature.
   Write one with `save_timm_features(model, name, path, in_chans, input_size)`.
+* `--features FILE.safetensors` with metadata `bidvl.features = "classifier"`: our small
+  classifier (bidvl/evaluation/classifier.py, trained by launch/train_feature_classifier.py); its
+  penultimate layer is the feature. bidvl/evaluation/weights/fashion_mnist_classifier.safetensors
+  is one for FashionMNIST at 32 px.
 
 Anything but Inception is labelled "FID-style (features: NAME), not comparable to published FID".
 
@@ -198,22 +202,54 @@ class TorchScriptFeatures(Features):
         return self.net(images.float())
 
 
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return meta, load_file(str(path))
+    except Exception as exc:
+        raise EvalError(f"--features {path}: not a readable safetensors file ({exc})") from None
+
+
+class ClassifierFeatures(Features):
+    """`bidvl.features = classifier` files (bidvl/evaluation/classifier.py): penultimate layer."""
+
+    comparable = False
+
+    def __init__(self, path: str | os.PathLike, device="cpu"):
+        super().__init__()
+        from .classifier import load_classifier
+
+        path = Path(path)
+        meta, state = _read_safetensors(path)
+        try:
+            self.net = load_classifier(path, meta, state).to(device)
+        except Exception as exc:
+            first = str(exc).splitlines()[0]
+            raise EvalError(f"--features {path}: metadata does not describe its tensors: {first}") from None
+        self.in_chans, self.resolution = int(meta["bidvl.in_chans"]), int(meta["bidvl.resolution"])
+        self.name = f"{path.name} (classifier, {meta.get('bidvl.widths')})"
+        self.identity = f"classifier/sha256:{_sha256(path)}"
+
+    def extract(self, images):
+        if images.shape[1] != self.in_chans or images.shape[-1] != self.resolution:
+            raise EvalError(f"features {self.name} take {self.in_chans}-channel {self.resolution} px "
+                            f"images, got {images.shape[1]}-channel {images.shape[-1]} px")
+        return self.net.features(images.float())
+
+
 class TimmFeatures(Features):
     comparable = False
 
     def __init__(self, path: str | os.PathLike, device="cpu"):
         super().__init__()
         import timm
-        from safetensors import safe_open
-        from safetensors.torch import load_file
 
         path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            state = load_file(str(path))
-        except Exception as exc:
-            raise EvalError(f"--features {path}: not a readable safetensors file ({exc})") from None
+        meta, state = _read_safetensors(path)
         if meta.get("bidvl.features") != "timm" or not meta.get("bidvl.timm_name"):
             raise EvalError(f"--features {path}: metadata needs bidvl.features=timm and "
                             f"bidvl.timm_name (see bidvl/evaluation/fid.py)")
@@ -259,7 +295,8 @@ def feature_extractor(features: str = "", inception_weights: str = "", device="c
         if not path.is_file():
             raise EvalError(f"--features {path}: no such file")
         if path.suffix == ".safetensors":
-            return TimmFeatures(path, device)
+            kind = _read_safetensors(path)[0].get("bidvl.features")
+            return (ClassifierFeatures if kind == "classifier" else TimmFeatures)(path, device)
         return TorchScriptFeatures(path, device)
     weights = inception_weights or os.environ.get(ENV_WEIGHTS, "")
     if not weights:
