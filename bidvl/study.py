@@ -1,0 +1,293 @@
+"""Run a study: several training runs of one engine at an equal time budget, evaluated alike.
+
+    python launch/study.py --config configs/studies/fashion_mnist.yaml
+    python launch/study.py --config configs/studies/fashion_mnist.yaml --only vae,bidvl_offset
+    python launch/study.py --config configs/studies/fashion_mnist.yaml --report-only
+
+For every entry of `runs` it trains `launch/train.py --config BASE COMMON... OVERRIDES...` in
+OUT/NAME until `budget_minutes` of training time (train.time_budget_min, clock `budget_clock`) are
+used, then evaluates the export with `launch/evaluate.py` (FID-style score on `eval.num_samples`
+samples against `eval.fid_ref`, test RMSE, OOD AUROC against uniform noise and the `eval.ood`
+shards folders) and draws sample and reconstruction grids with `launch/sample.py`. A finished run
+leaves OUT/NAME/study_result.json and is skipped by later invocations; an interrupted one resumes
+from its last checkpoint with the budget it had used (checkpoint.resume=auto). Changing a run's
+settings needs a new name or deleting its folder.
+
+At the end it writes the report (`report`, Markdown) with the table, the grids, loss and
+evaluation curves (PNG, matplotlib, from the runs' TensorBoard logs), steps and time per run, and
+the machine. Text after the line `<!-- end of generated part -->` of an existing report is kept.
+
+Fair budgets on a shared machine: with budget_clock `process` and one thread per run (`threads`,
+data.num_workers=0 in `common`), each run gets the same CPU time whatever else the machine does,
+and `parallel` runs can go side by side. Wall-clock time is reported too.
+
+Study file keys: base (config file), out, report, budget_minutes, budget_clock, threads, parallel,
+common (list of overrides), eval {num_samples, features, fid_ref, ood (list of shards folders),
+batch_size, auto_build_ood (map folder -> [dataset, resolution])}, runs (list of {name, label,
+overrides}).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent  # launch/*.py are run from the repository root
+MARKER = "<!-- end of generated part -->"
+KEYS = {"base", "out", "report", "budget_minutes", "budget_clock", "threads", "parallel", "common",
+        "eval", "runs", "title", "notes"}
+EVAL_KEYS = {"num_samples", "features", "fid_ref", "ood", "batch_size", "auto_build_ood"}
+CURVES = [("loss/recon", "reconstruction error (summed over pixels)"),
+          ("energy/gap", "E(samples) - E(data)"),
+          ("eval/rmse", "test RMSE during training (first test images)"),
+          ("eval/auroc_uniform", "AUROC vs uniform noise during training")]
+
+
+class StudyError(ValueError):
+    pass
+
+
+def load_study(path: Path, budget_override: float | None = None) -> dict:
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist")
+    study = yaml.safe_load(path.read_text()) or {}
+    unknown = set(study) - KEYS
+    if unknown:
+        raise StudyError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(sorted(KEYS))}")
+    for key in ("base", "out", "report", "runs"):
+        if key not in study:
+            raise StudyError(f"{path}: key {key!r} is missing")
+    unknown = set(study.get("eval", {})) - EVAL_KEYS
+    if unknown:
+        raise StudyError(f"{path}: eval: unknown key(s) {', '.join(sorted(unknown))}")
+    names = [r.get("name", "") for r in study["runs"]]
+    for i, name in enumerate(names):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+            raise StudyError(f"{path}: runs[{i}].name={name!r}: expected letters, digits, _ . -")
+    if len(set(names)) != len(names):
+        raise StudyError(f"{path}: run names repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
+    study.setdefault("budget_minutes", 10.0)
+    if budget_override is not None:
+        study["budget_minutes"] = budget_override
+    if not float(study["budget_minutes"]) > 0:
+        raise StudyError(f"{path}: budget_minutes={study['budget_minutes']}: expected > 0")
+    study.setdefault("budget_clock", "process")
+    study.setdefault("threads", 1)
+    study.setdefault("parallel", 1)
+    study.setdefault("common", [])
+    study.setdefault("eval", {})
+    study["path"] = str(path)
+    return study
+
+
+def _run(cmd: list[str], log: Path, env: dict) -> None:
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
+    if p.returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise StudyError(f"{cmd[1]} failed (exit {p.returncode}); log {log}:\n" + "\n".join(tail))
+
+
+def ensure_ood_shards(study: dict) -> None:
+    from bidvl.data import build_shards
+
+    for folder, (dataset, resolution) in (study["eval"].get("auto_build_ood") or {}).items():
+        if not (Path(folder) / "meta.json").is_file():
+            print(f"building {dataset} shards at {resolution} px in {folder} (OOD set)", flush=True)
+            build_shards(dataset, out=str(folder), resolution=int(resolution))
+
+
+def run_one(study: dict, entry: dict) -> dict:
+    out = Path(study["out"]) / entry["name"]
+    result_path = out / "study_result.json"
+    if result_path.is_file():
+        print(f"[{entry['name']}] finished earlier: skipped", flush=True)
+        return json.loads(result_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "study.log"
+    env = {**os.environ, "OMP_NUM_THREADS": str(study["threads"]), "MKL_NUM_THREADS": str(study["threads"])}
+    py = sys.executable
+    overrides = [*study["common"], *entry.get("overrides", []), f"run.dir={out}",
+                 f"train.time_budget_min={study['budget_minutes']}",
+                 f"train.budget_clock={study['budget_clock']}"]
+    print(f"[{entry['name']}] training ({study['budget_minutes']:g} min, {study['budget_clock']} clock)", flush=True)
+    t0 = time.time()
+    _run([py, "launch/train.py", "--config", study["base"], *overrides], log, env)
+    train_wall = time.time() - t0
+    ev = study["eval"]
+    cmd = [py, "launch/evaluate.py", "--run", str(out), "--metrics", "fid,rmse,ood",
+           "--num-samples", str(ev.get("num_samples", 10000)), "--fid-ref", ev.get("fid_ref", "test"),
+           "--batch-size", str(ev.get("batch_size", 500))]
+    if ev.get("features"):
+        cmd += ["--features", ev["features"]]
+    if ev.get("ood"):
+        cmd += ["--ood", *ev["ood"]]
+    print(f"[{entry['name']}] evaluating", flush=True)
+    t1 = time.time()
+    _run(cmd, log, env)
+    eval_wall = time.time() - t1
+    _run([py, "launch/sample.py", "--run", str(out), "--num", "64", "--out", str(out / "samples.png")], log, env)
+    _run([py, "launch/sample.py", "--run", str(out), "--num", "32", "--reconstruct",
+          "--out", str(out / "reconstructions.png")], log, env)
+    state = json.loads(max((out / "checkpoints").glob("step_*")).joinpath("train_state.json").read_text())
+    report = json.loads(max((out / "eval").glob("step_*.json")).read_text())
+    result = {
+        "name": entry["name"], "label": entry.get("label", entry["name"]), "overrides": entry.get("overrides", []),
+        "steps": state["step"], "budget_used_min": state["budget_used_s"] / 60.0,
+        "train_wall_min": train_wall / 60.0, "eval_wall_min": eval_wall / 60.0,
+        "scalars": report["scalars"], "fid_label": report.get("fid", {}).get("label", ""),
+        "ood_score": report.get("ood", {}).get("score", ""),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, result_path)
+    print(f"[{entry['name']}] done: {result['steps']} steps, " +
+          ", ".join(f"{k}={v:.4g}" for k, v in result["scalars"].items()), flush=True)
+    return result
+
+
+# ---------------------------------------------------------------- report
+
+
+def read_curves(run_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict = {}
+    for events in sorted(run_dir.joinpath("tensorboard").rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            points = curves.setdefault(tag, {})
+            for e in acc.Scalars(tag):
+                points[e.step] = e.value
+    return {tag: sorted(points.items()) for tag, points in curves.items()}
+
+
+def plot_curves(study: dict, results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for (tag, title), ax in zip(CURVES, axes.flat):
+        for r in results:
+            points = read_curves(Path(study["out"]) / r["name"]).get(tag, [])
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, label=r["name"], linewidth=1)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        if tag == "loss/recon":
+            ax.set_yscale("log")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def fmt(x, digits=4) -> str:
+    return "—" if x is None else f"{x:.{digits}g}"
+
+
+def write_report(study: dict, results: list[dict]) -> Path:
+    report = Path(study["report"])
+    images = report.parent / "images" / report.stem
+    images.mkdir(parents=True, exist_ok=True)
+    plot_curves(study, results, images / "curves.png")
+    vae = next((r for r in results if r["name"] == "vae"), None)
+    vae_fid = vae["scalars"].get("eval/fid") if vae else None
+    vae_rmse = vae["scalars"].get("eval/rmse") if vae else None
+    ood_names = sorted({k[len("eval/auroc_"):] for r in results for k in r["scalars"] if k.startswith("eval/auroc_")},
+                       key=lambda n: (n != "uniform", n))
+    lines = [f"# {study.get('title', 'Study')}", "",
+             f"Generated by `python launch/study.py --config {study['path']}` on "
+             f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine()}.", "",
+             f"Every run: `{study['base']}` with {' '.join(f'`{c}`' for c in study['common'])}, its own "
+             f"overrides below, and a training budget of **{study['budget_minutes']:g} min** "
+             f"({study['budget_clock']} clock, {study['threads']} thread(s) per run, {study['parallel']} "
+             f"run(s) side by side).", ""]
+    if study.get("notes"):
+        lines += [study["notes"].strip(), ""]
+    head = ["run", "overrides", "steps", "train min (budget clock / wall)", results[0]["fid_label"].split(",")[0]
+            if results else "FID", "x VAE", "test RMSE", "x VAE"] + [f"AUROC {n}" for n in ood_names]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        s = r["scalars"]
+        fid, rmse = s.get("eval/fid"), s.get("eval/rmse")
+        row = [r["name"], " ".join(f"`{o}`" for o in r["overrides"]) or "—", str(r["steps"]),
+               f"{r['budget_used_min']:.1f} / {r['train_wall_min']:.1f}", fmt(fid),
+               fmt(fid / vae_fid if fid is not None and vae_fid else None, 3), fmt(rmse),
+               fmt(rmse / vae_rmse if rmse is not None and vae_rmse else None, 3)]
+        row += [fmt(s.get(f"eval/auroc_{n}")) for n in ood_names]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"FID-style score: {results[0]['fid_label'] if results else ''}. RMSE: per pixel value on "
+              "the [-1, 1] scale, G(mu(v)) on the whole test split. AUROC: in-distribution test images "
+              "against each OOD set, score -E(v) (the VAE: its ELBO at h = mu(v)).", "",
+              f"![loss and evaluation curves]({images.name}/curves.png)", "",
+              "| run | samples | test images and reconstructions (pairs) |", "|---|---|---|"]
+    for r in results:
+        for kind in ("samples", "reconstructions"):
+            src = Path(study["out"]) / r["name"] / f"{kind}.png"
+            if src.is_file():
+                (images / f"{r['name']}_{kind}.png").write_bytes(src.read_bytes())
+        lines.append(f"| {r['name']} | ![]({images.name}/{r['name']}_samples.png) | "
+                     f"![]({images.name}/{r['name']}_reconstructions.png) |")
+    kept = ""
+    if report.is_file() and MARKER in report.read_text():
+        kept = report.read_text().split(MARKER, 1)[1]
+    text = "\n".join(lines) + f"\n\n{MARKER}\n" + (kept.lstrip("\n") if kept else "")
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, report)
+    return report
+
+
+def run_study(study: dict, only: list[str] | None = None, report_only: bool = False) -> Path:
+    """Runs the study's (or `only` those) runs that have not finished, then writes the report."""
+    entries = study["runs"]
+    if only:
+        missing = set(only) - {e["name"] for e in entries}
+        if missing:
+            raise StudyError(f"--only: no run(s) named {', '.join(sorted(missing))} in {study['path']}")
+        entries = [e for e in entries if e["name"] in only]
+    if not report_only:
+        ensure_ood_shards(study)
+        with ThreadPoolExecutor(max_workers=int(study["parallel"])) as pool:
+            list(pool.map(lambda e: run_one(study, e), entries))
+    results = []
+    for e in study["runs"]:
+        path = Path(study["out"]) / e["name"] / "study_result.json"
+        if path.is_file():
+            results.append(json.loads(path.read_text()))
+    if not results:
+        raise StudyError(f"no finished runs under {study['out']}: nothing to report")
+    return write_report(study, results)
