@@ -107,6 +107,54 @@ def flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+class LatentNets(torch.nn.Module):
+    """Encoder + generator as one module: the one model of the lower level's DeepSpeed engine."""
+
+    def __init__(self, encoder: torch.nn.Module, generator: torch.nn.Module):
+        super().__init__()
+        self.encoder, self.generator = encoder, generator
+
+
+def deepspeed_plugins(cfg: Config) -> dict | None:
+    """Two DeepSpeed plugins (energy net; encoder + generator) when the accelerate launcher asks
+    for DeepSpeed (ACCELERATE_USE_DEEPSPEED), else None.
+
+    Supported: ZeRO stages 1 and 2, fp32 and bf16. Refused with a ConfigError: stage 0 (DeepSpeed
+    refuses the direct engine.backward the engine needs), stage 3 (parameters are partitioned, so
+    calling the frozen energy net through its detached parameters in the lower level does not
+    work), fp16 (use bf16) and objective.latent_term=not_offset (its upper level steps the encoder
+    alone, which a flat ZeRO optimizer over encoder + generator cannot do: it would move the
+    generator by Adam momentum).
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    where = "the accelerate config's deepspeed_config"
+    if stage not in (1, 2):
+        raise ConfigError(f"DeepSpeed zero_stage={stage} ({where}): expected 1 or 2 (see bidvl/engine.py)")
+    if cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 under DeepSpeed: use bf16 (or no)")
+    if cfg.objective.name == "bidvl" and cfg.objective.latent_term == "not_offset":
+        raise ConfigError("objective.latent_term=not_offset under DeepSpeed: its upper level steps the "
+                          "encoder alone, which ZeRO's flat optimizer cannot do; use DDP")
+    accum = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", cfg.train.grad_accum))
+    if accum != cfg.train.grad_accum:
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but {where} has "
+                          f"gradient_accumulation_steps={accum}: make them equal")
+    plugins = {}
+    for name in ("energy", "latent"):
+        plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=cfg.train.grad_accum,
+                                 gradient_clipping=float(cfg.train.grad_clip))
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        # Explicitly: the plugin turns 0 into "auto", which Accelerate fills with clipping at 1.0.
+        plugin.deepspeed_config["gradient_clipping"] = float(cfg.train.grad_clip)
+        plugin.deepspeed_config["steps_per_print"] = 2**31 - 1  # we log ourselves
+        plugins[name] = plugin
+    return plugins
+
+
 class Trainer:
     def __init__(self, cfg: Config, with_data: bool = True):
         """with_data=False skips the shards (benchmarks and tests that feed `train_step` tensors
@@ -125,7 +173,11 @@ class Trainer:
                 f"the accelerate launcher asks for mixed_precision={launcher_precision} but "
                 f"train.mixed_precision={cfg.train.mixed_precision} is used: set "
                 f"train.mixed_precision={launcher_precision} to train in it", stacklevel=2)
+        plugins = deepspeed_plugins(cfg)
+        self.deepspeed = plugins is not None
+        on_cpu = not torch.cuda.is_available()  # DeepSpeed on the CPU (tests) needs gloo
         self.accelerator = Accelerator(
+            deepspeed_plugins=plugins,
             mixed_precision=cfg.train.mixed_precision,
             dynamo_backend="inductor" if cfg.train.compile else "no",
             log_with="tensorboard",
@@ -136,7 +188,8 @@ class Trainer:
                 # Nets run twice before one backward (G on h_q and h_p): buffers must not be
                 # re-broadcast in between.
                 DistributedDataParallelKwargs(broadcast_buffers=False),
-                InitProcessGroupKwargs(timeout=timedelta(minutes=30)),
+                InitProcessGroupKwargs(timeout=timedelta(minutes=30),
+                                       backend="gloo" if on_cpu and self.deepspeed else None),
             ],
         )
         acc = self.accelerator
@@ -159,10 +212,28 @@ class Trainer:
             list(encoder.parameters()) + list(generator.parameters()),
             lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay,
         )
-        # Fixed order: checkpoint files model.safetensors, model_1, model_2, optimizer.bin, _1 follow it.
-        (self.energy_net, self.encoder, self.generator, self.energy_opt, self.latent_opt) = acc.prepare(
-            energy_net, encoder, generator, energy_opt, latent_opt
-        )
+        if self.deepspeed:
+            # One DeepSpeed engine per optimizer (Accelerate's multi-plugin API). The encoder and
+            # generator are called as the engine's submodules: under ZeRO-1/2 their parameters are
+            # whole on every rank and the engine's gradient hooks fire whoever calls them.
+            acc.state.select_deepspeed_plugin("energy")
+            self.energy_net, self.energy_opt = acc.prepare(energy_net, energy_opt)
+            acc.state.select_deepspeed_plugin("latent")
+            self.latent_engine, self.latent_opt = acc.prepare(LatentNets(encoder, generator), latent_opt)
+            self.encoder, self.generator = encoder, generator
+            if cfg.train.mixed_precision == "bf16":
+                # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm statistics,
+                # spectral-norm vectors) in fp32, which BatchNorm and spectral norm refuse.
+                for net in (acc.unwrap_model(self.energy_net), encoder, generator):
+                    for module in net.modules():
+                        for name, buf in module.named_buffers(recurse=False):
+                            if buf.is_floating_point():
+                                setattr(module, name, buf.to(torch.bfloat16))
+        else:
+            # Fixed order: checkpoint files model.safetensors, model_1, model_2, optimizer.bin, _1 follow it.
+            (self.energy_net, self.encoder, self.generator, self.energy_opt, self.latent_opt) = acc.prepare(
+                energy_net, encoder, generator, energy_opt, latent_opt
+            )
         self.state = TrainState()
         self.lr_scale = 1.0  # lowered by a rollback after repeated non-finite steps
         self.ema = EMA(acc.unwrap_model(self.generator), cfg.train.ema) if cfg.train.ema > 0 else None
@@ -215,13 +286,43 @@ class Trainer:
 
     def _no_sync(self, last: bool, *nets):
         stack = contextlib.ExitStack()
-        if not last:
+        if not last and not self.deepspeed:  # DeepSpeed: the accumulation boundary in _backward
             for net in nets:
                 stack.enter_context(self.accelerator.no_sync(net))
         return stack
 
-    def _optimizer_step(self, optimizer, params, name: str, metrics: dict) -> None:
-        """Clip (or just measure), skip non-finite gradients, step, zero."""
+    def _outside_autocast(self):
+        """Autocast for calls outside the training step (image grids, periodic evaluation), which
+        pass fp32 tensors: under DeepSpeed bf16 the weights themselves are bf16."""
+        if self.deepspeed and self.cfg.train.mixed_precision == "bf16":
+            return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
+        return self.accelerator.autocast()
+
+    def _backward(self, engine, loss: torch.Tensor, micro_batches: int, last: bool) -> None:
+        """Backward of one micro-batch's loss. DeepSpeed: through the phase's own engine (not
+        accelerator.backward, which knows one engine), which divides by gradient_accumulation_steps
+        (= train.grad_accum) itself and reduces gradients at the accumulation boundary."""
+        if self.deepspeed:
+            engine.set_gradient_accumulation_boundary(is_boundary=last)
+            engine.backward(loss)
+        else:
+            self.accelerator.backward(loss / micro_batches)
+
+    def _optimizer_step(self, optimizer, params, name: str, metrics: dict, engine=None) -> None:
+        """Clip (or just measure), skip non-finite gradients, step, zero.
+
+        DeepSpeed: engine.step() clips (gradient_clipping = train.grad_clip), steps and zeroes; a
+        non-finite gradient norm is seen only afterwards, so that step is not skipped, but it is
+        counted like a skipped one and drives train.on_nonfinite (rollback by default)."""
+        if self.deepspeed:
+            engine.step()
+            norm = engine.get_global_grad_norm()
+            norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+            metrics[f"grad_norm/{name}"] = norm
+            if not torch.isfinite(norm):
+                self.state.skipped_steps += 1
+                metrics["_nonfinite"] = True
+            return
         acc, max_norm = self.accelerator, self.cfg.train.grad_clip
         norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         metrics[f"grad_norm/{name}"] = norm.detach().float()
@@ -253,9 +354,10 @@ class Trainer:
                 if not_offset:
                     mu, logvar = self.encoder(v_hat)
                     loss = loss + o.w_latent * obj.upper_level_encoder_kl(mu, logvar)
-                acc.backward(loss / len(batches))
+                self._backward(self.energy_net, loss, len(batches), last)
             self._accumulate(metrics, loss_ul=loss, energy_data=e_data.mean(), energy_samples=e_samples.mean())
-        self._optimizer_step(self.energy_opt, self.energy_net.parameters(), "energy_net", metrics)
+        self._optimizer_step(self.energy_opt, self.energy_net.parameters(), "energy_net", metrics,
+                             engine=self.energy_net)
         if not_offset:
             self._optimizer_step(self.latent_opt, self.encoder.parameters(), "encoder_ul", metrics)
 
@@ -288,14 +390,15 @@ class Trainer:
             last = i == len(batches) - 1
             with self._no_sync(last, self.encoder, self.generator), acc.autocast():
                 terms = self._lower_terms(v, h_p, energy_frozen, encoder_for_latent)
-                acc.backward(terms.loss / len(batches))
+                self._backward(getattr(self, "latent_engine", None), terms.loss, len(batches), last)
             self._accumulate(
                 metrics, loss_ll=terms.loss, recon=terms.recon, kl=terms.kl,
                 energy_term=terms.energy, latent_term=terms.latent, ratio=terms.ratio,
                 weighted_vae=terms.weighted_vae,
             )
         params = list(self.encoder.parameters()) + list(self.generator.parameters())
-        self._optimizer_step(self.latent_opt, params, "encoder_generator", metrics)
+        self._optimizer_step(self.latent_opt, params, "encoder_generator", metrics,
+                             engine=getattr(self, "latent_engine", None))
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.generator))
 
@@ -349,6 +452,9 @@ class Trainer:
         batches = [b.to(device, non_blocking=True).contiguous(memory_format=layout) for b in batches]
         # h_p is drawn once per batch and reused by the upper step and the N lower steps.
         latents = [torch.randn(len(v), cfg.model.latent_dim, device=device) for v in batches]
+        if self.deepspeed and cfg.train.mixed_precision == "bf16":  # DeepSpeed keeps bf16 weights
+            batches = [b.to(torch.bfloat16) for b in batches]
+            latents = [h.to(torch.bfloat16) for h in latents]
         metrics: dict = {}
         for net in (self.energy_net, self.encoder, self.generator):
             net.train()
@@ -391,9 +497,10 @@ class Trainer:
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
             if self.ema is not None:
                 save_file(self.ema.state_dict(), str(tmp / "generator_ema.safetensors"))
-            for path in tmp.iterdir():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
+            for path in tmp.rglob("*"):  # DeepSpeed writes one folder per engine
+                if path.is_file():
+                    with open(path, "rb") as f:
+                        os.fsync(f.fileno())
             with open(tmp / CHECKPOINT_MARKER, "w") as f:
                 f.write(f"{self.state.step}\n")
                 f.flush()
@@ -521,7 +628,7 @@ class Trainer:
         encoder = acc.unwrap_model(self.encoder)
         # Train-mode BatchNorm, as the authors sample, without changing any statistic: logging must
         # not change training.
-        with restored_buffers(generator), restored_buffers(encoder), acc.autocast():
+        with restored_buffers(generator), restored_buffers(encoder), self._outside_autocast():
             samples = generator(self.fixed_latent.to(acc.device)).float()
             real = v[: min(32, len(v))]
             recon = generator(encoder(real)[0]).float()
@@ -593,7 +700,8 @@ class Trainer:
             if cfg.eval.every and step % cfg.eval.every == 0:
                 from .evaluation.periodic import evaluate_during_training
 
-                figures = evaluate_during_training(acc, cfg, self.energy_net, self.encoder, self.generator, step)
+                with self._outside_autocast():
+                    figures = evaluate_during_training(acc, cfg, self.energy_net, self.encoder, self.generator, step)
                 if figures:
                     acc.log(figures, step=step)
             if step % cfg.checkpoint.every == 0:
@@ -632,6 +740,11 @@ class Trainer:
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
         acc.wait_for_everyone()
+        if self.deepspeed:  # both engines, while the process group still exists
+            for engine in (self.energy_net, self.latent_engine):
+                engine.destroy()
+            acc.deepspeed_engine_wrapped = None
+            self.latent_engine = None
         acc.end_training()
         acc.free_memory()
         self.energy_net = self.encoder = self.generator = None

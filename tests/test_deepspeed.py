@@ -1,0 +1,94 @@
+"""DeepSpeed ZeRO-1/2 on 2 CPU processes: same weights as DDP, resume, bf16, refusals.
+
+DeepSpeed runs on the CPU through its CPU accelerator and gloo (the engine picks gloo when there is
+no GPU); `ACCELERATE_USE_CPU` must not be set, or Accelerate drops DeepSpeed. The launcher gets the
+repository's own launch/accelerate/deepspeed_zero{1,2}.yaml with --num_processes 2.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import BIN, REPO, TINY
+
+pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+NETS = ("energy", "encoder", "generator")
+
+
+def launch(run_dir, shards, steps, *extra, config=None, processes=2, precision="no", timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    env["OMP_NUM_THREADS"] = "1"
+    if config is None:  # DDP on 2 CPU processes
+        env["ACCELERATE_USE_CPU"] = "1"
+        head = ["--multi_gpu"]
+    else:
+        head = ["--config_file", str(config), "--mixed_precision", precision]
+    cmd = [str(BIN / "accelerate"), "launch", *head, "--num_processes", str(processes),
+           "--main_process_port", "0", str(REPO / "launch/train.py"),
+           *TINY, f"run.dir={run_dir}", f"data.train={shards}", f"train.max_steps={steps}",
+           "checkpoint.every=2", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def zero(stage):
+    return REPO / f"launch/accelerate/deepspeed_zero{stage}.yaml"
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    for name in NETS:
+        x, y = load_file(a / "model" / f"{name}.safetensors"), load_file(b / "model" / f"{name}.safetensors")
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k].float(), y[k].float(), atol=atol, rtol=0, msg=f"{name}.{k}")
+
+
+@pytest.mark.slow
+def test_ddp_zero1_and_zero2_end_with_the_same_weights(tmp_path, digits16):
+    runs = {}
+    for label, config in (("ddp", None), ("zero1", zero(1)), ("zero2", zero(2))):
+        runs[label] = tmp_path / label
+        p = launch(runs[label], digits16, 4, config=config)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert_same_weights(runs["ddp"], runs["zero1"])
+    assert_same_weights(runs["ddp"], runs["zero2"])
+    # DeepSpeed writes one checkpoint folder per engine, beside our own files.
+    ckpt = runs["zero2"] / "checkpoints/step_00000004"
+    assert {"pytorch_model", "pytorch_model_1", "COMPLETE", "replicas.json"} <= {p.name for p in ckpt.iterdir()}
+
+
+@pytest.mark.slow
+def test_zero2_resume_gives_the_uninterrupted_weights(tmp_path, digits16):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert launch(whole, digits16, 4, config=zero(2)).returncode == 0
+    assert launch(parts, digits16, 2, config=zero(2)).returncode == 0
+    p = launch(parts, digits16, 4, config=zero(2))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    assert_same_weights(whole, parts, atol=0)
+
+
+@pytest.mark.slow
+def test_zero2_bf16_trains_and_evaluates(tmp_path, digits16):
+    run = tmp_path / "bf16"
+    p = launch(run, digits16, 2, "train.mixed_precision=bf16", "eval.every=2", "eval.metrics=rmse,ood",
+               "eval.max_test=32", config=zero(2), precision="bf16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    for name in NETS:
+        for t in load_file(run / "model" / f"{name}.safetensors").values():
+            assert torch.isfinite(t.float()).all()
+
+
+def test_deepspeed_refuses_what_it_cannot_do(tmp_path, digits16):
+    cfg = yaml.safe_load(zero(2).read_text())
+    cfg["deepspeed_config"]["zero_stage"] = 3
+    stage3 = tmp_path / "zero3.yaml"
+    stage3.write_text(yaml.safe_dump(cfg))
+    p = launch(tmp_path / "z3", digits16, 1, config=stage3, processes=1)
+    assert p.returncode != 0 and "zero_stage=3" in p.stderr
+    p = launch(tmp_path / "no", digits16, 1, "objective.latent_term=not_offset", config=zero(2), processes=1)
+    assert p.returncode != 0 and "not_offset" in p.stderr
