@@ -604,9 +604,10 @@ class Trainer:
         stacked = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32, device=acc.device) for k in keys])
         stacked = acc.reduce(stacked, reduction="mean")
         logs = {f"loss/{k}" if not k.startswith("grad_norm") else k: v.item() for k, v in zip(keys, stacked)}
-        logs["energy/data"] = logs.pop("loss/energy_data", float("nan"))
-        logs["energy/samples"] = logs.pop("loss/energy_samples", float("nan"))
-        logs["energy/gap"] = logs["energy/samples"] - logs["energy/data"]
+        if "loss/energy_data" in logs:  # not for the VAE, which has no upper level
+            logs["energy/data"] = logs.pop("loss/energy_data")
+            logs["energy/samples"] = logs.pop("loss/energy_samples")
+            logs["energy/gap"] = logs["energy/samples"] - logs["energy/data"]
         logs["lr/energy_net"] = self.energy_opt.param_groups[0]["lr"]
         logs["lr/encoder_generator"] = self.latent_opt.param_groups[0]["lr"]
         logs["perf/images_per_sec"] = images / max(elapsed, 1e-9)
@@ -693,7 +694,7 @@ class Trainer:
             last = step == cfg.train.max_steps or over_budget
             if window and (step % cfg.log.every == 0 or last):
                 logs = self._log(window, time.perf_counter() - t0, images, skipped_samples)
-                progress.set_postfix(gap=f"{logs['energy/gap']:.3f}", recon=f"{logs.get('loss/recon', 0):.1f}")
+                progress.set_postfix(gap=f"{logs.get('energy/gap', float('nan')):.3f}", recon=f"{logs.get('loss/recon', 0):.1f}")
                 window, t0, images = [], time.perf_counter(), 0
             if step % cfg.log.images_every == 0 or last:
                 self._log_images(batches[0].to(acc.device))
