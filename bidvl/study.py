@@ -235,9 +235,21 @@ def write_report(study: dict, results: list[dict]) -> Path:
              f"overrides below, and a training budget of **{study['budget_minutes']:g} min** "
              f"({study['budget_clock']} clock, {study['threads']} thread(s) per run, {study['parallel']} "
              f"run(s) side by side).", ""]
+    features = study["eval"].get("features")
+    if features and Path(features).suffix == ".safetensors" and Path(features).is_file():
+        from safetensors import safe_open
+
+        with safe_open(features, framework="pt") as f:
+            meta = f.metadata() or {}
+        if "bidvl.test_accuracy" in meta:
+            lines += [f"Feature extractor for the FID-style score: `{features}`, a classifier trained on "
+                      f"{meta.get('bidvl.train_images', '?')} {meta.get('bidvl.source', '')} train images "
+                      f"({meta.get('bidvl.epochs', '?')} epochs); test accuracy "
+                      f"**{float(meta['bidvl.test_accuracy']):.4f}** on {meta.get('bidvl.test_images', '?')} "
+                      f"test images.", ""]
     if study.get("notes"):
         lines += [study["notes"].strip(), ""]
-    head = ["run", "overrides", "steps", "train min (budget clock / wall)", results[0]["fid_label"].split(",")[0]
+    head = ["run", "overrides", "steps", "train min (budget clock / wall)", results[0]["fid_label"].split(" (")[0]
             if results else "FID", "x VAE", "test RMSE", "x VAE"] + [f"AUROC {n}" for n in ood_names]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
