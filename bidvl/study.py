@@ -49,6 +49,7 @@ KEYS = {"base", "out", "report", "budget_minutes", "budget_clock", "threads", "p
 EVAL_KEYS = {"num_samples", "features", "fid_ref", "ood", "batch_size", "auto_build_ood"}
 CURVES = [("loss/recon", "reconstruction error (summed over pixels)"),
           ("energy/gap", "E(samples) - E(data)"),
+          ("energy/data", "E(data): the energy level (softplus floor: 0)"),
           ("eval/rmse", "test RMSE during training (first test images)"),
           ("eval/auroc_uniform", "AUROC vs uniform noise during training")]
 
@@ -182,7 +183,7 @@ def plot_curves(study: dict, results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for (tag, title), ax in zip(CURVES, axes.flat):
         for r in results:
             points = read_curves(Path(study["out"]) / r["name"]).get(tag, [])
@@ -193,7 +194,9 @@ def plot_curves(study: dict, results: list[dict], path: Path) -> None:
         ax.set_xlabel("step")
         if tag == "loss/recon":
             ax.set_yscale("log")
-    axes.flat[0].legend(fontsize=7)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    axes.flat[-1].axis("off")
+    axes.flat[-1].legend(handles, labels, loc="center", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
