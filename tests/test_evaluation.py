@@ -40,6 +40,7 @@ def launch_module(name):
 
 evaluate_cli = launch_module("evaluate")
 sample_cli = launch_module("sample")
+probe_cli = launch_module("energy_probe")
 
 
 def write_shards(folder: Path, splits: dict, per_shard: int = 4) -> Path:
@@ -336,6 +337,25 @@ def test_inception_fid_end_to_end(tiny_run, tmp_path, monkeypatch, capsys):
     assert report["fid"]["reference"]["count"] == 4
     assert hashlib.sha256(weights.read_bytes()).hexdigest() in report["fid"]["extractor"]
     assert list((small / "fid_stats").glob("test-*.npz"))  # cached beside the shards
+
+
+def test_energy_probe_reports_every_set(tiny_run, capsys):
+    from bidvl.evaluation.metrics import energies
+
+    assert probe_cli.main(["--run", str(tiny_run), "--num", "40"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num"] == 40 and report["step"] == 4
+    names = {"test", "test+noise0.05", "test+noise0.1", "test+noise0.3", "test_blurred", "uniform", "samples"}
+    assert set(report["sets"]) == names
+    for name in names - {"test"}:
+        assert 0.0 <= report["sets"][name]["auroc_vs_test"] <= 1.0
+    # The test row is the mean energy of the first 40 test images, computed directly.
+    run = load_run(tiny_run)
+    from bidvl.data import eval_stream
+
+    images, _, index = next(iter(eval_stream(run.cfg.data.train, "test", 40)))
+    expected = energies(run.nets.energy_net, images[index >= 0]).mean().item()
+    assert report["sets"]["test"]["mean_energy"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_sample_command(tiny_run, tmp_path, capsys):
