@@ -28,6 +28,7 @@ and backward) gives MFU = FLOPs/s / --peak-tflops (default: H100 SXM bf16 dense)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -246,6 +247,22 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 -> 2 while measuring, in this process and the spawned ones: libraries
+    that log to stdout (DeepSpeed's accelerator detection, when it is installed) must not break
+    the one-JSON-object output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(REPO / "configs/digits.yaml"))
@@ -260,6 +277,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    with stdout_to_stderr():
+        result = benchmark(parser, args)
+    if result is None:
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+def benchmark(parser, args) -> dict | None:
+    """The whole measurement (see the module docstring); None after a config error."""
 
     import accelerate
     import torch
@@ -277,7 +304,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return None
     batch = args.batch_size or cfg.train.batch_size
 
     result = {
@@ -314,8 +341,7 @@ def main(argv=None) -> int:
                 row["mfu"] = {k: round(flops / (s["step_ms"] / 1e3) / (args.peak_tflops * 1e12), 4)
                               for k, s in ok.items()}
             result["variants"][name] = row
-    print(json.dumps(result))
-    return 0
+    return result
 
 
 if __name__ == "__main__":
