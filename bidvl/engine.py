@@ -175,6 +175,7 @@ class Trainer:
                 f"train.mixed_precision={launcher_precision} to train in it", stacklevel=2)
         plugins = deepspeed_plugins(cfg)
         self.deepspeed = plugins is not None
+        self.bf16_weights = self.deepspeed and cfg.train.mixed_precision == "bf16"  # DeepSpeed's bf16
         on_cpu = not torch.cuda.is_available()  # DeepSpeed on the CPU (tests) needs gloo
         self.accelerator = Accelerator(
             deepspeed_plugins=plugins,
@@ -221,7 +222,7 @@ class Trainer:
             acc.state.select_deepspeed_plugin("latent")
             self.latent_engine, self.latent_opt = acc.prepare(LatentNets(encoder, generator), latent_opt)
             self.encoder, self.generator = encoder, generator
-            if cfg.train.mixed_precision == "bf16":
+            if self.bf16_weights:
                 # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm statistics,
                 # spectral-norm vectors) in fp32, which BatchNorm and spectral norm refuse.
                 for net in (acc.unwrap_model(self.energy_net), encoder, generator):
@@ -230,6 +231,7 @@ class Trainer:
                             if buf.is_floating_point():
                                 setattr(module, name, buf.to(torch.bfloat16))
         else:
+            self.latent_engine = None
             # Fixed order: checkpoint files model.safetensors, model_1, model_2, optimizer.bin, _1 follow it.
             (self.energy_net, self.encoder, self.generator, self.energy_opt, self.latent_opt) = acc.prepare(
                 energy_net, encoder, generator, energy_opt, latent_opt
@@ -294,7 +296,7 @@ class Trainer:
     def _outside_autocast(self):
         """Autocast for calls outside the training step (image grids, periodic evaluation), which
         pass fp32 tensors: under DeepSpeed bf16 the weights themselves are bf16."""
-        if self.deepspeed and self.cfg.train.mixed_precision == "bf16":
+        if self.bf16_weights:
             return torch.autocast(self.accelerator.device.type, dtype=torch.bfloat16)
         return self.accelerator.autocast()
 
@@ -390,7 +392,7 @@ class Trainer:
             last = i == len(batches) - 1
             with self._no_sync(last, self.encoder, self.generator), acc.autocast():
                 terms = self._lower_terms(v, h_p, energy_frozen, encoder_for_latent)
-                self._backward(getattr(self, "latent_engine", None), terms.loss, len(batches), last)
+                self._backward(self.latent_engine, terms.loss, len(batches), last)
             self._accumulate(
                 metrics, loss_ll=terms.loss, recon=terms.recon, kl=terms.kl,
                 energy_term=terms.energy, latent_term=terms.latent, ratio=terms.ratio,
@@ -398,7 +400,7 @@ class Trainer:
             )
         params = list(self.encoder.parameters()) + list(self.generator.parameters())
         self._optimizer_step(self.latent_opt, params, "encoder_generator", metrics,
-                             engine=getattr(self, "latent_engine", None))
+                             engine=self.latent_engine)
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.generator))
 
@@ -452,7 +454,7 @@ class Trainer:
         batches = [b.to(device, non_blocking=True).contiguous(memory_format=layout) for b in batches]
         # h_p is drawn once per batch and reused by the upper step and the N lower steps.
         latents = [torch.randn(len(v), cfg.model.latent_dim, device=device) for v in batches]
-        if self.deepspeed and cfg.train.mixed_precision == "bf16":  # DeepSpeed keeps bf16 weights
+        if self.bf16_weights:
             batches = [b.to(torch.bfloat16) for b in batches]
             latents = [h.to(torch.bfloat16) for h in latents]
         metrics: dict = {}
@@ -665,7 +667,10 @@ class Trainer:
         window, t0, images, logs, last_saved = [], time.perf_counter(), 0, {}, (start if start else -1)
         clock = time.process_time if cfg.train.budget_clock == "process" else time.perf_counter
         budget_s = cfg.train.time_budget_min * 60.0
-        over_budget = budget_s > 0 and self.state.budget_used_s >= budget_s  # resumed after its end
+        def spent() -> bool:
+            return budget_s > 0 and self.state.budget_used_s >= budget_s
+
+        over_budget = spent()  # True when resumed after the end of the budget
         while self.state.step < cfg.train.max_steps and not over_budget:
             tick = clock()
             batches = []
@@ -678,8 +683,7 @@ class Trainer:
             self.state.budget_used_s += clock() - tick
             images += sum(len(b) for b in batches) * acc.num_processes
             window.append(metrics)
-            stop_signal, skipped_samples, over_budget = self._synchronised_flags(
-                budget_s > 0 and self.state.budget_used_s >= budget_s)
+            stop_signal, skipped_samples, over_budget = self._synchronised_flags(spent())
             if skipped_samples > cfg.data.max_skipped:
                 raise ShardError(f"{skipped_samples} bad samples or shards skipped, more than "
                                  f"data.max_skipped={cfg.data.max_skipped} (see the warnings above)")

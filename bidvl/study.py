@@ -111,6 +111,8 @@ def ensure_ood_shards(study: dict) -> None:
 
 
 def run_one(study: dict, entry: dict) -> dict:
+    from bidvl.evaluation.loading import complete_checkpoints
+
     out = Path(study["out"]) / entry["name"]
     result_path = out / "study_result.json"
     if result_path.is_file():
@@ -142,7 +144,7 @@ def run_one(study: dict, entry: dict) -> dict:
     _run([py, "launch/sample.py", "--run", str(out), "--num", "64", "--out", str(out / "samples.png")], log, env)
     _run([py, "launch/sample.py", "--run", str(out), "--num", "32", "--reconstruct",
           "--out", str(out / "reconstructions.png")], log, env)
-    state = json.loads(max((out / "checkpoints").glob("step_*")).joinpath("train_state.json").read_text())
+    state = json.loads((complete_checkpoints(out)[-1] / "train_state.json").read_text())
     report = json.loads(max((out / "eval").glob("step_*.json")).read_text())
     result = {
         "name": entry["name"], "label": entry.get("label", entry["name"]), "overrides": entry.get("overrides", []),
@@ -183,10 +185,11 @@ def plot_curves(study: dict, results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = {r["name"]: read_curves(Path(study["out"]) / r["name"]) for r in results}  # one read per run
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     for (tag, title), ax in zip(CURVES, axes.flat):
         for r in results:
-            points = read_curves(Path(study["out"]) / r["name"]).get(tag, [])
+            points = curves[r["name"]].get(tag, [])
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, label=r["name"], linewidth=1)

@@ -65,7 +65,7 @@ def save_classifier(model: FeatureClassifier, path: str | os.PathLike, resolutio
     os.replace(tmp, path)
 
 
-def load_classifier(path: str | os.PathLike, metadata: dict, state: dict) -> FeatureClassifier:
+def load_classifier(metadata: dict, state: dict) -> FeatureClassifier:
     """Builds the net that `metadata` describes and loads `state` into it (strict), in eval mode."""
     widths = tuple(int(w) for w in metadata["bidvl.widths"].split(","))
     model = FeatureClassifier(int(metadata["bidvl.in_chans"]), widths, int(metadata["bidvl.num_classes"]))

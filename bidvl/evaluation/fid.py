@@ -202,14 +202,15 @@ class TorchScriptFeatures(Features):
         return self.net(images.float())
 
 
-def _read_safetensors(path: Path) -> tuple[dict, dict]:
+def _read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
+    """(metadata, state dict) of a `--features` file; tensors=False reads the header only."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        return meta, load_file(str(path))
+        return meta, (load_file(str(path)) if tensors else {})
     except Exception as exc:
         raise EvalError(f"--features {path}: not a readable safetensors file ({exc})") from None
 
@@ -226,7 +227,7 @@ class ClassifierFeatures(Features):
         path = Path(path)
         meta, state = _read_safetensors(path)
         try:
-            self.net = load_classifier(path, meta, state).to(device)
+            self.net = load_classifier(meta, state).to(device)
         except Exception as exc:
             first = str(exc).splitlines()[0]
             raise EvalError(f"--features {path}: metadata does not describe its tensors: {first}") from None
@@ -295,7 +296,7 @@ def feature_extractor(features: str = "", inception_weights: str = "", device="c
         if not path.is_file():
             raise EvalError(f"--features {path}: no such file")
         if path.suffix == ".safetensors":
-            kind = _read_safetensors(path)[0].get("bidvl.features")
+            kind = _read_safetensors(path, tensors=False)[0].get("bidvl.features")
             return (ClassifierFeatures if kind == "classifier" else TimmFeatures)(path, device)
         return TorchScriptFeatures(path, device)
     weights = inception_weights or os.environ.get(ENV_WEIGHTS, "")
