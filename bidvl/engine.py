@@ -200,6 +200,9 @@ class Trainer:
         nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
         energy_net, encoder, generator = nets
         if cfg.model.sync_batchnorm and acc.num_processes > 1:
+            if acc.device.type == "cpu":
+                raise ConfigError("model.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm refuses "
+                                  "CPU tensors (set model.sync_batchnorm=false on the CPU)")
             encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
             generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
         if cfg.train.channels_last:
@@ -446,14 +449,17 @@ class Trainer:
         self.accelerator.print(f"{what}: rolled back to {found[-1].name}, learning rates x{self.lr_scale:g}")
         return True
 
-    def train_step(self, batches: list[torch.Tensor]) -> dict:
-        """One bi-level iteration on `grad_accum` micro-batches; returns this step's metrics."""
+    def train_step(self, batches: list[torch.Tensor], latents: list[torch.Tensor] | None = None) -> dict:
+        """One bi-level iteration on `grad_accum` micro-batches; returns this step's metrics.
+        `latents` (the prior draws h_p, one per batch) are drawn here unless given (tests)."""
         cfg = self.cfg
         device = self.accelerator.device
         layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         batches = [b.to(device, non_blocking=True).contiguous(memory_format=layout) for b in batches]
         # h_p is drawn once per batch and reused by the upper step and the N lower steps.
-        latents = [torch.randn(len(v), cfg.model.latent_dim, device=device) for v in batches]
+        if latents is None:
+            latents = [torch.randn(len(v), cfg.model.latent_dim, device=device) for v in batches]
+        latents = [h.to(device) for h in latents]
         if self.bf16_weights:
             batches = [b.to(torch.bfloat16) for b in batches]
             latents = [h.to(torch.bfloat16) for h in latents]

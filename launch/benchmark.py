@@ -2,7 +2,7 @@
 
     python launch/benchmark.py --config configs/cifar10.yaml [--steps 20] [--warmup 3]
         [--batch-size B] [--variants fp32,bf16,channels_last,compile,bf16+compile]
-        [--device cpu|cuda] [--peak-tflops 989] [--data-batches 50]
+        [--device cpu|cuda] [--peak-tflops 989] [--data-batches 50] [--profile STEPS]
 
 Prints one JSON object (on one line). For each variant it times, on random tensors of the
 config's shape (median over --steps after --warmup):
@@ -13,7 +13,8 @@ config's shape (median over --steps after --warmup):
 ratio_engine_to_plain is the engine's overhead. Each side runs in a fresh process, so peak memory
 (CUDA max_memory_allocated, or the process's max RSS on the CPU) is its own.
 
-A variant is `+`-joined tokens: fp32 | bf16 (autocast), channels_last, compile (torch.compile).
+A variant is `+`-joined tokens: fp32 | bf16 (autocast), channels_last, compile (torch.compile),
+cudnn_benchmark (torch.backends.cudnn.benchmark=True in the measuring process, both sides).
 The engine gets them as train.mixed_precision / train.channels_last / train.compile; the plain loop
 applies `net.to(memory_format=torch.channels_last)` and `torch.compile(net)` to its three nets
 (all their calls compiled, the frozen ones included).
@@ -44,7 +45,7 @@ from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TOKENS = ("fp32", "bf16", "channels_last", "compile")
+TOKENS = ("fp32", "bf16", "channels_last", "compile", "cudnn_benchmark")
 
 
 def parse_variant(name: str) -> dict:
@@ -53,7 +54,8 @@ def parse_variant(name: str) -> dict:
     if unknown or ("fp32" in tokens and "bf16" in tokens):
         raise ValueError(f"variant {name!r}: expected '+'-joined tokens from {', '.join(TOKENS)}")
     return {"precision": "bf16" if "bf16" in tokens else "fp32",
-            "channels_last": "channels_last" in tokens, "compile": "compile" in tokens}
+            "channels_last": "channels_last" in tokens, "compile": "compile" in tokens,
+            "cudnn_benchmark": "cudnn_benchmark" in tokens}
 
 
 # ---------------------------------------------------------------- the plain loop
@@ -151,7 +153,7 @@ def load(config: str, batch_size: int, variant: dict, run_dir: str):
 
 
 def measure(side: str, config: str, variant: dict, device: str, batch_size: int, steps: int,
-            warmup: int) -> dict:
+            warmup: int, profile_steps: int = 0) -> dict:
     """Median step time of `side` (engine | plain) in this (fresh) process; on CUDA the plain side
     also counts the FLOPs of one eager iteration first."""
     if device == "cpu":
@@ -159,6 +161,7 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
     import torch
 
     torch.manual_seed(0)
+    torch.backends.cudnn.benchmark = variant["cudnn_benchmark"]  # process-wide, both sides alike
     cuda = device == "cuda"
     result = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,12 +190,15 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        progress(f"{side}: set up on {device}, {warmup} + {steps} steps")
         times = []
         for _ in range(warmup + steps):
             t0 = time.perf_counter()
             step()
             sync()
             times.append(time.perf_counter() - t0)
+        if profile_steps:
+            result["profile"] = top_ops(step, sync, profile_steps, cuda)
         if trainer is not None:
             trainer.close()
     step_ms = 1e3 * statistics.median(times[warmup:])
@@ -200,6 +206,34 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
     return {"step_ms": round(step_ms, 3), "images_per_s": round(batch_size / step_ms * 1e3, 1),
             "first_step_ms": round(1e3 * times[0], 1), "peak_memory_mb": round(peak, 1), **result}
+
+
+def top_ops(step, sync, steps: int, cuda: bool, count: int = 12) -> list[dict]:
+    """The `count` operators with the most self time over `steps` steps (device time on CUDA, else
+    CPU time), in ms per step: where a step's time goes, for the next optimisation."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync()
+
+    def self_us(e):
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)[:count]
+    return [{"op": e.key, "self_ms_per_step": round(self_us(e) / 1e3 / steps, 3),
+             "calls_per_step": round(e.count / steps, 1),
+             "cpu_ms_per_step": round(e.cpu_time_total / 1e3 / steps, 3)} for e in events]
+
+
+def progress(message: str) -> None:
+    """A timestamped line on stderr: a run cut short by a time limit still shows what it measured."""
+    print(f"{time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
 def in_fresh_process(pool, *args) -> dict:
@@ -274,6 +308,9 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="peak of the device for MFU (default: H100 SXM bf16 dense)")
     parser.add_argument("--data-batches", type=int, default=50, help="batches pulled for the data measurement")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile STEPS more steps (torch.profiler) and report each "
+                             "side's top operators by self time (device time on CUDA) per step")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
@@ -320,14 +357,18 @@ def benchmark(parser, args) -> dict | None:
         "variants": {},
     }
     data = result["data"]
+    progress(f"{args.config} on {result['device_name']}: data {json.dumps(data)}")
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=spawn, max_tasks_per_child=1) as pool:
         def run(side, variant):
-            return in_fresh_process(pool, side, args.config, variant, device, batch, args.steps, args.warmup)
+            return in_fresh_process(pool, side, args.config, variant, device, batch, args.steps, args.warmup,
+                                    args.profile)
 
         for name, variant in variants.items():
             engine = run("engine", variant)
+            progress(f"{name} engine: {json.dumps(engine)}")
             plain = run("plain", variant)
+            progress(f"{name} plain: {json.dumps(plain)}")
             flops = result["flops_per_iter"] = plain.pop("flops_per_iter", None) or result["flops_per_iter"]
             row = {**variant, "engine": engine, "plain": plain, "ratio_engine_to_plain": None,
                    "data_fraction": None, "mfu": None}

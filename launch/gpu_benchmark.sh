@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# Engine vs plain loop on one GPU (H100 sized: at most ~8 minutes in all): configs/cifar10.yaml
+# Engine vs plain loop on one GPU (H100 sized: at most ~13.5 minutes in all, SET below): configs/cifar10.yaml
 # (DCGAN, 32 px, batch 100) and configs/celeba128.yaml (ResNet, 128 px, batch 36) on random
-# tensors, fp32 vs bf16 vs bf16+compile (engine: train.compile=true; plain loop: torch.compile of
-# its three nets; see launch/benchmark.py).
+# tensors, fp32 vs bf16 vs bf16+channels_last+cudnn_benchmark vs bf16+compile (engine:
+# train.compile=true; plain loop: torch.compile of its three nets; see launch/benchmark.py), each
+# with the top operators of PROFILE steps (torch.profiler: where the time goes).
 #
 #   OUT=bench_out launch/gpu_benchmark.sh      # then: cat bench_out/benchmarks.jsonl
 #
 # One JSON object per line in $OUT/benchmarks.jsonl (a run that fails or times out writes a line
 # with "error"), stderr of each run in $OUT/logs/, the GPU in $OUT/nvidia-smi.txt. Each run has
 # its own `timeout`, so one hang (e.g. in torch.compile) costs only its own slot.
-# Environment: OUT [./bench_out], PYTHON [.venv/bin/python if present, else python],
-# STEPS [30], WARMUP [5], PEAK_TFLOPS [989: H100 SXM bf16 dense]; for a smoke test of this script
+# Environment: SET [all: eager and compile runs], OUT [./bench_out], PYTHON [.venv/bin/python if present, else python],
+# STEPS [20], WARMUP [3], PROFILE [3], PEAK_TFLOPS [989: H100 SXM bf16 dense]; for a smoke test of this script
 # without a GPU: DEVICE=cpu BATCH=2 STEPS=1 WARMUP=0 (BATCH overrides the configs' batch sizes).
 set -uo pipefail
 
 OUT=$(realpath -m "${OUT:-./bench_out}")  # relative to where it is started
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
-STEPS=${STEPS:-30}
-WARMUP=${WARMUP:-5}
+STEPS=${STEPS:-20}
+WARMUP=${WARMUP:-3}
+PROFILE=${PROFILE:-3}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}
 DEVICE=${DEVICE:-cuda}
 batch=()
@@ -28,14 +30,26 @@ fi
 mkdir -p "$OUT/logs"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
-# config, variants, time limit (s). The four limits add up to 7.8 minutes; the compile runs
-# (two cold torch.compile each: engine and plain loop, in fresh processes) are the slowest part.
-runs=(
-    "configs/cifar10.yaml   fp32,bf16     60"
-    "configs/cifar10.yaml   bf16+compile  150"
-    "configs/celeba128.yaml fp32,bf16     90"
-    "configs/celeba128.yaml bf16+compile  170"
+# config, variants, time limit (s). Measured on one H100 (2026-11-27, docs/benchmarks.md): each
+# side of each variant runs in a fresh process that needs ~12 s to import and start CUDA, so the
+# eager pairs take ~60 s (cifar10) and ~90 s (celeba128) warm and more on a freshly started machine;
+# the compile runs add two cold torch.compile each (engine and plain loop) and were cut off at
+# 130/150 s there. SET=eager (about 5.5 min at most) | compile (about 8 min) | all.
+fast=bf16+channels_last+cudnn_benchmark
+eager=(
+    "configs/cifar10.yaml   fp32,bf16,$fast  140"
+    "configs/celeba128.yaml fp32,bf16,$fast  190"
 )
+compiled=(
+    "configs/cifar10.yaml   bf16+compile  220"
+    "configs/celeba128.yaml bf16+compile  260"
+)
+case ${SET:-all} in
+    eager) runs=("${eager[@]}") ;;
+    compile) runs=("${compiled[@]}") ;;
+    all) runs=("${eager[@]}" "${compiled[@]}") ;;
+    *) echo "SET=${SET}: expected eager, compile or all" >&2; exit 2 ;;
+esac
 
 start=$SECONDS
 for run in "${runs[@]}"; do
@@ -43,7 +57,7 @@ for run in "${runs[@]}"; do
     name="$(basename "$config" .yaml)_${variants//[+,]/_}"
     echo "$(date -u '+%T') $config $variants (limit ${limit}s)" >&2
     line=$(timeout -k 5 "$limit" "$PYTHON" launch/benchmark.py --config "$config" --device "$DEVICE" \
-               "${batch[@]}" --variants "$variants" --steps "$STEPS" --warmup "$WARMUP" --peak-tflops "$PEAK_TFLOPS" \
+               "${batch[@]}" --variants "$variants" --steps "$STEPS" --warmup "$WARMUP" --profile "$PROFILE" --peak-tflops "$PEAK_TFLOPS" \
                2> "$OUT/logs/$name.log")
     status=$?
     if [[ $status -eq 0 && -n $line ]]; then

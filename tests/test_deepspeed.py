@@ -23,7 +23,9 @@ NETS = ("energy", "encoder", "generator")
 def launch(run_dir, shards, steps, *extra, config=None, processes=2, precision="no", timeout=600):
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
     env["OMP_NUM_THREADS"] = "1"
-    if config is None:  # DDP on 2 CPU processes
+    if config is None and processes == 1:  # plain one-process training (on the GPU if there is one)
+        head = []
+    elif config is None:  # DDP on 2 CPU processes
         env["ACCELERATE_USE_CPU"] = "1"
         head = ["--multi_gpu"]
     else:
@@ -39,12 +41,29 @@ def zero(stage):
     return REPO / f"launch/accelerate/deepspeed_zero{stage}.yaml"
 
 
+def weights(run) -> dict:
+    return {f"{name}.{k}": t.float() for name in NETS
+            for k, t in load_file(run / "model" / f"{name}.safetensors").items()}
+
+
+def initial_weights(run) -> dict:
+    """The nets as Trainer builds them before step 1 (same seed, same order), keyed like weights()."""
+    from accelerate.utils import set_seed
+
+    from bidvl.config import load_config
+    from bidvl.models import build_nets
+
+    cfg = load_config(run / "model" / "config.yaml")
+    set_seed(cfg.run.seed)
+    nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
+    return {f"{name}.{k}": t.float() for name, net in zip(NETS, nets) for k, t in net.state_dict().items()}
+
+
 def assert_same_weights(a, b, atol=1e-6):
-    for name in NETS:
-        x, y = load_file(a / "model" / f"{name}.safetensors"), load_file(b / "model" / f"{name}.safetensors")
-        assert x.keys() == y.keys()
-        for k in x:
-            torch.testing.assert_close(x[k].float(), y[k].float(), atol=atol, rtol=0, msg=f"{name}.{k}")
+    x, y = weights(a), weights(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], atol=atol, rtol=0, msg=k)
 
 
 @pytest.mark.slow
@@ -92,3 +111,29 @@ def test_deepspeed_refuses_what_it_cannot_do(tmp_path, digits16):
     assert p.returncode != 0 and "zero_stage=3" in p.stderr
     p = launch(tmp_path / "no", digits16, 1, "objective.latent_term=not_offset", config=zero(2), processes=1)
     assert p.returncode != 0 and "not_offset" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_zero2_on_one_gpu_matches_plain_training_and_trains_in_bf16(tmp_path, digits16):
+    """The one-GPU DeepSpeed smoke run (launch/gpu_checks.sh): ZeRO-2 on one process is plain Adam
+    training, so fp32 weights after 6 steps match a plain 1-GPU run up to GPU non-determinism
+    (cuDNN's backward kernels); bf16 ZeRO-2 then trains, checkpoints and evaluates."""
+    plain, zero2 = tmp_path / "plain", tmp_path / "zero2"
+    for run, config in ((plain, None), (zero2, zero(2))):
+        p = launch(run, digits16, 6, config=config, processes=1)
+        assert p.returncode == 0, p.stderr[-3000:]
+    x, y, init = weights(plain), weights(zero2), initial_weights(plain)
+    assert x.keys() == y.keys() == init.keys()
+    # Per tensor: |plain - ZeRO-2| against how far training moved it from the initial weights.
+    ratios = {k: (x[k] - y[k]).abs().max().item() / max((x[k] - init[k]).abs().max().item(), 1e-6)
+              for k in x if not k.endswith("num_batches_tracked")}
+    worst = max(ratios, key=ratios.get)
+    print(f"plain vs ZeRO-2 after 6 steps: worst |difference| / |change from init| = {ratios[worst]:.3g} ({worst})")
+    assert ratios[worst] < 0.01
+    run = tmp_path / "bf16"
+    p = launch(run, digits16, 6, "train.mixed_precision=bf16", "eval.every=6", "eval.metrics=rmse,ood",
+               "eval.max_test=32", config=zero(2), processes=1, precision="bf16")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (run / "checkpoints/step_00000006/COMPLETE").is_file()
+    assert all(torch.isfinite(t).all() for t in weights(run).values())

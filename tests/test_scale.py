@@ -16,6 +16,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 from conftest import BIN, REPO, TINY
 
 NODE_LAUNCH = REPO / "launch/slurm/node_launch.sh"
@@ -163,7 +165,8 @@ def test_sbatch_usr1_checkpoints_and_requeues(tmp_path, digits16):
 def test_benchmark_prints_one_json_object():
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/benchmark.py"), "--config", "configs/digits.yaml",
-         "--steps", "2", "--warmup", "1", "--batch-size", "8", "--device", "cpu"],
+         "--steps", "2", "--warmup", "1", "--batch-size", "8", "--device", "cpu",
+         "--variants", "fp32,bf16+cudnn_benchmark", "--profile", "1"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,10 +174,67 @@ def test_benchmark_prints_one_json_object():
     for key in ("config", "device", "batch_size", "steps", "warmup", "variants", "data", "flops_per_iter",
                 "peak_tflops", "memory"):
         assert key in result, key
-    assert set(result["variants"]) == {"fp32", "bf16"}
+    assert set(result["variants"]) == {"fp32", "bf16+cudnn_benchmark"}
+    assert result["variants"]["bf16+cudnn_benchmark"]["cudnn_benchmark"] is True
     for variant in result["variants"].values():
         for key in ("engine", "plain", "ratio_engine_to_plain", "mfu"):
             assert key in variant, key
         for side in ("engine", "plain"):
             for key in ("step_ms", "images_per_s", "peak_memory_mb"):
                 assert variant[side][key] > 0, (side, key)
+            ops = variant[side]["profile"]  # --profile 1: the top operators of one step
+            assert ops and all(op["self_ms_per_step"] >= 0 and op["calls_per_step"] > 0 for op in ops)
+            assert any("conv" in op["op"] for op in ops), [op["op"] for op in ops]
+
+
+# ---------------------------------------------------------------- joint batch (tests/joint_batch_worker.py)
+
+
+def joint_batch(tmp_path, name: str, processes: int, *args, fails: bool = False) -> dict | str:
+    """Weights after the worker's 3 steps on a global batch of 16, split over `processes` (with
+    fails=True: the stderr of a run that must fail)."""
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd = [*(head if processes > 1 else [sys.executable]), str(REPO / "tests/joint_batch_worker.py"),
+           "--out", str(tmp_path / name), "--run-dir", str(tmp_path / f"run_{name}"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "1"
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    if fails:
+        assert proc.returncode != 0
+        return proc.stderr
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {f"{net}.{k}": t.float() for net in ("energy", "encoder", "generator")
+            for k, t in load_file(tmp_path / name / f"{net}.safetensors").items()}
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_on_the_joint_batch(tmp_path):
+    """DDP's averaged gradients of two half batches are the joint batch's gradients: the same weights
+    after 3 bi-level steps. Nets in eval mode, so that per-rank BatchNorm statistics do not enter
+    (torch's SyncBatchNorm refuses CPU tensors; the synced train-mode check is the GPU test below)."""
+    one = joint_batch(tmp_path, "one", 1, "--eval-mode")
+    two = joint_batch(tmp_path, "two", 2, "--eval-mode")
+    assert max_difference(one, two) < 1e-6
+    if not torch.cuda.is_available():  # the engine names the option rather than failing in DDP
+        err = joint_batch(tmp_path, "synced", 2, "--eval-mode", "model.sync_batchnorm=true", fails=True)
+        assert "model.sync_batchnorm=true needs GPUs" in err, err[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm needs a GPU")
+def test_sync_batchnorm_two_processes_equal_one_process_on_the_joint_batch(tmp_path):
+    """Nets in train mode: with model.sync_batchnorm=true, two processes (sharing one GPU over gloo)
+    end with the weights and BatchNorm statistics of one process on the joint batch; without it
+    they do not (per-rank batch statistics). TF32 is off in the worker, so fp32 is fp32."""
+    one = joint_batch(tmp_path, "one", 1)
+    synced = joint_batch(tmp_path, "synced", 2, "--share-gpu", "model.sync_batchnorm=true")
+    unsynced = joint_batch(tmp_path, "unsynced", 2, "--share-gpu")
+    d_synced, d_unsynced = max_difference(one, synced), max_difference(one, unsynced)
+    print(f"max |difference| to one process: synced {d_synced:.3g}, not synced {d_unsynced:.3g}")
+    assert d_synced < 1e-5 and d_unsynced > 100 * d_synced
