@@ -239,9 +239,13 @@ class Trainer:
             (self.energy_net, self.encoder, self.generator, self.energy_opt, self.latent_opt) = acc.prepare(
                 energy_net, encoder, generator, energy_opt, latent_opt
             )
+        # The bare nets, unwrapped once: acc.unwrap_model reads package metadata on every call
+        # (3 ms each on the CPU here, 10 ms per step at three calls; docs/benchmarks.md).
+        self.bare = {name: acc.unwrap_model(net) for name, net in
+                     (("energy", self.energy_net), ("encoder", self.encoder), ("generator", self.generator))}
         self.state = TrainState()
         self.lr_scale = 1.0  # lowered by a rollback after repeated non-finite steps
-        self.ema = EMA(acc.unwrap_model(self.generator), cfg.train.ema) if cfg.train.ema > 0 else None
+        self.ema = EMA(self.bare["generator"], cfg.train.ema) if cfg.train.ema > 0 else None
 
         micro_per_epoch = self._stream(0).batches_per_epoch if with_data else 1
         self.steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.train.grad_accum))
@@ -286,8 +290,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
 
-    def _frozen(self, net):
-        return partial(obj.frozen_call, self.accelerator.unwrap_model(net))
+    def _frozen(self, name: str):
+        """The bare net `name` called through its detached parameters (no gradient reaches them)."""
+        return partial(obj.frozen_call, self.bare[name])
 
     def _no_sync(self, last: bool, *nets):
         stack = contextlib.ExitStack()
@@ -345,7 +350,7 @@ class Trainer:
         """Eq. (14): update the energy net (and, in `not_offset`, the encoder's KL to the prior)."""
         cfg, acc = self.cfg, self.accelerator
         o = cfg.objective
-        generator = acc.unwrap_model(self.generator)
+        generator = self.bare["generator"]
         not_offset = o.name == "bidvl" and o.latent_term == "not_offset"
         trained = [self.energy_net] + ([self.encoder] if not_offset else [])
         for i, (v, h_p) in enumerate(zip(batches, latents)):
@@ -377,7 +382,7 @@ class Trainer:
         energy_data = None
         if o.ratio_bias == "sigmoid":
             with torch.no_grad():
-                energy_data = acc.unwrap_model(self.energy_net)(v)
+                energy_data = self.bare["energy"](v)
         return obj.lower_level_loss(
             v, h_p, energy_net=energy_frozen, encoder=self.encoder, generator=self.generator,
             encoder_for_latent=encoder_for_latent, latent_mode=o.latent_term,
@@ -389,8 +394,8 @@ class Trainer:
         encoder + generator, energy net frozen."""
         cfg, acc = self.cfg, self.accelerator
         o = cfg.objective
-        energy_frozen = self._frozen(self.energy_net)
-        encoder_for_latent = self.encoder if o.latent_term == "not_offset" else self._frozen(self.encoder)
+        energy_frozen = self._frozen("energy")
+        encoder_for_latent = self.encoder if o.latent_term == "not_offset" else self._frozen("encoder")
         for i, (v, h_p) in enumerate(zip(batches, latents)):
             last = i == len(batches) - 1
             with self._no_sync(last, self.encoder, self.generator), acc.autocast():
@@ -405,7 +410,7 @@ class Trainer:
         self._optimizer_step(self.latent_opt, params, "encoder_generator", metrics,
                              engine=self.latent_engine)
         if self.ema is not None:
-            self.ema.update(acc.unwrap_model(self.generator))
+            self.ema.update(self.bare["generator"])
 
     def set_learning_rates(self) -> None:
         """The authors' schedule, ExponentialLR stepped once per epoch, as a pure function of the
@@ -529,8 +534,8 @@ class Trainer:
         running statistics of its own batches (rank 0's are saved), unless model.sync_batchnorm.
         """
         h = hashlib.sha256()
-        for net in (self.energy_net, self.encoder, self.generator):
-            for name, t in self.accelerator.unwrap_model(net).named_parameters():
+        for net in self.bare.values():
+            for name, t in net.named_parameters():
                 h.update(name.encode())
                 h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
@@ -585,9 +590,8 @@ class Trainer:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            for name, net in (("energy", self.energy_net), ("encoder", self.encoder),
-                              ("generator", self.generator)):
-                state = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(net).state_dict().items()}
+            for name, net in self.bare.items():
+                state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
                 save_file(state, str(tmp / f"{name}.safetensors"), metadata={"step": str(self.state.step)})
             if self.ema is not None:
                 state = {k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()}
@@ -633,8 +637,8 @@ class Trainer:
             return
         from torchvision.utils import make_grid
 
-        generator = self.ema.module if self.ema is not None else acc.unwrap_model(self.generator)
-        encoder = acc.unwrap_model(self.encoder)
+        generator = self.ema.module if self.ema is not None else self.bare["generator"]
+        encoder = self.bare["encoder"]
         # Train-mode BatchNorm, as the authors sample, without changing any statistic: logging must
         # not change training.
         with restored_buffers(generator), restored_buffers(encoder), self._outside_autocast():
@@ -758,5 +762,5 @@ class Trainer:
             self.latent_engine = None
         acc.end_training()
         acc.free_memory()
-        self.energy_net = self.encoder = self.generator = None
+        self.energy_net = self.encoder = self.generator = self.bare = None
         self.energy_opt = self.latent_opt = None

@@ -88,9 +88,8 @@ def main() -> None:
     if trainer.accelerator.is_main_process:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
-        for name, net in (("energy", trainer.energy_net), ("encoder", trainer.encoder),
-                          ("generator", trainer.generator)):
-            state = trainer.accelerator.unwrap_model(net).state_dict()
+        for name, net in trainer.bare.items():
+            state = net.state_dict()
             save_file({k: t.detach().cpu().contiguous() for k, t in state.items()},
                       str(out / f"{name}.safetensors"))
     trainer.close()
