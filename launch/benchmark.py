@@ -3,6 +3,7 @@
     python launch/benchmark.py --config configs/cifar10.yaml [--steps 20] [--warmup 3]
         [--batch-size B] [--variants fp32,bf16,channels_last,compile,bf16+compile]
         [--device cpu|cuda] [--peak-tflops 989] [--data-batches 50] [--profile STEPS]
+        [--stand-in-data IMAGES]
 
 Prints one JSON object (on one line). For each variant it times, on random tensors of the
 config's shape (median over --steps after --warmup):
@@ -19,8 +20,9 @@ The engine gets them as train.mixed_precision / train.channels_last / train.comp
 applies `net.to(memory_format=torch.channels_last)` and `torch.compile(net)` to its three nets
 (all their calls compiled, the frozen ones included).
 
-`data` times pulling batches from `bidvl.data.train_stream` over the config's shards (no compute);
-null when data.train has no shards. `data_fraction` = loader ms per batch / step ms: below 1 the
+`data` times pulling batches from `bidvl.data.train_stream` over the config's shards (no compute)
+with its data.num_workers; null when data.train has no shards, unless --stand-in-data N builds
+stand-in shards of N photo crops at the config's resolution and channels. `data_fraction` = loader ms per batch / step ms: below 1 the
 loader keeps up when it runs beside the step (num_workers > 0); with num_workers = 0 it adds to
 the step. On CUDA, `flops_per_iter` (torch.utils.flop_counter over one plain iteration, forward
 and backward) gives MFU = FLOPs/s / --peak-tflops (default: H100 SXM bf16 dense).
@@ -246,14 +248,16 @@ def in_fresh_process(pool, *args) -> dict:
 # ---------------------------------------------------------------- data
 
 
-def data_wait(cfg, batch_size: int, batches: int) -> dict | None:
-    """Loader throughput over the config's shards (None without shards), in this process."""
+def data_wait(cfg, batch_size: int, batches: int, shards: str | None = None) -> dict | None:
+    """Loader throughput over `shards` (default: the config's; None when there are none), with the
+    config's data.num_workers, in this process."""
     from bidvl.data import ShardError, train_stream
 
-    if not (Path(cfg.data.train) / "meta.json").is_file():
+    shards = shards or cfg.data.train
+    if not (Path(shards) / "meta.json").is_file():
         return None
     try:
-        stream = train_stream(cfg.data.train, cfg.data.train_split, batch_size, seed=cfg.run.seed,
+        stream = train_stream(shards, cfg.data.train_split, batch_size, seed=cfg.run.seed,
                               num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer)
         it = iter(stream)
         t0 = time.perf_counter()
@@ -265,9 +269,27 @@ def data_wait(cfg, batch_size: int, batches: int) -> dict | None:
         per_batch = (time.perf_counter() - t0) / batches
         del it  # stops the loader workers
     except ShardError as exc:
-        return {"shards": str(cfg.data.train), "error": str(exc)}
-    return {"shards": str(cfg.data.train), "num_workers": cfg.data.num_workers, "batches": batches,
+        return {"shards": str(shards), "error": str(exc)}
+    return {"shards": str(shards), "num_workers": cfg.data.num_workers, "batches": batches,
             "first_batch_ms": round(1e3 * first, 1), "ms_per_batch": round(1e3 * per_batch, 3)}
+
+
+def stand_in_data_wait(cfg, batch_size: int, batches: int, images: int) -> dict:
+    """data_wait over stand-in shards of the config's resolution and channels: `images` 160 px
+    crops of scikit-learn's sample photos (photographic content, so PNG sizes and decode costs are
+    realistic), written by the imagefolder writer; the stream loops over them."""
+    from benchmark_data import photo_folder
+
+    from bidvl.data import build_shards
+
+    with tempfile.TemporaryDirectory() as tmp:
+        photos = photo_folder(Path(tmp) / "photos", images, 160)
+        shards = Path(tmp) / "shards"
+        build_shards("imagefolder", out=str(shards), src=str(photos), resolution=cfg.data.resolution,
+                     channels=cfg.data.channels)
+        data = data_wait(cfg, batch_size, batches, shards=str(shards))
+    data["shards"] = f"stand-in: {images} crops of scikit-learn's sample photos"
+    return data
 
 
 def device_name(device: str) -> str:
@@ -308,6 +330,9 @@ def main(argv=None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=989.0,
                         help="peak of the device for MFU (default: H100 SXM bf16 dense)")
     parser.add_argument("--data-batches", type=int, default=50, help="batches pulled for the data measurement")
+    parser.add_argument("--stand-in-data", type=int, default=0, metavar="IMAGES",
+                        help="when the config's shards are not there, time the loader on IMAGES photo "
+                             "crops written as shards of the config's resolution and channels")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing, profile STEPS more steps (torch.profiler) and report each "
                              "side's top operators by self time (device time on CUDA) per step")
@@ -356,6 +381,8 @@ def benchmark(parser, args) -> dict | None:
         "data": data_wait(cfg, batch, args.data_batches),
         "variants": {},
     }
+    if result["data"] is None and args.stand_in_data:
+        result["data"] = stand_in_data_wait(cfg, batch, args.data_batches, args.stand_in_data)
     data = result["data"]
     progress(f"{args.config} on {result['device_name']}: data {json.dumps(data)}")
     spawn = multiprocessing.get_context("spawn")

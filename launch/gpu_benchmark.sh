@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Engine vs plain loop on one GPU (H100 sized: at most ~13.5 minutes in all, SET below): configs/cifar10.yaml
+# Engine vs plain loop on one GPU (H100 sized: at most ~14 minutes in all, SET below): configs/cifar10.yaml
 # (DCGAN, 32 px, batch 100) and configs/celeba128.yaml (ResNet, 128 px, batch 36) on random
 # tensors, fp32 vs bf16 vs bf16+channels_last+cudnn_benchmark vs bf16+compile (engine:
 # train.compile=true; plain loop: torch.compile of its three nets; see launch/benchmark.py), each
@@ -30,19 +30,20 @@ fi
 mkdir -p "$OUT/logs"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
-# config, variants, time limit (s). Measured on one H100 (2026-11-27, docs/benchmarks.md): each
+# config, variants, time limit (s), stand-in images for the loader measurement (the configs'
+# shards are usually not on a benchmark machine: launch/benchmark.py --stand-in-data). Measured on one H100 (2026-11-27, docs/benchmarks.md): each
 # side of each variant runs in a fresh process that needs ~12 s to import and start CUDA, so the
 # eager pairs take ~60 s (cifar10) and ~90 s (celeba128) warm and more on a freshly started machine;
 # the compile runs add two cold torch.compile each (engine and plain loop) and were cut off at
-# 130/150 s there. SET=eager (about 5.5 min at most) | compile (about 8 min) | all.
+# 130/150 s there. SET=eager (about 6 min at most) | compile (about 8 min) | all.
 fast=bf16+channels_last+cudnn_benchmark
 eager=(
-    "configs/cifar10.yaml   fp32,bf16,$fast  140"
-    "configs/celeba128.yaml fp32,bf16,$fast  190"
+    "configs/cifar10.yaml   fp32,bf16,$fast  150  1000"
+    "configs/celeba128.yaml fp32,bf16,$fast  200  1000"
 )
 compiled=(
-    "configs/cifar10.yaml   bf16+compile  220"
-    "configs/celeba128.yaml bf16+compile  260"
+    "configs/cifar10.yaml   bf16+compile  220  0"
+    "configs/celeba128.yaml bf16+compile  260  0"
 )
 case ${SET:-all} in
     eager) runs=("${eager[@]}") ;;
@@ -53,11 +54,11 @@ esac
 
 start=$SECONDS
 for run in "${runs[@]}"; do
-    read -r config variants limit <<< "$run"
+    read -r config variants limit images <<< "$run"
     name="$(basename "$config" .yaml)_${variants//[+,]/_}"
     echo "$(date -u '+%T') $config $variants (limit ${limit}s)" >&2
     line=$(timeout -k 5 "$limit" "$PYTHON" launch/benchmark.py --config "$config" --device "$DEVICE" \
-               "${batch[@]}" --variants "$variants" --steps "$STEPS" --warmup "$WARMUP" --profile "$PROFILE" --peak-tflops "$PEAK_TFLOPS" \
+               "${batch[@]}" --variants "$variants" --steps "$STEPS" --warmup "$WARMUP" --profile "$PROFILE" --stand-in-data "$images" --peak-tflops "$PEAK_TFLOPS" \
                2> "$OUT/logs/$name.log")
     status=$?
     if [[ $status -eq 0 && -n $line ]]; then

@@ -187,6 +187,20 @@ def test_benchmark_prints_one_json_object():
             assert any("conv" in op["op"] for op in ops), [op["op"] for op in ops]
 
 
+def test_benchmark_times_the_loader_on_stand_in_shards(monkeypatch):
+    """--stand-in-data: configs/celeba128.yaml's shards are not here; photo crops written at its
+    resolution and channels stand in, read with its loader settings (workers off here)."""
+    monkeypatch.syspath_prepend(str(REPO / "launch"))
+    from benchmark import stand_in_data_wait
+
+    from bidvl.config import load_config
+
+    cfg = load_config(REPO / "configs/celeba128.yaml", ["data.num_workers=0"])
+    data = stand_in_data_wait(cfg, batch_size=8, batches=3, images=24)
+    assert data["shards"].startswith("stand-in: 24 crops") and data["num_workers"] == 0
+    assert data["batches"] == 3 and data["ms_per_batch"] > 0 and data["first_batch_ms"] > 0
+
+
 # ---------------------------------------------------------------- joint batch (tests/joint_batch_worker.py)
 
 
