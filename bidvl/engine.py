@@ -239,8 +239,8 @@ class Trainer:
             (self.energy_net, self.encoder, self.generator, self.energy_opt, self.latent_opt) = acc.prepare(
                 energy_net, encoder, generator, energy_opt, latent_opt
             )
-        # The bare nets, unwrapped once: acc.unwrap_model reads package metadata on every call
-        # (3 ms each on the CPU here, 10 ms per step at three calls; docs/benchmarks.md).
+        # The bare nets, unwrapped once: acc.unwrap_model parses package metadata on every call
+        # (9 ms per call timed alone on the development CPU; docs/benchmarks.md).
         self.bare = {name: acc.unwrap_model(net) for name, net in
                      (("energy", self.energy_net), ("encoder", self.encoder), ("generator", self.generator))}
         self.state = TrainState()
