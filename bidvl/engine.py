@@ -225,14 +225,6 @@ class Trainer:
             acc.state.select_deepspeed_plugin("latent")
             self.latent_engine, self.latent_opt = acc.prepare(LatentNets(encoder, generator), latent_opt)
             self.encoder, self.generator = encoder, generator
-            if self.bf16_weights:
-                # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm statistics,
-                # spectral-norm vectors) in fp32, which BatchNorm and spectral norm refuse.
-                for net in (acc.unwrap_model(self.energy_net), encoder, generator):
-                    for module in net.modules():
-                        for name, buf in module.named_buffers(recurse=False):
-                            if buf.is_floating_point():
-                                setattr(module, name, buf.to(torch.bfloat16))
         else:
             self.latent_engine = None
             # Fixed order: checkpoint files model.safetensors, model_1, model_2, optimizer.bin, _1 follow it.
@@ -243,6 +235,14 @@ class Trainer:
         # (9 ms per call timed alone on the development CPU; docs/benchmarks.md).
         self.bare = {name: acc.unwrap_model(net) for name, net in
                      (("energy", self.energy_net), ("encoder", self.encoder), ("generator", self.generator))}
+        if self.bf16_weights:
+            # DeepSpeed casts parameters to bf16 but leaves buffers (BatchNorm statistics,
+            # spectral-norm vectors) in fp32, which BatchNorm and spectral norm refuse.
+            for net in self.bare.values():
+                for module in net.modules():
+                    for name, buf in module.named_buffers(recurse=False):
+                        if buf.is_floating_point():
+                            setattr(module, name, buf.to(torch.bfloat16))
         self.state = TrainState()
         self.lr_scale = 1.0  # lowered by a rollback after repeated non-finite steps
         self.ema = EMA(self.bare["generator"], cfg.train.ema) if cfg.train.ema > 0 else None
@@ -373,7 +373,7 @@ class Trainer:
 
     def _lower_terms(self, v, h_p, energy_frozen, encoder_for_latent) -> obj.LowerLevelTerms:
         """The encoder + generator loss of objective.name (energy net frozen in all of them)."""
-        o, acc = self.cfg.objective, self.accelerator
+        o = self.cfg.objective
         if o.name == "vae":
             return obj.vae_loss(v, encoder=self.encoder, generator=self.generator)
         if o.name == "divergence_triangle":

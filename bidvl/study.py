@@ -243,10 +243,9 @@ def write_report(study: dict, results: list[dict]) -> Path:
              f"run(s) side by side).", ""]
     features = study["eval"].get("features")
     if features and Path(features).suffix == ".safetensors" and Path(features).is_file():
-        from safetensors import safe_open
+        from bidvl.evaluation.fid import read_safetensors
 
-        with safe_open(features, framework="pt") as f:
-            meta = f.metadata() or {}
+        meta = read_safetensors(Path(features), tensors=False)[0]
         if "bidvl.test_accuracy" in meta:
             lines += [f"Feature extractor for the FID-style score: `{features}`, a classifier trained on "
                       f"{meta.get('bidvl.train_images', '?')} {meta.get('bidvl.source', '')} train images "

@@ -213,7 +213,6 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
 def top_ops(step, sync, steps: int, cuda: bool, count: int = 12) -> list[dict]:
     """The `count` operators with the most self time over `steps` steps (device time on CUDA, else
     CPU time), in ms per step: where a step's time goes, for the next optimisation."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])

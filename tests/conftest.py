@@ -19,6 +19,17 @@ TINY = [
 ]
 
 
+NETS = ("energy", "encoder", "generator")
+
+
+def weights(run) -> dict:
+    """The three nets a run exported (run/model/*.safetensors), as float32, keyed `net.tensor`."""
+    from safetensors.torch import load_file
+
+    return {f"{name}.{k}": t.float() for name in NETS
+            for k, t in load_file(Path(run) / "model" / f"{name}.safetensors").items()}
+
+
 @pytest.fixture(scope="session")
 def digits16(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "digits16"

@@ -1,13 +1,13 @@
 """One process of the joint-batch check in tests/test_scale.py: K bi-level steps of the engine on
 this rank's slice of a global batch. Started by torchrun with 1 or 2 processes (or plainly, as one);
-rank 0 writes the three nets' final state (weights and BatchNorm statistics) to --out.
+the nets' final state (weights and BatchNorm statistics) is exported to RUN_DIR/model.
 
 Every rank draws the same global batch v, prior draws h_p and reparameterisation noise eps from
 seeded generators and keeps its own slice (rank r: samples r*b .. (r+1)*b - 1), so one process on
 the whole batch sees exactly the samples that two processes see together:
 
-    torchrun --standalone --nproc_per_node 2 tests/joint_batch_worker.py --out A --run-dir R1
-    python tests/joint_batch_worker.py --out B --run-dir R2       # then compare A and B
+    torchrun --standalone --nproc_per_node 2 tests/joint_batch_worker.py --run-dir R1
+    python tests/joint_batch_worker.py --run-dir R2       # then compare R1/model and R2/model
 
 --eval-mode keeps the nets in eval mode (BatchNorm normalises with its running statistics, so
 per-rank batch statistics cannot enter; for the CPU, where torch's SyncBatchNorm refuses tensors).
@@ -30,8 +30,7 @@ REPO = HERE.parent
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="folder for {energy,encoder,generator}.safetensors")
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", required=True, help="run folder; the nets go to RUN_DIR/model")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (all ranks together)")
     p.add_argument("--eval-mode", action="store_true")
@@ -45,8 +44,6 @@ def main() -> None:
         os.environ["LOCAL_RANK"] = "0"  # Accelerate puts rank r on cuda:LOCAL_RANK
         torch.cuda.set_device(0)
         torch.distributed.init_process_group("gloo")  # Accelerate keeps an existing group
-
-    from safetensors.torch import save_file
 
     from bidvl import objectives
     from bidvl.config import load_config
@@ -85,13 +82,7 @@ def main() -> None:
         trainer.upper_level_step([v], [h_p], metrics)
         for _ in range(cfg.objective.lower_steps):
             trainer.lower_level_step([v], [h_p], metrics)
-    if trainer.accelerator.is_main_process:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        for name, net in trainer.bare.items():
-            state = net.state_dict()
-            save_file({k: t.detach().cpu().contiguous() for k, t in state.items()},
-                      str(out / f"{name}.safetensors"))
+    trainer.export()
     trainer.close()
 
 

@@ -17,8 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from safetensors.torch import load_file
-from conftest import BIN, REPO, TINY
+from conftest import BIN, REPO, TINY, weights
 
 NODE_LAUNCH = REPO / "launch/slurm/node_launch.sh"
 
@@ -209,7 +208,7 @@ def joint_batch(tmp_path, name: str, processes: int, *args, fails: bool = False)
     fails=True: the stderr of a run that must fail)."""
     head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
     cmd = [*(head if processes > 1 else [sys.executable]), str(REPO / "tests/joint_batch_worker.py"),
-           "--out", str(tmp_path / name), "--run-dir", str(tmp_path / f"run_{name}"), *args]
+           "--run-dir", str(tmp_path / name), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if not torch.cuda.is_available():
         env["ACCELERATE_USE_CPU"] = "1"
@@ -218,8 +217,7 @@ def joint_batch(tmp_path, name: str, processes: int, *args, fails: bool = False)
         assert proc.returncode != 0
         return proc.stderr
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return {f"{net}.{k}": t.float() for net in ("energy", "encoder", "generator")
-            for k, t in load_file(tmp_path / name / f"{net}.safetensors").items()}
+    return weights(tmp_path / name)
 
 
 def max_difference(a: dict, b: dict) -> float:

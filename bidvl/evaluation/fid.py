@@ -202,7 +202,7 @@ class TorchScriptFeatures(Features):
         return self.net(images.float())
 
 
-def _read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
+def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
     """(metadata, state dict) of a `--features` file; tensors=False reads the header only."""
     from safetensors import safe_open
     from safetensors.torch import load_file
@@ -225,7 +225,7 @@ class ClassifierFeatures(Features):
         from .classifier import load_classifier
 
         path = Path(path)
-        meta, state = _read_safetensors(path)
+        meta, state = read_safetensors(path)
         try:
             self.net = load_classifier(meta, state).to(device)
         except Exception as exc:
@@ -250,7 +250,7 @@ class TimmFeatures(Features):
         import timm
 
         path = Path(path)
-        meta, state = _read_safetensors(path)
+        meta, state = read_safetensors(path)
         if meta.get("bidvl.features") != "timm" or not meta.get("bidvl.timm_name"):
             raise EvalError(f"--features {path}: metadata needs bidvl.features=timm and "
                             f"bidvl.timm_name (see bidvl/evaluation/fid.py)")
@@ -296,7 +296,7 @@ def feature_extractor(features: str = "", inception_weights: str = "", device="c
         if not path.is_file():
             raise EvalError(f"--features {path}: no such file")
         if path.suffix == ".safetensors":
-            kind = _read_safetensors(path, tensors=False)[0].get("bidvl.features")
+            kind = read_safetensors(path, tensors=False)[0].get("bidvl.features")
             return (ClassifierFeatures if kind == "classifier" else TimmFeatures)(path, device)
         return TorchScriptFeatures(path, device)
     weights = inception_weights or os.environ.get(ENV_WEIGHTS, "")
