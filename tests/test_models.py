@@ -197,3 +197,63 @@ def test_unknown_arch_and_energy_output():
         build_nets(ModelConfig(arch="vgg"), channels=3, resolution=32)
     with pytest.raises(ValueError, match="model.energy_output"):
         build_nets(ModelConfig(energy_output="tanh"), channels=3, resolution=32)
+
+
+def _upsample_pair(upsample, x: torch.Tensor):
+    """(upsample(x), its gradient for a fixed random upstream gradient) and the same for
+    F.interpolate (bilinear x2, align_corners=False)."""
+    out = []
+    for fn in (upsample, lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)):
+        leaf = x.detach().clone().requires_grad_()
+        y = fn(leaf)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        y.backward(g.to(device=y.device, dtype=y.dtype))
+        out.append((y.detach().double().cpu(), leaf.grad.double().cpu()))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (2, 3, 1, 5), (1, 2, 4, 4), (2, 5, 7, 3), (3, 16, 8, 8)])
+def test_upsample_by_slices_equals_bilinear_interpolate(shape):
+    """The generator's upsampling on CUDA (resnet.upsample2x_by_slices): F.interpolate's values and
+    gradients, edge rows included (1-pixel and odd sizes)."""
+    from bidvl.models.resnet import upsample2x_by_slices
+
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    (y, gx), (y_ref, gx_ref) = _upsample_pair(upsample2x_by_slices, x)
+    assert y.shape == (shape[0], shape[1], 2 * shape[2], 2 * shape[3])
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=1e-12)
+    (y, gx), (y_ref, gx_ref) = _upsample_pair(upsample2x_by_slices, x.float())
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=1e-5)
+    # bfloat16: two roundings (one per axis) instead of one, so at most about one unit in the last
+    # place (2**-8 relative) apart
+    (y, _), (y_ref, _) = _upsample_pair(upsample2x_by_slices, x.bfloat16())
+    assert ((y - y_ref).abs() <= 2**-7 * y_ref.abs().clamp_min(1)).all()
+
+
+def test_upsample_uses_interpolate_on_the_cpu():
+    from bidvl.models.resnet import upsample2x
+
+    x = torch.randn(2, 4, 5, 6)
+    reference = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.equal(upsample2x(x), reference)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert upsample2x(cl).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_upsample_on_cuda_equals_interpolate(dtype):
+    """On CUDA, NCHW tensors take the slice path: same values and gradients as F.interpolate within
+    the dtype's rounding; channels_last tensors keep F.interpolate (and their layout)."""
+    from bidvl.models.resnet import upsample2x
+
+    x = torch.randn(4, 64, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x.to("cuda", dtype)
+    (y, gx), (y_ref, gx_ref) = _upsample_pair(upsample2x, x)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert ((y - y_ref).abs() <= tol * y_ref.abs().clamp_min(1)).all()
+    assert ((gx - gx_ref).abs() <= 4 * tol * gx_ref.abs().clamp_min(1)).all()
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert upsample2x(cl).is_contiguous(memory_format=torch.channels_last)
