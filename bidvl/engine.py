@@ -605,7 +605,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
 
-    def _log(self, window: list[dict], elapsed: float, images: int, skipped_samples: int = 0) -> dict:
+    def _log(self, window: list[dict], elapsed: float, images: int, skipped_samples: int = 0,
+             data_wait: float = 0.0) -> dict:
+        """Means over the window's steps, averaged over ranks; `elapsed` (s) is the window's wall
+        time, `data_wait` (s) the part of it this rank spent blocked on the data stream."""
         acc = self.accelerator
         keys = sorted(k for k in window[0] if not k.startswith("_"))
         sums = {}
@@ -623,6 +626,8 @@ class Trainer:
         logs["lr/energy_net"] = self.energy_opt.param_groups[0]["lr"]
         logs["lr/encoder_generator"] = self.latent_opt.param_groups[0]["lr"]
         logs["perf/images_per_sec"] = images / max(elapsed, 1e-9)
+        logs["perf/step_ms"] = 1e3 * elapsed / len(window)
+        logs["perf/data_wait_fraction"] = data_wait / max(elapsed, 1e-9)  # main process's
         logs["train/skipped_steps"] = self.state.skipped_steps
         logs["train/skipped_samples"] = skipped_samples
         logs["train/rollbacks"] = self.state.rollbacks
@@ -675,6 +680,7 @@ class Trainer:
         progress = tqdm(total=cfg.train.max_steps, initial=start, disable=not acc.is_main_process,
                         desc="train", dynamic_ncols=True)
         window, t0, images, logs, last_saved = [], time.perf_counter(), 0, {}, (start if start else -1)
+        data_wait = 0.0  # seconds blocked in next(stream) since the last log
         clock = time.process_time if cfg.train.budget_clock == "process" else time.perf_counter
         budget_s = cfg.train.time_budget_min * 60.0
         def spent() -> bool:
@@ -684,10 +690,12 @@ class Trainer:
         while self.state.step < cfg.train.max_steps and not over_budget:
             tick = clock()
             batches = []
+            waiting = time.perf_counter()
             for _ in range(accum):
                 batch, _, skipped = next(stream)
                 batches.append(batch)
                 self.skipped_samples += skipped
+            data_wait += time.perf_counter() - waiting
             metrics = self.train_step(batches)
             self.state.step += 1
             self.state.budget_used_s += clock() - tick
@@ -700,16 +708,16 @@ class Trainer:
             if self.check_nonfinite(metrics):  # rolled back: reopen the data where that step was
                 stream = iter(self._stream(self.state.step * accum))
                 progress.n = self.state.step
-                window = []
+                window, data_wait = [], 0.0
                 continue
             step = self.state.step
             if step % self.steps_per_epoch == 0:  # epoch boundary: decay both LRs
                 self.set_learning_rates()
             last = step == cfg.train.max_steps or over_budget
             if window and (step % cfg.log.every == 0 or last):
-                logs = self._log(window, time.perf_counter() - t0, images, skipped_samples)
+                logs = self._log(window, time.perf_counter() - t0, images, skipped_samples, data_wait)
                 progress.set_postfix(gap=f"{logs.get('energy/gap', float('nan')):.3f}", recon=f"{logs.get('loss/recon', 0):.1f}")
-                window, t0, images = [], time.perf_counter(), 0
+                window, t0, images, data_wait = [], time.perf_counter(), 0, 0.0
             if step % cfg.log.images_every == 0 or last:
                 self._log_images(batches[0].to(acc.device))
             if cfg.eval.every and step % cfg.eval.every == 0:
@@ -742,12 +750,12 @@ class Trainer:
     def _synchronised_flags(self, over_budget: bool = False) -> tuple[int, int, bool]:
         """(a stop signal received by any rank, bad data skipped on all ranks, any rank over its
         time budget): one small all-reduce per step, so every rank takes the same decision at the
-        same step."""
-        flags = torch.tensor([float(self._stop_signal), float(self.skipped_samples), float(over_budget)],
-                             device=self.accelerator.device)
+        same step. One process: no device tensor, so no wait for the device's queue."""
+        flags = [float(self._stop_signal), float(self.skipped_samples), float(over_budget)]
         if self.accelerator.num_processes > 1:
-            flags = self.accelerator.reduce(flags, reduction="sum")
-        return int(flags[0].item()), int(flags[1].item()), bool(flags[2].item() > 0)
+            flags = self.accelerator.reduce(torch.tensor(flags, device=self.accelerator.device),
+                                            reduction="sum").tolist()  # one device sync, not three
+        return int(flags[0]), int(flags[1]), flags[2] > 0
 
     def close(self) -> None:
         """Free nets and optimizers and synchronise before ending (avoids aborts at exit)."""

@@ -213,7 +213,7 @@ def test_two_process_run_keeps_replicas_identical(tmp_path, digits16):
     for tag in ("loss/loss_ul", "loss/loss_ll", "loss/recon", "loss/kl", "loss/energy_term",
                 "loss/latent_term", "energy/data", "energy/samples", "energy/gap",
                 "grad_norm/energy_net", "grad_norm/encoder_generator", "lr/energy_net",
-                "perf/images_per_sec", "train/skipped_steps"):
+                "perf/images_per_sec", "perf/step_ms", "perf/data_wait_fraction", "train/skipped_steps"):
         assert tag in scalars, tag
     assert {"samples", "reconstructions"} <= images
     for name in ("energy", "encoder", "generator"):
@@ -333,3 +333,28 @@ def test_time_budget_stops_exports_and_survives_resume(tmp_path, digits16):
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted((run / "checkpoints").glob("step_*")) == ckpts
     assert load_file(run / "model/generator.safetensors").keys()
+
+
+@pytest.mark.parametrize("sleep", [0.0, 0.3])
+def test_fit_logs_the_time_spent_waiting_for_data(tmp_path, digits16, sleep):
+    """perf/data_wait_fraction: the share of the wall time blocked on the data stream. A stream
+    that sleeps 0.3 s before each batch must show it (the tiny step takes a few hundredths of a
+    second); the plain stream of tiny digits must not (0.07 seen)."""
+    import time
+
+    trainer = make_trainer(tmp_path, digits16, "train.max_steps=4", "log.every=2", "log.images_every=1000",
+                           "checkpoint.every=1000")
+    stream = trainer._stream
+
+    def slowed(start_micro):
+        for item in stream(start_micro):
+            time.sleep(sleep)
+            yield item
+
+    trainer._stream = slowed
+    logs = trainer.fit()
+    if sleep:
+        assert 0.5 < logs["perf/data_wait_fraction"] <= 1.0
+        assert logs["perf/step_ms"] >= 1e3 * sleep
+    else:
+        assert 0.0 <= logs["perf/data_wait_fraction"] < 0.5
