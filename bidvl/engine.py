@@ -334,7 +334,10 @@ class Trainer:
                 metrics["_nonfinite"] = True
             return
         acc, max_norm = self.accelerator, self.cfg.train.grad_clip
-        norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        if max_norm > 0 or acc.mixed_precision == "fp16":  # fp16: Accelerate unscales the gradients first
+            norm = acc.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        else:  # only measured: no multiplication of every gradient by 1
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         metrics[f"grad_norm/{name}"] = norm.detach().float()
         if not torch.isfinite(norm) and acc.mixed_precision != "fp16":
             # Gradients are identical on every rank after the all-reduce, so every rank skips.

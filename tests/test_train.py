@@ -101,6 +101,32 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, digits16):
     trainer.close()
 
 
+@pytest.mark.parametrize("clip", [0.0, 1e-3])
+def test_grad_clip_limits_the_norm_the_optimizer_sees(tmp_path, digits16, clip):
+    """train.grad_clip=c: the optimizer steps with gradients of norm <= c, and grad_norm/* logs the
+    norm before clipping; 0 (the default) only measures it."""
+    trainer = make_trainer(tmp_path, digits16, f"train.grad_clip={clip}")
+    seen = {}
+    for name, opt in (("energy_net", trainer.energy_opt), ("encoder_generator", trainer.latent_opt)):
+        step = opt.step
+
+        def recording(*args, _name=name, _opt=opt, _step=step, **kwargs):
+            grads = [p.grad for group in _opt.param_groups for p in group["params"] if p.grad is not None]
+            seen[_name] = float(torch.nn.utils.get_total_norm(grads))
+            return _step(*args, **kwargs)
+
+        opt.step = recording
+    metrics = trainer.train_step([torch.rand(16, 1, 16, 16) * 2 - 1])
+    for name, norm in seen.items():
+        logged = float(metrics[f"grad_norm/{name}"])
+        if clip:
+            assert logged > 10 * clip and norm == pytest.approx(clip, rel=1e-3)
+        else:
+            assert norm == pytest.approx(logged, rel=1e-6) and norm > 0
+    assert set(seen) == {"energy_net", "encoder_generator"}
+    trainer.close()
+
+
 def test_gradient_accumulation_equals_the_joint_batch(tmp_path, digits16):
     """Two micro-batches of 8 with accumulation == one batch of 16. Nets in eval mode, so that
     neither BatchNorm statistics (generator) nor the spectral-norm power iteration, which runs once
