@@ -7,6 +7,8 @@
 #
 #   OUT=bench_out launch/gpu_benchmark.sh      # then: cat bench_out/benchmarks.jsonl
 #
+# First (about 20 s) launch/benchmark_upsample.py times the ResNet generator's upsampling, F.interpolate
+# vs the slice formulation bidvl.models.resnet.upsample2x uses for NCHW tensors on CUDA: $OUT/upsample.json.
 # One JSON object per line in $OUT/benchmarks.jsonl (a run that fails or times out writes a line
 # with "error"), stderr of each run in $OUT/logs/, the GPU in $OUT/nvidia-smi.txt. Each run has
 # its own `timeout`, so one hang (e.g. in torch.compile) costs only its own slot.
@@ -53,6 +55,9 @@ case ${SET:-all} in
 esac
 
 start=$SECONDS
+echo "$(date -u '+%T') launch/benchmark_upsample.py (limit 90s)" >&2
+timeout -k 5 90 "$PYTHON" launch/benchmark_upsample.py --device "$DEVICE" "${batch[@]}" \
+    > "$OUT/upsample.json" 2> "$OUT/logs/upsample.log" || echo "  failed: exit status $? (see $OUT/logs/upsample.log)" >&2
 for run in "${runs[@]}"; do
     read -r config variants limit images <<< "$run"
     name="$(basename "$config" .yaml)_${variants//[+,]/_}"
