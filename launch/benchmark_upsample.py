@@ -106,8 +106,10 @@ def main(argv=None) -> int:
                 totals[key] = round(totals.get(key, 0.0) + 2 * both, 3)  # residual + shortcut
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(json.dumps({"benchmark": "upsample", "config": args.config, "device": device, "device_name": name,
+    from benchmark import device_name  # launch/benchmark.py, beside this script
+
+    print(json.dumps({"benchmark": "upsample", "config": args.config, "device": device,
+                      "device_name": device_name(device),
                       "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": batch,
                       "repeats": args.repeats, "blocks": rows,
                       "forward_backward_ms_per_generator_pass": totals}))

@@ -200,6 +200,26 @@ def test_benchmark_times_the_loader_on_stand_in_shards(monkeypatch):
     assert data["batches"] == 3 and data["ms_per_batch"] > 0 and data["first_batch_ms"] > 0
 
 
+def test_upsample_benchmark_prints_one_json_object():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch/benchmark_upsample.py"), "--config", "configs/cifar10_resnet.yaml",
+         "--device", "cpu", "--batch-size", "2", "--repeats", "1", "--dtypes", "fp32,bf16"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    # cifar10_resnet: generator width 256, 4x4 -> 32 px in three up-blocks
+    assert [b["shape"] for b in result["blocks"][:3]] == [[2, 256, 4, 4], [2, 256, 8, 8], [2, 256, 16, 16]]
+    methods = ("interpolate", "slices", "interpolate_cl", "via_cl")
+    assert set(result["forward_backward_ms_per_generator_pass"]) == {f"{d}/{m}" for d in ("fp32", "bf16") for m in methods}
+    for block in result["blocks"]:
+        for method in methods:
+            assert 0 < block[method]["forward_ms"] and 0 < block[method]["forward_backward_ms"]
+    refused = subprocess.run([sys.executable, str(REPO / "launch/benchmark_upsample.py"), "--config",
+                              "configs/cifar10.yaml"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "model.arch='dcgan'" in refused.stderr
+
+
 # ---------------------------------------------------------------- joint batch (tests/joint_batch_worker.py)
 
 
