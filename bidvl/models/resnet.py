@@ -94,7 +94,7 @@ class DisBlock(nn.Module):
 
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
     """Bilinear x2 upsampling with align_corners=False: F.interpolate's values (equal in float64;
-    within rounding in float32/bfloat16), computed differently where that is faster.
+    within rounding in float32/bfloat16), computed from slices for NCHW tensors on CUDA.
 
     Why: PyTorch's CUDA kernel for NCHW tensors (`upsample_bilinear2d_out_frame` in
     aten/src/ATen/native/cuda/UpSampleBilinear2d.cu, 2.x sources) runs one thread per *output
@@ -103,9 +103,10 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     GPU; its backward scatters with atomic adds. Here, per axis, the output's even and odd rows are
     lerps of each row with its clamped neighbour (weights 3/4, 1/4), interleaved: elementwise
     kernels over all elements, an atomic-free (deterministic) backward, fused by torch.compile.
-    On the CPU (where this is 1.2-1.3x slower than F.interpolate) and for channels_last tensors
-    (whose CUDA kernel runs one thread per element, and whose layout this would not keep)
-    F.interpolate is used. `launch/benchmark_upsample.py` times the choices on a given machine.
+    Not yet timed on a GPU: `launch/benchmark_upsample.py` times the choices on a given machine.
+    F.interpolate stays on the CPU (where the slices are ~1.9x slower per generator pass;
+    docs/benchmarks.md) and for channels_last tensors (whose CUDA kernel runs one thread per
+    element, and whose layout the slices would not keep).
     """
     if x.device.type != "cuda" or x.is_contiguous(memory_format=torch.channels_last):
         return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
