@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What the CPU cannot check, in one go on one GPU (sized for one H100: about 10 minutes at most):
 #   1. the CUDA-only tests: SyncBatchNorm joint batch (two ranks sharing the GPU over gloo equal one
-#      process on the joint batch) and the one-GPU DeepSpeed ZeRO-2 smoke run (fp32 equals plain
-#      training; bf16 trains, checkpoints, evaluates);
+#      process on the joint batch), the one-GPU DeepSpeed ZeRO-2 smoke run (fp32 equals plain
+#      training; bf16 trains, checkpoints, evaluates) and the generator's CUDA upsampling (equals
+#      F.interpolate in values and gradients);
 #   2. launch/gpu_benchmark.sh with SET=eager (fp32, bf16, bf16+channels_last+cudnn_benchmark;
 #      cifar10 and celeba128; with each side's top operators). The compile
 #      runs take another ~8 minutes: SET=compile launch/gpu_benchmark.sh.
@@ -26,6 +27,7 @@ echo "$(date -u '+%T') CUDA-only tests (limit 240 s)" >&2
 timeout -k 5 240 "$PYTHON" -m pytest -q -s -p no:cacheprovider -rs \
     "tests/test_scale.py::test_sync_batchnorm_two_processes_equal_one_process_on_the_joint_batch" \
     "tests/test_deepspeed.py::test_zero2_on_one_gpu_matches_plain_training_and_trains_in_bf16" \
+    "tests/test_models.py::test_upsample_on_cuda_equals_interpolate" \
     > "$OUT/gpu_tests.log" 2>&1
 echo "  exit status $? ($(tail -n 1 "$OUT/gpu_tests.log"))" >&2
 
