@@ -15,7 +15,10 @@ ratio_engine_to_plain is the engine's overhead. Each side runs in a fresh proces
 (CUDA max_memory_allocated, or the process's max RSS on the CPU) is its own.
 
 A variant is `+`-joined tokens: fp32 | bf16 (autocast), channels_last, compile (torch.compile),
-cudnn_benchmark (torch.backends.cudnn.benchmark=True in the measuring process, both sides).
+cudnn_benchmark (torch.backends.cudnn.benchmark=True in the measuring process, both sides),
+interpolate (the ResNet generator upsamples with F.interpolate on every device, as before commit
+9e690ed, instead of `bidvl.models.resnet.upsample2x`'s slices for NCHW tensors on CUDA: the
+whole-step effect of that choice, both sides alike).
 The engine gets them as train.mixed_precision / train.channels_last / train.compile; the plain loop
 applies `net.to(memory_format=torch.channels_last)` and `torch.compile(net)` to its three nets
 (all their calls compiled, the frozen ones included).
@@ -47,7 +50,7 @@ from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TOKENS = ("fp32", "bf16", "channels_last", "compile", "cudnn_benchmark")
+TOKENS = ("fp32", "bf16", "channels_last", "compile", "cudnn_benchmark", "interpolate")
 
 
 def parse_variant(name: str) -> dict:
@@ -57,7 +60,7 @@ def parse_variant(name: str) -> dict:
         raise ValueError(f"variant {name!r}: expected '+'-joined tokens from {', '.join(TOKENS)}")
     return {"precision": "bf16" if "bf16" in tokens else "fp32",
             "channels_last": "channels_last" in tokens, "compile": "compile" in tokens,
-            "cudnn_benchmark": "cudnn_benchmark" in tokens}
+            "cudnn_benchmark": "cudnn_benchmark" in tokens, "interpolate": "interpolate" in tokens}
 
 
 # ---------------------------------------------------------------- the plain loop
@@ -164,6 +167,12 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
 
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = variant["cudnn_benchmark"]  # process-wide, both sides alike
+    if variant["interpolate"]:  # this process only (each side runs in a fresh one)
+        import torch.nn.functional as F
+
+        from bidvl.models import resnet
+
+        resnet.upsample2x = partial(F.interpolate, scale_factor=2, mode="bilinear", align_corners=False)
     cuda = device == "cuda"
     result = {}
     with tempfile.TemporaryDirectory() as tmp:

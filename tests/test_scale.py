@@ -200,6 +200,28 @@ def test_benchmark_times_the_loader_on_stand_in_shards(monkeypatch):
     assert data["batches"] == 3 and data["ms_per_batch"] > 0 and data["first_batch_ms"] > 0
 
 
+def test_benchmark_interpolate_token_restores_the_old_upsampling(monkeypatch):
+    """Variant token `interpolate`: the measuring process's ResNet generator upsamples with
+    F.interpolate (the whole-step A/B of resnet.upsample2x on a GPU)."""
+    import torch.nn.functional as F
+
+    monkeypatch.syspath_prepend(str(REPO / "launch"))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # measure() sets it in this process
+    from benchmark import measure, parse_variant
+
+    from bidvl.models import resnet
+
+    monkeypatch.setattr(resnet, "upsample2x", resnet.upsample2x)  # measure() patches this process
+    assert parse_variant("bf16+interpolate") == {"precision": "bf16", "channels_last": False, "compile": False,
+                                                 "cudnn_benchmark": False, "interpolate": True}
+    original = resnet.upsample2x
+    result = measure("plain", str(REPO / "configs/cifar10_resnet.yaml"), parse_variant("fp32+interpolate"),
+                     "cpu", batch_size=2, steps=1, warmup=0)
+    assert result["step_ms"] > 0 and resnet.upsample2x is not original
+    x = torch.randn(1, 2, 3, 3)
+    assert torch.equal(resnet.upsample2x(x), F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
+
+
 def test_upsample_benchmark_prints_one_json_object():
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/benchmark_upsample.py"), "--config", "configs/cifar10_resnet.yaml",
