@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# What the CPU cannot check, in one go on one GPU (sized for one H100: about 10 minutes at most):
+# What the CPU cannot check, in one go on one GPU (sized for one H100: about 11.5 minutes at most):
 #   1. the CUDA-only tests: SyncBatchNorm joint batch (two ranks sharing the GPU over gloo equal one
 #      process on the joint batch), the one-GPU DeepSpeed ZeRO-2 smoke run (fp32 equals plain
 #      training; bf16 trains, checkpoints, evaluates) and the generator's CUDA upsampling (equals
 #      F.interpolate in values and gradients);
-#   2. launch/gpu_benchmark.sh with SET=eager (fp32, bf16, bf16+channels_last+cudnn_benchmark;
-#      cifar10 and celeba128; with each side's top operators). The compile
+#   2. launch/gpu_benchmark.sh with SET=eager: the upsampling micro-benchmark, then cifar10 as fp32,
+#      bf16, bf16+channels_last+cudnn_benchmark and celeba128 as bf16, bf16+interpolate (the old
+#      upsampling), bf16+channels_last+cudnn_benchmark, with each side's top operators. The compile
 #      runs take another ~8 minutes: SET=compile launch/gpu_benchmark.sh.
 #
 #   OUT=gpu_out launch/gpu_checks.sh     # then: $OUT/gpu_tests.log, $OUT/benchmarks.jsonl
