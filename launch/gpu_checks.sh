@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the CPU cannot check, in one go on one GPU (sized for one H100: about 11.5 minutes at most):
+# What the CPU cannot check, in one go on one GPU (sized for one H100: about 12 minutes at most):
 #   1. the CUDA-only tests: SyncBatchNorm joint batch (two ranks sharing the GPU over gloo equal one
 #      process on the joint batch), the one-GPU DeepSpeed ZeRO-2 smoke run (fp32 equals plain
 #      training; bf16 trains, checkpoints, evaluates) and the generator's CUDA upsampling (equals
