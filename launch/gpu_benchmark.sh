@@ -8,7 +8,7 @@
 #
 #   OUT=bench_out launch/gpu_benchmark.sh      # then: cat bench_out/benchmarks.jsonl
 #
-# First (about 20 s) launch/benchmark_upsample.py times the ResNet generator's upsampling, F.interpolate
+# First (about 20 s; not with SET=compile) launch/benchmark_upsample.py times the ResNet generator's upsampling, F.interpolate
 # vs the slice formulation bidvl.models.resnet.upsample2x uses for NCHW tensors on CUDA: $OUT/upsample.json.
 # One JSON object per line in $OUT/benchmarks.jsonl (a run that fails or times out writes a line
 # with "error"), stderr of each run in $OUT/logs/, the GPU in $OUT/nvidia-smi.txt. Each run has
@@ -38,7 +38,9 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 # side of each variant runs in a fresh process that needs ~12 s to import and start CUDA, so the
 # eager pairs take ~60 s (cifar10) and ~90 s (celeba128) warm and more on a freshly started machine;
 # the compile runs add two cold torch.compile each (engine and plain loop) and were cut off at
-# 130/150 s there. SET=eager (about 6 min at most) | compile (about 8 min) | all.
+# 130/150 s there. SET=first (what to learn first on a lent GPU, about 8.5 min at most: the
+# upsampling micro-benchmark, celeba128's upsampling A/B, cifar10's bf16+compile against fp32)
+# | eager (about 7.5 min) | compile (about 8 min) | all (eager and compile).
 fast=bf16+channels_last+cudnn_benchmark
 # celeba128: bf16 vs bf16+interpolate is the whole-step effect of the generator's upsampling
 # (resnet.upsample2x); the 2026-11-27 H100 figures ran F.interpolate (fp32 328.8, bf16 283.4 ms).
@@ -50,25 +52,37 @@ compiled=(
     "configs/cifar10.yaml   bf16+compile  220  0"
     "configs/celeba128.yaml bf16+compile  260  0"
 )
+first=(
+    "configs/celeba128.yaml bf16,bf16+interpolate,$fast  220  1000"
+    "configs/cifar10.yaml   fp32,bf16+compile  220  0"
+)
+upsample=1
 case ${SET:-all} in
+    first) runs=("${first[@]}") ;;
     eager) runs=("${eager[@]}") ;;
-    compile) runs=("${compiled[@]}") ;;
+    compile) runs=("${compiled[@]}"); upsample=0 ;;
     all) runs=("${eager[@]}" "${compiled[@]}") ;;
-    *) echo "SET=${SET}: expected eager, compile or all" >&2; exit 2 ;;
+    *) echo "SET=${SET}: expected first, eager, compile or all" >&2; exit 2 ;;
 esac
 
 start=$SECONDS
-echo "$(date -u '+%T') launch/benchmark_upsample.py (limit 90s)" >&2
-timeout -k 5 90 "$PYTHON" launch/benchmark_upsample.py --device "$DEVICE" "${batch[@]}" \
-    > "$OUT/upsample.json" 2> "$OUT/logs/upsample.log" || echo "  failed: exit status $? (see $OUT/logs/upsample.log)" >&2
+if [[ $upsample == 1 ]]; then
+    echo "$(date -u '+%T') launch/benchmark_upsample.py (limit 60s)" >&2
+    timeout -k 5 60 "$PYTHON" launch/benchmark_upsample.py --device "$DEVICE" "${batch[@]}" \
+        > "$OUT/upsample.json" 2> "$OUT/logs/upsample.log" || echo "  failed: exit status $? (see $OUT/logs/upsample.log)" >&2
+fi
 for run in "${runs[@]}"; do
     read -r config variants limit images <<< "$run"
     name="$(basename "$config" .yaml)_${variants//[+,]/_}"
     echo "$(date -u '+%T') $config $variants (limit ${limit}s)" >&2
-    line=$(timeout -k 5 "$limit" "$PYTHON" launch/benchmark.py --config "$config" --device "$DEVICE" \
+    # A fresh inductor cache per run: a run killed by its limit mid-compile can leave a truncated
+    # kernel library behind ("file too short", seen on the development CPU) that breaks later runs.
+    cache=$(mktemp -d)
+    line=$(TORCHINDUCTOR_CACHE_DIR="$cache" timeout -k 5 "$limit" "$PYTHON" launch/benchmark.py --config "$config" --device "$DEVICE" \
                "${batch[@]}" --variants "$variants" --steps "$STEPS" --warmup "$WARMUP" --profile "$PROFILE" --stand-in-data "$images" --peak-tflops "$PEAK_TFLOPS" \
                2> "$OUT/logs/$name.log")
     status=$?
+    rm -rf "$cache"
     if [[ $status -eq 0 && -n $line ]]; then
         echo "$line" >> "$OUT/benchmarks.jsonl"
     else
