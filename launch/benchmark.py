@@ -168,11 +168,9 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
     torch.manual_seed(0)
     torch.backends.cudnn.benchmark = variant["cudnn_benchmark"]  # process-wide, both sides alike
     if variant["interpolate"]:  # this process only (each side runs in a fresh one)
-        import torch.nn.functional as F
-
         from bidvl.models import resnet
 
-        resnet.upsample2x = partial(F.interpolate, scale_factor=2, mode="bilinear", align_corners=False)
+        resnet.upsample2x = resnet.interpolate2x
     cuda = device == "cuda"
     result = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,10 +62,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    import torch.nn.functional as F
+    from benchmark import device_name  # launch/benchmark.py, beside this script
 
     from bidvl.config import load_config
-    from bidvl.models.resnet import upsample2x_by_slices
+    from bidvl.models.resnet import interpolate2x, upsample2x_by_slices
 
     cfg = load_config(args.config)
     if cfg.model.arch != "resnet":
@@ -76,12 +76,11 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--dtypes: {unknown} not in {list(dtypes)}")
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    methods = {
-        "interpolate": (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), False),
+    methods = {  # name: (function, input in channels_last)
+        "interpolate": (interpolate2x, False),
         "slices": (upsample2x_by_slices, False),
-        "interpolate_cl": (lambda x: F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), True),
-        "via_cl": (lambda x: F.interpolate(x.contiguous(memory_format=torch.channels_last), scale_factor=2,
-                                           mode="bilinear", align_corners=False).contiguous(), False),
+        "interpolate_cl": (interpolate2x, True),
+        "via_cl": (lambda x: interpolate2x(x.contiguous(memory_format=torch.channels_last)).contiguous(), False),
     }
     batch = args.batch_size or cfg.train.batch_size
     rows, totals = [], {}
@@ -106,8 +105,6 @@ def main(argv=None) -> int:
                 totals[key] = round(totals.get(key, 0.0) + 2 * both, 3)  # residual + shortcut
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    from benchmark import device_name  # launch/benchmark.py, beside this script
-
     print(json.dumps({"benchmark": "upsample", "config": args.config, "device": device,
                       "device_name": device_name(device),
                       "torch": torch.__version__, "threads": torch.get_num_threads(), "batch_size": batch,

@@ -44,16 +44,17 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 fast=bf16+channels_last+cudnn_benchmark
 # celeba128: bf16 vs bf16+interpolate is the whole-step effect of the generator's upsampling
 # (resnet.upsample2x); the 2026-11-27 H100 figures ran F.interpolate (fp32 328.8, bf16 283.4 ms).
+celeba128_eager="configs/celeba128.yaml bf16,bf16+interpolate,$fast  220  1000"
 eager=(
     "configs/cifar10.yaml   fp32,bf16,$fast  150  1000"
-    "configs/celeba128.yaml bf16,bf16+interpolate,$fast  220  1000"
+    "$celeba128_eager"
 )
 compiled=(
     "configs/cifar10.yaml   bf16+compile  220  0"
     "configs/celeba128.yaml bf16+compile  260  0"
 )
 first=(
-    "configs/celeba128.yaml bf16,bf16+interpolate,$fast  220  1000"
+    "$celeba128_eager"
     "configs/cifar10.yaml   fp32,bf16+compile  220  0"
 )
 upsample=1

@@ -109,8 +109,13 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     element, and whose layout the slices would not keep).
     """
     if x.device.type != "cuda" or x.is_contiguous(memory_format=torch.channels_last):
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return interpolate2x(x)
     return upsample2x_by_slices(x)
+
+
+def interpolate2x(x: torch.Tensor) -> torch.Tensor:
+    """Bilinear x2 upsampling by F.interpolate (align_corners=False): what the authors' code runs."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 def upsample2x_by_slices(x: torch.Tensor) -> torch.Tensor:
