@@ -5,8 +5,8 @@ A config file only holds values; every key it may hold is declared here with its
 structured configs, so an unknown key or a value of the wrong type fails before anything is built,
 with the dotted key in the message. `validate` then checks values that types cannot express.
 
-Defaults are the authors' DCGAN settings at 32 px (see ../shared/DESIGN.md): a config file only
-states what differs.
+Defaults are the authors' DCGAN settings at 32 px (their public code; the README's table of configs
+names the settings each file follows): a config file only states what differs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from bidvl.models.registry import BUILDERS, ENERGY_OUTPUTS
+from bidvl.objectives import OBJECTIVES
 
 
 class ConfigError(ValueError):
@@ -32,8 +35,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    # Shard folders (each with meta.json). `dataset` + `auto_build` lets the default config build
-    # its own shards on first use (only for sources that ship with a package: digits, fashion-mnist).
+    # Shard folders (each with meta.json). `auto_build` lets the default config build its own
+    # shards on first use (only for sources that ship with a package: digits, fashion-mnist).
     train: str = "shards/digits"
     test: str = ""  # empty: same folder as `train`, split `test_split`
     train_split: str = "train"
@@ -49,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "dcgan"  # dcgan | resnet | timm
+    arch: str = "dcgan"  # a key of bidvl.models.registry.BUILDERS
     latent_dim: int = 100
     energy_width: int = 64
     encoder_width: int = 48
@@ -88,7 +91,7 @@ class OptimConfig:
 class TrainConfig:
     batch_size: int = 100  # per process
     max_steps: int = 2000
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    mixed_precision: str = "no"  # no | bf16 | fp16 (a bare `no` is fine: see BARE_NO_KEYS)
     grad_accum: int = 1
     channels_last: bool = False  # nets and batches in NHWC memory format (a GPU speed option)
     compile: bool = False  # torch.compile each trained net (Accelerate's dynamo backend, inductor)
@@ -135,7 +138,7 @@ class EvalConfig:
     """Periodic evaluation during training (bidvl.evaluation); every=0 turns it off."""
 
     every: int = 0
-    metrics: str = "rmse,ood"  # comma list of fid, rmse, ood
+    metrics: str = "rmse,ood"  # comma list of EVAL_METRICS
     num_samples: int = 1000  # generated samples for FID during training (50,000 in launch/evaluate.py)
     max_test: int = 2000  # test images used for rmse/ood during training (0: all)
     batch_size: int = 100
@@ -155,10 +158,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+EVAL_METRICS = ("fid", "rmse", "ood")  # the evaluation suite's metric names (bidvl.evaluation)
+
+# Allowed values per key; the registries that act on a value own its list.
 CHOICES = {
-    "model.arch": ("dcgan", "resnet", "timm"),
-    "model.energy_output": ("softplus", "identity"),
-    "objective.name": ("bidvl", "vae", "divergence_triangle"),
+    "model.arch": tuple(BUILDERS),
+    "model.energy_output": ENERGY_OUTPUTS,
+    "objective.name": tuple(OBJECTIVES),
     "objective.latent_term": ("offset", "not_offset", "none"),
     "train.budget_clock": ("wall", "process"),
     "objective.ratio_bias": ("none", "sigmoid"),
@@ -177,10 +183,23 @@ def _get(cfg: Config, dotted: str):
     return obj
 
 
+# YAML 1.1, which OmegaConf parses, reads a bare `no` as the boolean false, and a str field keeps
+# it as "False". These keys take `no` as a value, so load_config reads their "False" back as "no":
+# `train.mixed_precision=no` works unquoted in a file and on the command line, and the stored value
+# is always "no".
+BARE_NO_KEYS = ("train.mixed_precision",)
+
+
+def _bare_no_as_no(cfg: Config) -> Config:
+    for key in BARE_NO_KEYS:
+        section, name = key.rsplit(".", 1)
+        if getattr(_get(cfg, section), name) == "False":
+            setattr(_get(cfg, section), name, "no")
+    return cfg
+
+
 def validate(cfg: Config) -> Config:
     """Checks that types cannot express; raises ConfigError naming the key and the value."""
-    if cfg.train.mixed_precision == "False":  # YAML and OmegaConf read a bare `no` as false
-        cfg.train.mixed_precision = "no"
     for key, allowed in CHOICES.items():
         value = _get(cfg, key)
         if value not in allowed:
@@ -201,8 +220,9 @@ def validate(cfg: Config) -> Config:
             "expected every >= 0, num_samples > 0, batch_size > 0, max_test >= 0"
         )
     for metric in filter(None, cfg.eval.metrics.split(",")):
-        if metric.strip() not in ("fid", "rmse", "ood"):
-            raise ConfigError(f"eval.metrics={cfg.eval.metrics!r}: {metric!r} is not one of fid, rmse, ood")
+        if metric.strip() not in EVAL_METRICS:
+            raise ConfigError(f"eval.metrics={cfg.eval.metrics!r}: {metric!r} is not one of "
+                              f"{', '.join(EVAL_METRICS)}")
     if cfg.train.nonfinite_patience <= 0 or cfg.train.max_rollbacks < 0 or cfg.data.max_skipped < 0:
         raise ConfigError(
             f"train.nonfinite_patience={cfg.train.nonfinite_patience}, train.max_rollbacks="
@@ -260,8 +280,7 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple 
             key = getattr(exc, "full_key", None) or "?"
             first = str(exc).splitlines()[0]
             raise ConfigError(f"{where}: key {key}: {first}") from None
-    cfg = OmegaConf.to_object(merged)
-    return validate(cfg)
+    return validate(_bare_no_as_no(OmegaConf.to_object(merged)))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call
 
 
-def _full(x: torch.Tensor) -> torch.Tensor:
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """Losses are summed in (at least) float32, also under bf16/fp16 autocast."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -31,12 +31,12 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 
 def reconstruction_error(x_rec: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Per-sample summed squared error over pixels: sum (G(h_q) - v)^2; shape (B,)."""
-    return (_full(x_rec) - _full(v)).pow(2).flatten(1).sum(1)
+    return (at_least_float32(x_rec) - at_least_float32(v)).pow(2).flatten(1).sum(1)
 
 
 def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Per-sample KL(N(mu, sigma^2) || N(0, I)) summed over latent dims; shape (B,)."""
-    mu, logvar = _full(mu), _full(logvar)
+    mu, logvar = at_least_float32(mu), at_least_float32(logvar)
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
 
 
@@ -48,7 +48,7 @@ def importance_ratio(energy_data: torch.Tensor, r_basic: float, bias: str) -> to
     if bias == "none":
         return torch.full_like(energy_data, r_basic, dtype=torch.float32)
     if bias == "sigmoid":
-        e = _full(energy_data.detach())
+        e = at_least_float32(energy_data.detach())
         return r_basic * torch.sigmoid(e.mean() - e)
     raise ValueError(f"objective.ratio_bias={bias!r}: expected none or sigmoid")
 
@@ -60,19 +60,19 @@ def weighted_vae_term(recon: torch.Tensor, kl: torch.Tensor, ratio: torch.Tensor
 
 def energy_term(energy_samples: torch.Tensor) -> torch.Tensor:
     """E_{p(v,h)}[E(v)] of Eq. (13): mean energy of generated samples (gradient reaches G via E)."""
-    return _full(energy_samples).mean()
+    return at_least_float32(energy_samples).mean()
 
 
 def latent_term(mu_of_samples: torch.Tensor, h_p: torch.Tensor) -> torch.Tensor:
     """D_KL(p(v,h) || q(h|v)) of Eq. (13), as the authors run it: sum (mu(v_hat) - h_p)^2 / bs / h_dim."""
     bs, h_dim = h_p.shape
-    return (_full(mu_of_samples) - _full(h_p)).pow(2).sum() / bs / h_dim
+    return (at_least_float32(mu_of_samples) - at_least_float32(h_p)).pow(2).sum() / bs / h_dim
 
 
 def upper_level_loss(energy_data: torch.Tensor, energy_samples: torch.Tensor, form: str) -> torch.Tensor:
     """Eq. (14): `difference` mean E(v) - mean E(v_hat) (DCGAN code) or `hinge`
     mean relu(1 + E(v)) + mean relu(1 - E(v_hat)) (the authors' ResNet code)."""
-    energy_data, energy_samples = _full(energy_data), _full(energy_samples)
+    energy_data, energy_samples = at_least_float32(energy_data), at_least_float32(energy_samples)
     if form == "difference":
         return energy_data.mean() - energy_samples.mean()
     if form == "hinge":
@@ -146,7 +146,7 @@ def lower_level_loss(v, h_p, *, energy_net, encoder, generator, encoder_for_late
 
 def gaussian_nll(h: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Per-sample -log N(h; mu, exp(logvar)) summed over latent dims; shape (B,)."""
-    h, mu, logvar = _full(h), _full(mu), _full(logvar)
+    h, mu, logvar = at_least_float32(h), at_least_float32(mu), at_least_float32(logvar)
     return 0.5 * ((h - mu).pow(2) * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
 
 
@@ -184,6 +184,107 @@ def divergence_triangle_loss(v, h_p, *, energy_net, encoder, generator, w_latent
     vae = (recon + kl).mean()
     loss = vae + e_term + w_latent * nll
     return LowerLevelTerms(loss, vae, recon.mean(), kl.mean(), e_term, nll, torch.ones((), device=v.device))
+
+
+# ---------------------------------------------------------------- objectives as objects
+
+
+class UpperLevelTerms(NamedTuple):
+    loss: torch.Tensor
+    energy_data: torch.Tensor  # E(v), shape (B,)
+    energy_samples: torch.Tensor  # E(v_hat), shape (B,)
+
+
+class Objective:
+    """One `objective.name`: which nets each level trains and the losses it computes.
+
+    The engine runs, per batch, `upper_level` (if `has_upper_level`) training the nets named in
+    `upper_level_trains`, and `lower_level` training encoder + generator with the energy net
+    frozen. Trained nets are passed as they are; frozen ones through `frozen_call`.
+    """
+
+    name = ""
+    has_upper_level = True
+    upper_level_trains: tuple[str, ...] = ("energy",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # bidvl.config.ObjectiveConfig
+
+    def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
+        """Eq. (14): E runs once on cat(v, v_hat); v_hat carries no gradient."""
+        energies = energy_net(torch.cat([v, v_hat.to(v.dtype)]))
+        e_data, e_samples = energies[: len(v)], energies[len(v):]
+        return UpperLevelTerms(upper_level_loss(e_data, e_samples, self.cfg.upper_loss), e_data, e_samples)
+
+    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder) -> LowerLevelTerms:
+        raise NotImplementedError
+
+
+class BiDVL(Objective):
+    """The paper's objective: Eq. (13)/(11) in the lower level, Eq. (14) in the upper level (plus,
+    in `not_offset`, the encoder's KL(q(h|v_hat) || p(h)) of Sec. 4.4)."""
+
+    name = "bidvl"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        if cfg.latent_term == "not_offset":
+            self.upper_level_trains = ("energy", "encoder")
+
+    def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
+        terms = super().upper_level(v, v_hat, energy_net=energy_net, encoder=encoder)
+        if self.cfg.latent_term != "not_offset":
+            return terms
+        mu, logvar = encoder(v_hat)
+        return terms._replace(loss=terms.loss + self.cfg.w_latent * upper_level_encoder_kl(mu, logvar))
+
+    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder) -> LowerLevelTerms:
+        o = self.cfg
+        energy_data = None
+        if o.ratio_bias == "sigmoid":
+            with torch.no_grad():
+                energy_data = energy_net(v)
+        return lower_level_loss(
+            v, h_p, energy_net=energy_net, encoder=encoder, generator=generator,
+            encoder_for_latent=encoder if o.latent_term == "not_offset" else frozen_encoder,
+            latent_mode=o.latent_term, w_latent=o.w_latent, r_basic=o.r_basic,
+            ratio_bias=o.ratio_bias, energy_data=energy_data,
+        )
+
+
+class VAE(Objective):
+    """Baseline: the negative ELBO; no upper level (the energy net is never trained)."""
+
+    name = "vae"
+    has_upper_level = False
+    upper_level_trains = ()
+
+    def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
+        raise RuntimeError("the vae objective has no upper level")
+
+    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder) -> LowerLevelTerms:
+        return vae_loss(v, encoder=encoder, generator=generator)
+
+
+class DivergenceTriangle(Objective):
+    """Baseline (Han et al., CVPR 2019): Eq. (14)'s upper level, `divergence_triangle_loss` below."""
+
+    name = "divergence_triangle"
+
+    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder) -> LowerLevelTerms:
+        return divergence_triangle_loss(v, h_p, energy_net=energy_net, encoder=encoder,
+                                        generator=generator, w_latent=self.cfg.w_latent)
+
+
+OBJECTIVES = {o.name: o for o in (BiDVL, VAE, DivergenceTriangle)}
+
+
+def build(cfg) -> Objective:
+    """The objective object of `cfg.objective` (a Config or its ObjectiveConfig)."""
+    o = getattr(cfg, "objective", cfg)
+    if o.name not in OBJECTIVES:
+        raise ValueError(f"objective.name={o.name!r}: expected one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[o.name](o)
 
 
 class NegativeElbo(nn.Module):

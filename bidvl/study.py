@@ -4,14 +4,27 @@
     python launch/study.py --config configs/studies/fashion_mnist.yaml --only vae,bidvl_offset
     python launch/study.py --config configs/studies/fashion_mnist.yaml --report-only
 
-For every entry of `runs` it trains `launch/train.py --config BASE COMMON... OVERRIDES...` in
-OUT/NAME until `budget_minutes` of training time (train.time_budget_min, clock `budget_clock`) are
-used, then evaluates the export with `launch/evaluate.py` (FID-style score on `eval.num_samples`
-samples against `eval.fid_ref`, test RMSE, OOD AUROC against uniform noise and the `eval.ood`
-shards folders) and draws sample and reconstruction grids with `launch/sample.py`. A finished run
-leaves OUT/NAME/study_result.json and is skipped by later invocations; an interrupted one resumes
-from its last checkpoint with the budget it had used (checkpoint.resume=auto). Changing a run's
-settings needs a new name or deleting its folder.
+For every entry of `runs` it trains BASE with COMMON... OVERRIDES... (as `launch/train.py --config
+BASE ...` would) in OUT/NAME until `budget_minutes` of training time (train.time_budget_min, clock
+`budget_clock`) are used, then evaluates the export as `launch/evaluate.py` would (FID-style score
+on `eval.num_samples` samples against `eval.fid_ref`, test RMSE, OOD AUROC against uniform noise
+and the `eval.ood` shards folders) and draws sample and reconstruction grids as `launch/sample.py`
+would. A finished run leaves OUT/NAME/study_result.json and is skipped by later invocations; an
+interrupted one resumes from its last checkpoint with the budget it had used
+(checkpoint.resume=auto). Changing a run's settings needs a new name or deleting its folder.
+
+Each of a run's three stages (train, evaluate, grids) runs the library (bidvl.engine,
+bidvl.evaluation) in a fresh Python process, `python -m bidvl.study STAGE ...`, with its output
+in OUT/NAME/study.log:
+- training must: the `process` budget clock is the CPU time of the whole process, runs go side by
+  side (`parallel`), and each run starts from a clean state (RNG, Accelerate, thread pools);
+- evaluation and grids could run in this process, but there they would share its thread pools
+  and device with the other runs (`threads` is set per process, through OMP_NUM_THREADS, before
+  torch starts), and their output would mix with the other runs' instead of going to the run's
+  log. In their own process they get the run's thread count and the device launch/evaluate.py
+  and launch/sample.py would pick, so their figures and images are those of the commands.
+The processes run from the repository root (the folder above this package), from where the
+relative paths of the study files (base, shards folders, out) are read.
 
 At the end it writes the report (`report`, Markdown) with the table, the grids, loss and
 evaluation curves (PNG, matplotlib, from the runs' TensorBoard logs), steps and time per run, and
@@ -29,10 +42,12 @@ overrides}).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -42,7 +57,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent  # launch/*.py are run from the repository root
+REPO = Path(__file__).resolve().parent.parent  # the stages' working folder (see the docstring)
 MARKER = "<!-- end of generated part -->"
 KEYS = {"base", "out", "report", "budget_minutes", "budget_clock", "threads", "parallel", "common",
         "eval", "runs", "title", "notes"}
@@ -91,14 +106,16 @@ def load_study(path: Path, budget_override: float | None = None) -> dict:
     return study
 
 
-def _run(cmd: list[str], log: Path, env: dict) -> None:
+def _run_stage(stage: str, args: list[str], log: Path, env: dict) -> None:
+    """`python -m bidvl.study STAGE ARGS...` (see `stage_main`), its output appended to `log`."""
+    cmd = [sys.executable, "-m", "bidvl.study", stage, *args]
     with open(log, "a") as f:
-        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.write(f"\n$ {shlex.join(cmd)}\n")
         f.flush()
         p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
     if p.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
-        raise StudyError(f"{cmd[1]} failed (exit {p.returncode}); log {log}:\n" + "\n".join(tail))
+        raise StudyError(f"{stage} failed (exit {p.returncode}); log {log}:\n" + "\n".join(tail))
 
 
 def ensure_ood_shards(study: dict) -> None:
@@ -111,7 +128,7 @@ def ensure_ood_shards(study: dict) -> None:
 
 
 def run_one(study: dict, entry: dict) -> dict:
-    from bidvl.evaluation.loading import complete_checkpoints
+    from bidvl.checkpoint import TRAIN_STATE_FILE, TrainState, complete_checkpoints
 
     out = Path(study["out"]) / entry["name"]
     result_path = out / "study_result.json"
@@ -121,30 +138,24 @@ def run_one(study: dict, entry: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(study["threads"]), "MKL_NUM_THREADS": str(study["threads"])}
-    py = sys.executable
     overrides = [*study["common"], *entry.get("overrides", []), f"run.dir={out}",
                  f"train.time_budget_min={study['budget_minutes']}",
                  f"train.budget_clock={study['budget_clock']}"]
     print(f"[{entry['name']}] training ({study['budget_minutes']:g} min, {study['budget_clock']} clock)", flush=True)
     t0 = time.time()
-    _run([py, "launch/train.py", "--config", study["base"], *overrides], log, env)
+    _run_stage("train", [study["base"], *overrides], log, env)
     train_wall = time.time() - t0
     ev = study["eval"]
-    cmd = [py, "launch/evaluate.py", "--run", str(out), "--metrics", "fid,rmse,ood",
-           "--num-samples", str(ev.get("num_samples", 10000)), "--fid-ref", ev.get("fid_ref", "test"),
-           "--batch-size", str(ev.get("batch_size", 500))]
-    if ev.get("features"):
-        cmd += ["--features", ev["features"]]
-    if ev.get("ood"):
-        cmd += ["--ood", *ev["ood"]]
+    options = {"metrics": ["fid", "rmse", "ood"], "num_samples": int(ev.get("num_samples", 10000)),
+               "fid_ref": ev.get("fid_ref", "test"), "batch_size": int(ev.get("batch_size", 500)),
+               "features": ev.get("features") or "", "ood": [str(f) for f in ev.get("ood") or ()],
+               "cache_dir": f"{out}/eval/cache"}
     print(f"[{entry['name']}] evaluating", flush=True)
     t1 = time.time()
-    _run(cmd, log, env)
+    _run_stage("evaluate", [str(out), json.dumps(options)], log, env)
     eval_wall = time.time() - t1
-    _run([py, "launch/sample.py", "--run", str(out), "--num", "64", "--out", str(out / "samples.png")], log, env)
-    _run([py, "launch/sample.py", "--run", str(out), "--num", "32", "--reconstruct",
-          "--out", str(out / "reconstructions.png")], log, env)
-    state = json.loads((complete_checkpoints(out)[-1] / "train_state.json").read_text())
+    _run_stage("grids", [str(out)], log, env)
+    state = dataclasses.asdict(TrainState.read(complete_checkpoints(out)[-1] / TRAIN_STATE_FILE))
     report = json.loads(max((out / "eval").glob("step_*.json")).read_text())
     result = {
         "name": entry["name"], "label": entry.get("label", entry["name"]), "overrides": entry.get("overrides", []),
@@ -160,6 +171,73 @@ def run_one(study: dict, entry: dict) -> dict:
     print(f"[{entry['name']}] done: {result['steps']} steps, " +
           ", ".join(f"{k}={v:.4g}" for k, v in result["scalars"].items()), flush=True)
     return result
+
+
+# ---------------------------------------------------------------- the stages (own processes)
+
+
+def train_stage(config: str, overrides: list[str]) -> None:
+    """Trains `config` with `overrides` to the end (max_steps, time budget or a signal), as
+    launch/train.py does."""
+    from bidvl.config import load_config
+    from bidvl.engine import train
+
+    train(load_config(config, overrides))
+
+
+def evaluate_stage(run_dir: str, options: dict) -> None:
+    """launch/evaluate.py --run RUN_DIR with `options` (EvalOptions fields): the report files."""
+    from accelerate import Accelerator
+
+    from bidvl.evaluation import EvalOptions, load_run
+    from bidvl.evaluation.evaluator import evaluate_run
+
+    accelerator = Accelerator()
+    run = load_run(run_dir, device=accelerator.device)
+    opts = EvalOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
+    report, path = evaluate_run(accelerator, run_dir, run, opts)
+    print(json.dumps(report["scalars"], indent=2))
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    accelerator.end_training()
+
+
+def grids_stage(run_dir: str) -> None:
+    """RUN_DIR/samples.png (64 samples) and RUN_DIR/reconstructions.png (32 test images and their
+    reconstructions), as launch/sample.py draws them."""
+    import torch
+    from torchvision.utils import save_image
+
+    from bidvl.evaluation import load_run
+    from bidvl.evaluation.sampling import reconstruction_grid, sample_grid
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = load_run(run_dir, device=device)
+    for kind, (images, grid) in (("samples", sample_grid(run, 64, device=device)),
+                                 ("reconstructions", reconstruction_grid(run, 32, device=device))):
+        save_image(grid, str(Path(run_dir) / f"{kind}.png"))
+        print(f"wrote {len(images)} {kind} of step {run.step} ({run.kind}) to {Path(run_dir) / kind}.png")
+
+
+def stage_main(argv: list[str]) -> int:
+    """`python -m bidvl.study train CONFIG [OVERRIDE...] | evaluate RUN_DIR OPTIONS_JSON | grids
+    RUN_DIR`: one stage of one run, in the fresh process `run_one` starts for it."""
+    from bidvl.config import ConfigError
+    from bidvl.data import ShardError
+    from bidvl.evaluation import EvalError
+
+    stages = {"train": lambda config, *overrides: train_stage(config, list(overrides)),
+              "evaluate": lambda run_dir, options: evaluate_stage(run_dir, json.loads(options)),
+              "grids": grids_stage}
+    if not argv or argv[0] not in stages:
+        print(f"usage: python -m bidvl.study {{{','.join(stages)}}} ARGS... (the stages of "
+              "launch/study.py; see bidvl/study.py)", file=sys.stderr)
+        return 2
+    try:
+        stages[argv[0]](*argv[1:])
+    except (ConfigError, ShardError, EvalError, FloatingPointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # bad input or a diverged run: one line
+        return 2
+    return 0
 
 
 # ---------------------------------------------------------------- report
@@ -207,17 +285,12 @@ def plot_curves(study: dict, results: list[dict], path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    from bidvl.benchmarking import device_name
+
+    return (f"{device_name('cpu')}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def fmt(x, digits=4) -> str:
@@ -308,3 +381,7 @@ def run_study(study: dict, only: list[str] | None = None, report_only: bool = Fa
     if not results:
         raise StudyError(f"no finished runs under {study['out']}: nothing to report")
     return write_report(study, results)
+
+
+if __name__ == "__main__":
+    sys.exit(stage_main(sys.argv[1:]))

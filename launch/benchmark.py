@@ -7,7 +7,7 @@
 
 Prints one JSON object (on one line). For each variant it times, on random tensors of the
 config's shape (median over --steps after --warmup):
-  engine  `Trainer(cfg, with_data=False).train_step([v])`: one upper and N lower steps under
+  engine  `Trainer(cfg).train_step([v])`: one upper and N lower steps under
           Accelerate, with the engine's grad-norm and non-finite checks and metrics;
   plain   the same work written as a single-process loop over `bidvl.models.build_nets` and
           `bidvl.objectives` (below), with the same optimizers, batch and precision.
@@ -16,9 +16,9 @@ ratio_engine_to_plain is the engine's overhead. Each side runs in a fresh proces
 
 A variant is `+`-joined tokens: fp32 | bf16 (autocast), channels_last, compile (torch.compile),
 cudnn_benchmark (torch.backends.cudnn.benchmark=True in the measuring process, both sides),
-interpolate (the ResNet generator upsamples with F.interpolate on every device, as before commit
-9e690ed, instead of `bidvl.models.resnet.upsample2x`'s slices for NCHW tensors on CUDA: the
-whole-step effect of that choice, both sides alike).
+interpolate (the ResNet generator upsamples with F.interpolate on every device instead of
+`bidvl.models.resnet.upsample2x`'s slices for NCHW tensors on CUDA: the whole-step effect of that
+choice, both sides alike).
 The engine gets them as train.mixed_precision / train.channels_last / train.compile; the plain loop
 applies `net.to(memory_format=torch.channels_last)` and `torch.compile(net)` to its three nets
 (all their calls compiled, the frozen ones included).
@@ -38,7 +38,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -48,6 +47,8 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+
+from bidvl.benchmarking import device_name
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENS = ("fp32", "bf16", "channels_last", "compile", "cudnn_benchmark", "interpolate")
@@ -67,69 +68,53 @@ def parse_variant(name: str) -> dict:
 
 
 def plain_step(nets, opts, v, cfg, autocast):
-    """One bi-level iteration as a single-process PyTorch loop (same maths as bidvl.engine)."""
+    """One bi-level iteration as a single-process PyTorch loop over the engine's objective object
+    (`bidvl.objectives.build`), so both sides run the same maths for every objective.name."""
     import torch
 
-    from bidvl import objectives as obj
+    from bidvl import objectives
 
     energy_net, encoder, generator = nets
     energy_opt, latent_opt = opts
-    o = cfg.objective
+    objective = objectives.build(cfg)
+    frozen = {"energy_net": partial(objectives.frozen_call, energy_net),
+              "frozen_encoder": partial(objectives.frozen_call, encoder)}
     h_p = torch.randn(len(v), cfg.model.latent_dim, device=v.device)
 
     def upper():
         with autocast():
             with torch.no_grad():
                 v_hat = generator(h_p)
-            energies = energy_net(torch.cat([v, v_hat.to(v.dtype)]))
-            loss = obj.upper_level_loss(energies[: len(v)], energies[len(v):], o.upper_loss)
-            if o.latent_term == "not_offset":
-                loss = loss + o.w_latent * obj.upper_level_encoder_kl(*encoder(v_hat))
-        loss.backward()
+            terms = objective.upper_level(v, v_hat, energy_net=energy_net, encoder=encoder)
+        terms.loss.backward()
         energy_opt.step()
         energy_opt.zero_grad(set_to_none=True)
-        if o.latent_term == "not_offset":
+        if "encoder" in objective.upper_level_trains:
             latent_opt.step()
             latent_opt.zero_grad(set_to_none=True)
 
     def lower():
         with autocast():
-            energy_data = None
-            if o.ratio_bias == "sigmoid":
-                with torch.no_grad():
-                    energy_data = energy_net(v)
-            terms = obj.lower_level_loss(
-                v, h_p, energy_net=partial(obj.frozen_call, energy_net), encoder=encoder,
-                generator=generator,
-                encoder_for_latent=encoder if o.latent_term == "not_offset" else partial(obj.frozen_call, encoder),
-                latent_mode=o.latent_term, w_latent=o.w_latent, r_basic=o.r_basic,
-                ratio_bias=o.ratio_bias, energy_data=energy_data,
-            )
+            terms = objective.lower_level(v, h_p, encoder=encoder, generator=generator, **frozen)
         terms.loss.backward()
         latent_opt.step()
         latent_opt.zero_grad(set_to_none=True)
 
-    if o.order == "upper_first":
+    o = cfg.objective
+    if objective.has_upper_level and o.order == "upper_first":
         upper()
     for _ in range(o.lower_steps):
         lower()
-    if o.order == "lower_first":
+    if objective.has_upper_level and o.order == "lower_first":
         upper()
 
 
 def build_plain(cfg, device):
-    import torch
-
+    from bidvl.engine import build_optimizers
     from bidvl.models import build_nets
 
     nets = [net.to(device).train() for net in build_nets(cfg.model, cfg.data.channels, cfg.data.resolution)]
-    eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
-    opts = (
-        torch.optim.Adam(nets[0].parameters(), lr=eo.lr, betas=tuple(eo.betas), weight_decay=eo.weight_decay),
-        torch.optim.Adam([*nets[1].parameters(), *nets[2].parameters()], lr=lo.lr, betas=tuple(lo.betas),
-                         weight_decay=lo.weight_decay),
-    )
-    return nets, opts
+    return nets, build_optimizers(cfg, *nets)
 
 
 def apply_variant(nets, variant):
@@ -150,8 +135,7 @@ def load(config: str, batch_size: int, variant: dict, run_dir: str):
 
     return load_config(config, [
         f"run.dir={run_dir}", f"train.batch_size={batch_size}", "data.auto_build=''",
-        # quoted: OmegaConf reads a bare `no` as the boolean False
-        f"train.mixed_precision={'bf16' if variant['precision'] == 'bf16' else repr('no')}",
+        f"train.mixed_precision={'bf16' if variant['precision'] == 'bf16' else 'no'}",
         f"train.channels_last={str(variant['channels_last']).lower()}",
         f"train.compile={str(variant['compile']).lower()}",
     ])
@@ -183,7 +167,7 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
         if side == "engine":
             from bidvl.engine import Trainer
 
-            trainer = Trainer(cfg, with_data=False)
+            trainer = Trainer(cfg)
             step = partial(trainer.train_step, [v])
         else:
             nets, opts = build_plain(cfg, device)
@@ -284,7 +268,7 @@ def stand_in_data_wait(cfg, batch_size: int, batches: int, images: int) -> dict:
     """data_wait over stand-in shards of the config's resolution and channels: `images` 160 px
     crops of scikit-learn's sample photos (photographic content, so PNG sizes and decode costs are
     realistic), written by the imagefolder writer; the stream loops over them."""
-    from benchmark_data import photo_folder
+    from bidvl.benchmarking import photo_folder
 
     from bidvl.data import build_shards
 
@@ -296,17 +280,6 @@ def stand_in_data_wait(cfg, batch_size: int, batches: int, images: int) -> dict:
         data = data_wait(cfg, batch_size, batches, shards=str(shards))
     data["shards"] = f"stand-in: {images} crops of scikit-learn's sample photos"
     return data
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager

@@ -17,25 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+from bidvl.benchmarking import photo_folder
 from bidvl.data import build_shards, train_stream
 from bidvl.data.fashion_mnist import DEFAULT_SRC as FASHION_SRC
-
-
-def photo_folder(folder: Path, count: int, size: int) -> Path:
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images().images
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for i in range(count):
-        photo = photos[i % len(photos)]
-        y = rng.integers(0, photo.shape[0] - size)
-        x = rng.integers(0, photo.shape[1] - size)
-        Image.fromarray(photo[y: y + size, x: x + size]).save(folder / f"{i:05d}.png")
-    return folder
 
 
 def throughput(folder: Path, batch_size: int, workers: int, images: int) -> float:

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def shapes(cfg, batch: int) -> list[tuple[int, int, int, int]]:
@@ -62,8 +61,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-    from benchmark import device_name  # launch/benchmark.py, beside this script
 
+    from bidvl.benchmarking import device_name
     from bidvl.config import load_config
     from bidvl.models.resnet import interpolate2x, upsample2x_by_slices
 

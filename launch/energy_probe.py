@@ -29,20 +29,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from bidvl.data import eval_stream
     from bidvl.evaluation import EvalError, load_run, sample_images
-    from bidvl.evaluation.loading import heldout_data
     from bidvl.evaluation.metrics import auroc, energies
+    from bidvl.evaluation.sampling import first_test_images
 
     try:
         run = load_run(args.run, args.checkpoint)
-        folder, split = heldout_data(run.cfg)
-        real = []
-        for images, _, index in eval_stream(folder, split, 500):
-            real.append(images[index >= 0])
-            if sum(len(r) for r in real) >= args.num:
-                break
-        v = torch.cat(real)[: args.num]
+        v = first_test_images(run.cfg, args.num, 500)
     except (EvalError, ShardError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

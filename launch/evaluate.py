@@ -45,8 +45,8 @@ def main(argv=None):
 
     from accelerate import Accelerator
 
-    from bidvl.evaluation import EvalError, EvalOptions, evaluate_nets, load_run, write_report
-    from bidvl.evaluation.evaluator import options_dict, parse_metrics
+    from bidvl.evaluation import EvalError, EvalOptions, load_run
+    from bidvl.evaluation.evaluator import evaluate_run, parse_metrics
 
     accelerator = Accelerator()
     try:
@@ -57,14 +57,11 @@ def main(argv=None):
             features=args.features, inception_weights=args.inception_weights, seed=args.seed,
             bn_mode=args.bn_mode, cache_dir=f"{args.run}/eval/cache", num_workers=args.num_workers,
         )
-        report = evaluate_nets(accelerator, run.cfg, run.nets, opts)
+        report, path = evaluate_run(accelerator, args.run, run, opts)
     except (EvalError, ShardError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if accelerator.is_main_process:
-        report["options"] = options_dict(opts)
-        path = write_report(args.run, run.step, report,
-                            weights={"kind": run.kind, "path": str(run.source), "step": run.step})
+    if path is not None:
         print(json.dumps(report["scalars"], indent=2))
         print(f"wrote {path} and {path.with_suffix('.md')}")
     accelerator.wait_for_everyone()

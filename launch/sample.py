@@ -11,7 +11,6 @@ reconstructions. The .npy array is float32 (N, C, H, W) in [-1, 1].
 """
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -36,12 +35,10 @@ def main(argv=None):
 
     import numpy as np
     import torch
-    from torchvision.utils import make_grid, save_image
+    from torchvision.utils import save_image
 
-    from bidvl.data import eval_stream
-    from bidvl.evaluation import EvalError, load_run, sample_images
-    from bidvl.evaluation.loading import heldout_data
-    from bidvl.evaluation.sampling import forward_in_mode
+    from bidvl.evaluation import EvalError, load_run
+    from bidvl.evaluation.sampling import reconstruction_grid, sample_grid
 
     try:
         if args.num < 1:
@@ -49,23 +46,10 @@ def main(argv=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         run = load_run(args.run, args.checkpoint, device=device)
         if args.reconstruct:
-            folder, split = heldout_data(run.cfg)
-            real = []
-            for images, _, index in eval_stream(folder, split, min(args.num, 256)):
-                real.append(images[index >= 0])
-                if sum(len(r) for r in real) >= args.num:
-                    break
-            real = torch.cat(real)[: args.num].to(device)
-            mu, _ = forward_in_mode(run.nets.encoder, args.bn_mode, real)
-            images = forward_in_mode(run.nets.generator, args.bn_mode, mu).float()
-            grid = make_grid(torch.stack([real.float(), images], 1).flatten(0, 1).cpu(),
-                             nrow=args.nrow or 2 * max(1, round(math.sqrt(len(real) / 2))),
-                             normalize=True, value_range=(-1, 1))
+            images, grid = reconstruction_grid(run, args.num, args.bn_mode, device, args.nrow)
         else:
-            images = sample_images(run.nets.generator, args.num, run.cfg.model.latent_dim, args.seed,
-                                   args.batch_size, args.bn_mode, device)
-            grid = make_grid(images.cpu(), nrow=args.nrow or max(1, round(math.sqrt(len(images)))),
-                             normalize=True, value_range=(-1, 1))
+            images, grid = sample_grid(run, args.num, args.seed, args.batch_size, args.bn_mode, device,
+                                       args.nrow)
     except (EvalError, ShardError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

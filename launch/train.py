@@ -21,9 +21,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from bidvl.engine import Trainer
+        from bidvl.engine import train
 
-        Trainer(cfg).fit()
+        train(cfg)
     except (ConfigError, ShardError, FloatingPointError) as exc:
         # Bad input or a diverged run: one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)

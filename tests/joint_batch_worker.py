@@ -48,6 +48,7 @@ def main() -> None:
     from bidvl import objectives
     from bidvl.config import load_config
     from bidvl.engine import Trainer
+    from bidvl.tracking import StepResult
     from conftest import TINY
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 on the GPU too: the
@@ -66,7 +67,7 @@ def main() -> None:
                       [*TINY, f"run.dir={a.run_dir}", f"train.batch_size={b}", *a.overrides])
     if a.eval_mode and cfg.objective.order != "upper_first":
         raise SystemExit("--eval-mode runs the phases in objective.order=upper_first")
-    trainer = Trainer(cfg, with_data=False)
+    trainer = Trainer(cfg)
     device = trainer.accelerator.device
     data = torch.Generator().manual_seed(99)
     shape = (a.batch_size, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
@@ -76,12 +77,12 @@ def main() -> None:
         if not a.eval_mode:
             trainer.train_step([v], [h_p])
             continue
-        metrics: dict = {}  # train_step's phases (objective.order=upper_first), nets in eval mode
+        result = StepResult()  # train_step's phases (objective.order=upper_first), nets in eval mode
         for net in (trainer.energy_net, trainer.encoder, trainer.generator):
             net.eval()
-        trainer.upper_level_step([v], [h_p], metrics)
+        trainer.upper_level_step([v], [h_p], result)
         for _ in range(cfg.objective.lower_steps):
-            trainer.lower_level_step([v], [h_p], metrics)
+            trainer.lower_level_step([v], [h_p], result)
     trainer.export()
     trainer.close()
 

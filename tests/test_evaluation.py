@@ -215,6 +215,31 @@ def test_samples_and_noise_do_not_depend_on_batching():
     assert torch.equal(uniform_noise(torch.tensor([4]), (1, 4, 4), 0), noise[4:])
 
 
+def test_padding_rows_are_dropped_and_single_process_layout():
+    from bidvl.evaluation.gather import IndexedRows, process_layout
+
+    assert process_layout(None) == (torch.device("cpu"), 0, 1, True)
+    rows = IndexedRows(None)
+    rows.add(torch.tensor([3, -1, 1]), energy=torch.tensor([30.0, 0.0, 10.0], dtype=torch.float64))
+    rows.add_padding(2, torch.float64, energy=())  # a rank with nothing of its own this round
+    out = rows.result()
+    assert out["index"].tolist() == [1, 3] and out["energy"].tolist() == [10.0, 30.0]
+
+
+def test_reconstruction_pairs_interleave_images_and_reconstructions():
+    from bidvl.evaluation.sampling import reconstruction_pairs
+
+    class Encoder(nn.Module):  # mu = mean of each image, logvar ignored
+        def forward(self, v):
+            return v.flatten(1).mean(1, keepdim=True), None
+
+    v = torch.rand(3, 1, 4, 4) * 2 - 1
+    pairs = reconstruction_pairs(Encoder(), lambda mu: mu.expand(-1, 16).reshape(-1, 1, 4, 4), v)
+    assert pairs.shape == (6, 1, 4, 4) and pairs.dtype == torch.float32
+    assert torch.equal(pairs[0::2], v)
+    assert torch.allclose(pairs[1::2], v.mean((1, 2, 3), keepdim=True).expand_as(v))
+
+
 def test_uint8_conversion_recovers_the_shard_bytes():
     pixels = torch.arange(256, dtype=torch.float32)
     images = (pixels / 127.5 - 1).reshape(1, 1, 16, 16)  # as the reader decodes them

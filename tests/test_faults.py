@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import BIN, ENV, REPO, TINY
+from bidvl.checkpoint import CheckpointError
 from bidvl.config import ConfigError, load_config
 from bidvl.data import ShardError, eval_stream, train_stream
 from bidvl.data.meta import shard_name, write_meta
@@ -275,25 +276,28 @@ def test_repeated_nan_rolls_back_with_lower_lr_then_stops(tmp_path, digits16):
     trainer.state.step = 1
     trainer.save_checkpoint()
     weights = [p.detach().clone() for p in trainer.energy_net.parameters()]
-    base_lr = trainer.energy_opt.param_groups[0]["lr"]
+    base_lr = trainer.cfg.train.energy_optim.lr
+    decay = trainer.cfg.train.energy_optim.lr_decay
+    trainer.steps_per_epoch = 1  # (fit() sets it from the data): step 1 is in epoch 1
     trainer.state.step = 2
-    assert not trainer.check_nonfinite(trainer.train_step(nan_batch))
+    assert not trainer.apply_nonfinite_policy(trainer.train_step(nan_batch))
     trainer.state.step = 3
-    assert trainer.check_nonfinite(trainer.train_step(nan_batch))  # second in a row: roll back
+    assert trainer.apply_nonfinite_policy(trainer.train_step(nan_batch))  # second in a row: roll back
     assert trainer.state.step == 1 and trainer.state.rollbacks == 1
-    assert trainer.energy_opt.param_groups[0]["lr"] == pytest.approx(base_lr * 0.5)
+    assert trainer.energy_opt.param_groups[0]["lr"] == pytest.approx(base_lr * decay * 0.5)
+    assert decay != 1.0 and trainer.state.lr_scale == 0.5
     for a, b in zip(weights, trainer.energy_net.parameters()):
         assert torch.equal(a, b)
-    trainer.check_nonfinite(trainer.train_step(nan_batch))
+    trainer.apply_nonfinite_policy(trainer.train_step(nan_batch))
     with pytest.raises(FloatingPointError, match="after 1 rollbacks"):
-        trainer.check_nonfinite(trainer.train_step(nan_batch))
+        trainer.apply_nonfinite_policy(trainer.train_step(nan_batch))
     trainer.close()
 
 
 def test_nan_stop_policy(tmp_path, digits16):
     trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=1", "train.on_nonfinite=stop")
     with pytest.raises(FloatingPointError, match="train.on_nonfinite=stop"):
-        trainer.check_nonfinite(trainer.train_step([torch.full((16, 1, 16, 16), float("nan"))]))
+        trainer.apply_nonfinite_policy(trainer.train_step([torch.full((16, 1, 16, 16), float("nan"))]))
     trainer.close()
 
 
@@ -310,7 +314,11 @@ def test_resume_from_another_architecture_fails_before_the_first_step(tmp_path, 
 def test_config_faults_fail_before_training(tmp_path, digits16):
     with pytest.raises(ConfigError, match="data.on_error='ignore'"):
         load_config(REPO / "configs/digits.yaml", ["data.on_error=ignore"])
+    trainer = tiny_trainer(tmp_path, digits16, "data.channels=3")
     with pytest.raises(ConfigError, match="data.channels=3 but .*meta.json says channels=1"):
-        tiny_trainer(tmp_path, digits16, "data.channels=3")
-    with pytest.raises(ConfigError, match="checkpoint.resume=.*not a complete checkpoint"):
-        tiny_trainer(tmp_path, digits16, f"checkpoint.resume={tmp_path}").find_resume_checkpoint()
+        trainer.fit()
+    trainer.close(synchronise=False)
+    trainer = tiny_trainer(tmp_path, digits16, f"checkpoint.resume={tmp_path}")
+    with pytest.raises(CheckpointError, match="checkpoint.resume=.*not a complete checkpoint"):
+        trainer.checkpointer.find_resume()
+    trainer.close()

@@ -199,6 +199,27 @@ def test_unknown_arch_and_energy_output():
         build_nets(ModelConfig(energy_output="tanh"), channels=3, resolution=32)
 
 
+def test_config_allows_the_registrys_archs_and_energy_outputs():
+    """The registry owns the lists: config validation takes its allowed values from there."""
+    from bidvl.config import CHOICES, ConfigError, load_config
+    from bidvl.models.registry import BUILDERS, ENERGY_OUTPUTS
+
+    assert CHOICES["model.arch"] == tuple(BUILDERS) and CHOICES["model.energy_output"] == ENERGY_OUTPUTS
+    with pytest.raises(ConfigError, match="model.arch='vgg': expected one of dcgan, resnet, timm"):
+        load_config(None, ["model.arch=vgg"])
+
+
+def test_cpu_state_dict_is_a_detached_contiguous_cpu_copy():
+    from bidvl.models import cpu_state_dict
+
+    net = build_nets(SMALL["resnet"][0], 3, 32).encoder
+    state = cpu_state_dict(net)
+    assert state.keys() == net.state_dict().keys()
+    for name, tensor in state.items():
+        assert tensor.device.type == "cpu" and tensor.is_contiguous() and not tensor.requires_grad
+        assert torch.equal(tensor, net.state_dict()[name])
+
+
 def _upsample_pair(upsample, x: torch.Tensor):
     """(upsample(x), its gradient for a fixed random upstream gradient) and the same for
     F.interpolate (bilinear x2, align_corners=False)."""

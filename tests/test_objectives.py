@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from bidvl import objectives as obj
+from bidvl import objectives
 
 H, C, R, B = 4, 1, 4, 6
 
@@ -61,10 +61,10 @@ def data():
 def lower(nets, latent_mode="offset", w_latent=1.0, r_basic=0.05, ratio_bias="none"):
     energy_net, encoder, generator = nets
     v, h_p = data()
-    enc_latent = encoder if latent_mode == "not_offset" else partial(obj.frozen_call, encoder)
+    enc_latent = encoder if latent_mode == "not_offset" else partial(objectives.frozen_call, encoder)
     e_data = energy_net(v).detach() if ratio_bias == "sigmoid" else None
-    return obj.lower_level_loss(
-        v, h_p, energy_net=partial(obj.frozen_call, energy_net), encoder=encoder, generator=generator,
+    return objectives.lower_level_loss(
+        v, h_p, energy_net=partial(objectives.frozen_call, energy_net), encoder=encoder, generator=generator,
         encoder_for_latent=enc_latent, latent_mode=latent_mode, w_latent=w_latent, r_basic=r_basic,
         ratio_bias=ratio_bias, energy_data=e_data,
     )
@@ -118,26 +118,26 @@ def test_kl_matches_torch_distributions():
     q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
     expected = torch.distributions.kl_divergence(q, p).sum(1)
-    torch.testing.assert_close(obj.kl_to_prior(mu, logvar), expected.float(), check_dtype=False)
+    torch.testing.assert_close(objectives.kl_to_prior(mu, logvar), expected.float(), check_dtype=False)
 
 
 def test_reconstruction_and_latent_terms_by_hand():
     x = torch.tensor([[[[1.0, 0.0]]], [[[0.5, 0.5]]]])
     v = torch.zeros_like(x)
-    assert obj.reconstruction_error(x, v).tolist() == [1.0, 0.5]
+    assert objectives.reconstruction_error(x, v).tolist() == [1.0, 0.5]
     mu = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
     h = torch.zeros(2, 2)
-    assert obj.latent_term(mu, h).item() == pytest.approx((1 + 4) / 2 / 2)
+    assert objectives.latent_term(mu, h).item() == pytest.approx((1 + 4) / 2 / 2)
 
 
 def test_importance_ratio():
     e = torch.tensor([0.0, 2.0])
-    assert obj.importance_ratio(e, 0.05, "none").tolist() == pytest.approx([0.05, 0.05])
-    r = obj.importance_ratio(e, 0.5, "sigmoid")
+    assert objectives.importance_ratio(e, 0.05, "none").tolist() == pytest.approx([0.05, 0.05])
+    r = objectives.importance_ratio(e, 0.5, "sigmoid")
     assert r.tolist() == pytest.approx([0.5 * torch.sigmoid(torch.tensor(1.0)).item(),
                                         0.5 * torch.sigmoid(torch.tensor(-1.0)).item()])
     with pytest.raises(ValueError, match="objective.ratio_bias"):
-        obj.importance_ratio(e, 0.5, "bogus")
+        objectives.importance_ratio(e, 0.5, "bogus")
 
 
 def test_sigmoid_bias_changes_weighting(nets):
@@ -148,11 +148,11 @@ def test_sigmoid_bias_changes_weighting(nets):
 
 def test_upper_level_values():
     e_data, e_samples = torch.tensor([-2.0, 0.0]), torch.tensor([1.0, 3.0])
-    assert obj.upper_level_loss(e_data, e_samples, "difference").item() == pytest.approx(-1.0 - 2.0)
+    assert objectives.upper_level_loss(e_data, e_samples, "difference").item() == pytest.approx(-1.0 - 2.0)
     # hinge: mean relu(1 + E(v)) + mean relu(1 - E(v_hat)) = mean(0, 1) + mean(0, 0)
-    assert obj.upper_level_loss(e_data, e_samples, "hinge").item() == pytest.approx(0.5)
+    assert objectives.upper_level_loss(e_data, e_samples, "hinge").item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="objective.upper_loss"):
-        obj.upper_level_loss(e_data, e_samples, "bogus")
+        objectives.upper_level_loss(e_data, e_samples, "bogus")
 
 
 def test_upper_level_gradient_is_data_minus_sample_energy_gradients(nets):
@@ -161,7 +161,7 @@ def test_upper_level_gradient_is_data_minus_sample_energy_gradients(nets):
     v, h_p = data()
     with torch.no_grad():
         v_hat = generator(h_p)
-    loss = obj.upper_level_loss(energy_net(v), energy_net(v_hat), "difference")
+    loss = objectives.upper_level_loss(energy_net(v), energy_net(v_hat), "difference")
     loss.backward()
     autograd = [p.grad.clone() for p in energy_net.parameters()]
     energy_net.zero_grad()
@@ -179,9 +179,9 @@ def test_upper_level_gradient_is_data_minus_sample_energy_gradients(nets):
     for j in range(3):
         with torch.no_grad():
             p[j] += eps
-            up = obj.upper_level_loss(energy_net(v), energy_net(v_hat), "difference").item()
+            up = objectives.upper_level_loss(energy_net(v), energy_net(v_hat), "difference").item()
             p[j] -= 2 * eps
-            down = obj.upper_level_loss(energy_net(v), energy_net(v_hat), "difference").item()
+            down = objectives.upper_level_loss(energy_net(v), energy_net(v_hat), "difference").item()
             p[j] += eps
         assert (up - down) / (2 * eps) == pytest.approx(autograd[1][j].item(), rel=1e-5, abs=1e-8)
 
@@ -192,7 +192,7 @@ def test_upper_level_encoder_kl_moves_encoder_only(nets):
     with torch.no_grad():
         v_hat = generator(h_p)
     mu, logvar = encoder(v_hat)
-    obj.upper_level_encoder_kl(mu, logvar).backward()
+    objectives.upper_level_encoder_kl(mu, logvar).backward()
     assert has_grad(encoder)
     assert all(g is None for g in grads_of(generator))
 
@@ -202,10 +202,10 @@ def test_frozen_call_matches_forward_and_keeps_spectral_norm_buffers():
     net = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3))
     x = torch.randn(5, 4, requires_grad=True)
     net.eval()
-    torch.testing.assert_close(obj.frozen_call(net, x), net(x))
+    torch.testing.assert_close(objectives.frozen_call(net, x), net(x))
     net.train()
     u_before = net.parametrizations.weight[0]._u.clone()
-    out = obj.frozen_call(net, x)
+    out = objectives.frozen_call(net, x)
     assert not torch.equal(u_before, net.parametrizations.weight[0]._u)  # power iteration ran
     out.sum().backward()
     assert x.grad is not None
@@ -218,7 +218,7 @@ def test_frozen_call_matches_forward_and_keeps_spectral_norm_buffers():
 def dt_terms(nets, w_latent=0.1):
     energy_net, encoder, generator = nets
     v, h_p = data()
-    return obj.divergence_triangle_loss(v, h_p, energy_net=partial(obj.frozen_call, energy_net),
+    return objectives.divergence_triangle_loss(v, h_p, energy_net=partial(objectives.frozen_call, energy_net),
                                         encoder=encoder, generator=generator, w_latent=w_latent)
 
 
@@ -226,7 +226,7 @@ def test_vae_loss_is_negative_elbo_and_moves_encoder_and_generator_only(nets):
     energy_net, encoder, generator = nets
     v, _ = data()
     torch.manual_seed(2)
-    terms = obj.vae_loss(v, encoder=encoder, generator=generator)
+    terms = objectives.vae_loss(v, encoder=encoder, generator=generator)
     torch.testing.assert_close(terms.loss, terms.recon + terms.kl, check_dtype=False)
     # by hand, with the same reparameterisation noise
     torch.manual_seed(2)
@@ -242,7 +242,7 @@ def test_vae_loss_is_negative_elbo_and_moves_encoder_and_generator_only(nets):
 def test_gaussian_nll_matches_torch_distributions():
     h, mu, logvar = (torch.randn(B, H, dtype=torch.float64) for _ in range(3))
     expected = -torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(h).sum(1)
-    torch.testing.assert_close(obj.gaussian_nll(h, mu, logvar), expected)
+    torch.testing.assert_close(objectives.gaussian_nll(h, mu, logvar), expected)
 
 
 def test_divergence_triangle_loss_is_the_sum_of_its_terms(nets):
@@ -279,8 +279,50 @@ def test_divergence_triangle_gradients_split_as_han_et_al(nets):
 def test_negative_elbo_scores_like_an_energy(nets):
     _, encoder, generator = nets
     v, _ = data()
-    score = obj.NegativeElbo(encoder, generator)(v)
+    score = objectives.NegativeElbo(encoder, generator)(v)
     mu, logvar = encoder(v)
     expected = ((generator(mu) - v) ** 2).flatten(1).sum(1) + 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
     torch.testing.assert_close(score, expected, check_dtype=False)
     assert score.shape == (B,)
+
+
+def test_objective_objects_say_what_each_level_trains():
+    from bidvl.config import ObjectiveConfig
+
+    cases = {("bidvl", "offset"): (True, ("energy",)), ("bidvl", "not_offset"): (True, ("energy", "encoder")),
+             ("vae", "offset"): (False, ()), ("divergence_triangle", "offset"): (True, ("energy",))}
+    for (name, latent), (has_upper, trains) in cases.items():
+        objective = objectives.build(ObjectiveConfig(name=name, latent_term=latent))
+        assert objective.name == name
+        assert (objective.has_upper_level, objective.upper_level_trains) == (has_upper, trains)
+    with pytest.raises(ValueError, match="objective.name='gan'"):
+        objectives.build(ObjectiveConfig(name="gan"))
+
+
+@pytest.mark.parametrize("latent_mode", ["offset", "not_offset", "none"])
+def test_bidvl_object_computes_the_functions(latent_mode):
+    """The object is a thin composition: its losses equal the functions' for the same noise."""
+    from bidvl.config import ObjectiveConfig
+
+    torch.manual_seed(0)
+    energy_net, encoder, generator = TinyEnergy(), TinyEncoder(), TinyGenerator()
+    v, h_p = torch.rand(B, C, R, R) * 2 - 1, torch.randn(B, H)
+    cfg = ObjectiveConfig(latent_term=latent_mode, ratio_bias="sigmoid", r_basic=0.3, w_latent=0.7)
+    objective = objectives.build(cfg)
+    frozen_energy, frozen_encoder = partial(objectives.frozen_call, energy_net), partial(objectives.frozen_call, encoder)
+    torch.manual_seed(1)
+    got = objective.lower_level(v, h_p, energy_net=frozen_energy, encoder=encoder, generator=generator,
+                                frozen_encoder=frozen_encoder)
+    torch.manual_seed(1)
+    want = objectives.lower_level_loss(
+        v, h_p, energy_net=frozen_energy, encoder=encoder, generator=generator,
+        encoder_for_latent=encoder if latent_mode == "not_offset" else frozen_encoder, latent_mode=latent_mode,
+        w_latent=0.7, r_basic=0.3, ratio_bias="sigmoid", energy_data=energy_net(v).detach())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    v_hat = generator(h_p).detach()
+    upper = objective.upper_level(v, v_hat, energy_net=energy_net, encoder=encoder)
+    expected = objectives.upper_level_loss(energy_net(v), energy_net(v_hat), "difference")
+    if latent_mode == "not_offset":
+        expected = expected + 0.7 * objectives.upper_level_encoder_kl(*encoder(v_hat))
+    torch.testing.assert_close(upper.loss, expected)

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from conftest import BIN, REPO, TINY
 from bidvl.config import ConfigError, load_config
 from bidvl.data.meta import shard_name, write_meta
+from bidvl.data import ShardStream
+from bidvl.tracking import StepResult
 
 
 
@@ -66,11 +68,11 @@ def test_each_phase_moves_only_its_nets(tmp_path, digits16):
     v = torch.rand(16, 1, 16, 16) * 2 - 1
     h = [torch.randn(16, 8)]
     e, q, g = snapshot(trainer.energy_net), snapshot(trainer.encoder), snapshot(trainer.generator)
-    trainer.upper_level_step([v], h, {})
+    trainer.upper_level_step([v], h, StepResult())
     assert changed(e, trainer.energy_net)
     assert not changed(q, trainer.encoder) and not changed(g, trainer.generator)
     e = snapshot(trainer.energy_net)
-    trainer.lower_level_step([v], h, {})
+    trainer.lower_level_step([v], h, StepResult())
     assert not changed(e, trainer.energy_net)
     assert changed(q, trainer.encoder) and changed(g, trainer.generator)
     # No stale gradients are left behind on any net.
@@ -83,7 +85,7 @@ def test_not_offset_upper_level_also_moves_encoder(tmp_path, digits16):
     trainer = make_trainer(tmp_path, digits16, "objective.latent_term=not_offset")
     v, h = torch.rand(16, 1, 16, 16) * 2 - 1, [torch.randn(16, 8)]
     q, g = snapshot(trainer.encoder), snapshot(trainer.generator)
-    trainer.upper_level_step([v], h, {})
+    trainer.upper_level_step([v], h, StepResult())
     assert changed(q, trainer.encoder) and not changed(g, trainer.generator)
     trainer.close()
 
@@ -138,7 +140,7 @@ def test_gradient_accumulation_equals_the_joint_batch(tmp_path, digits16):
     for t in (a, b):
         t.generator.eval()
         t.energy_net.eval()
-    metrics_a, metrics_b = {}, {}
+    metrics_a, metrics_b = StepResult(), StepResult()
     a.upper_level_step([v[:8], v[8:]], [h[:8], h[8:]], metrics_a)
     b.upper_level_step([v], [h], metrics_b)
     torch.testing.assert_close(metrics_a["grad_norm/energy_net"], metrics_b["grad_norm/energy_net"])
@@ -178,7 +180,7 @@ def test_every_config_loads_builds_and_steps(tmp_path, name):
     trainer = Trainer(cfg)
     v = torch.rand(2, cfg.data.channels, cfg.data.resolution, cfg.data.resolution) * 2 - 1
     metrics = trainer.train_step([v])
-    assert torch.isfinite(metrics["loss_ll"]) and torch.isfinite(metrics["loss_ul"])
+    assert torch.isfinite(metrics["loss/loss_ll"]) and torch.isfinite(metrics["loss/loss_ul"])
     assert trainer.state.skipped_steps == 0
     trainer.close()
 
@@ -192,8 +194,11 @@ def test_config_errors_name_the_key(tmp_path, digits16):
         load_config(REPO / "configs/digits.yaml", ["objective.latent_term=sideways"])
     with pytest.raises(ConfigError, match="train.max_steps=0"):
         load_config(REPO / "configs/digits.yaml", ["train.max_steps=0"])
+    trainer = make_trainer(tmp_path, digits16, "data.resolution=32")
     with pytest.raises(ConfigError, match=r"data.resolution=32 but .*meta.json says resolution=16"):
-        make_trainer(tmp_path, digits16, "data.resolution=32")
+        trainer.fit()  # before any step
+    assert trainer.state.step == 0
+    trainer.close(synchronise=False)
 
 
 # ------------------------------------------------------------------ end to end (subprocesses)
@@ -320,7 +325,7 @@ def test_vae_baseline_trains_encoder_and_generator_only(tmp_path, digits16):
     metrics = trainer.train_step([torch.rand(16, 1, 16, 16) * 2 - 1])
     assert not changed(e, trainer.energy_net)
     assert changed(q, trainer.encoder) and changed(g, trainer.generator)
-    assert "grad_norm/energy_net" not in metrics and "loss_ll" in metrics
+    assert "grad_norm/energy_net" not in metrics and "loss/loss_ll" in metrics
     trainer.close()
 
 
@@ -328,14 +333,14 @@ def test_divergence_triangle_baseline_phases(tmp_path, digits16):
     trainer = make_trainer(tmp_path, digits16, "objective.name=divergence_triangle", "objective.w_latent=0.1")
     v, h = torch.rand(16, 1, 16, 16) * 2 - 1, [torch.randn(16, 8)]
     e, q, g = snapshot(trainer.energy_net), snapshot(trainer.encoder), snapshot(trainer.generator)
-    trainer.upper_level_step([v], h, {})
+    trainer.upper_level_step([v], h, StepResult())
     assert changed(e, trainer.energy_net) and not changed(q, trainer.encoder) and not changed(g, trainer.generator)
     e = snapshot(trainer.energy_net)
-    metrics = {}
+    metrics = StepResult()
     trainer.lower_level_step([v], h, metrics)
     assert not changed(e, trainer.energy_net)
     assert changed(q, trainer.encoder) and changed(g, trainer.generator)
-    assert metrics["latent_term"] > 0  # the latent NLL is reported as the latent term
+    assert metrics["loss/latent_term"] > 0  # the latent NLL is reported as the latent term
     trainer.close()
 
 
@@ -370,17 +375,57 @@ def test_fit_logs_the_time_spent_waiting_for_data(tmp_path, digits16, sleep):
 
     trainer = make_trainer(tmp_path, digits16, "train.max_steps=4", "log.every=2", "log.images_every=1000",
                            "checkpoint.every=1000")
-    stream = trainer._stream
+    shards = ShardStream(trainer.cfg, trainer.accelerator)
 
-    def slowed(start_micro):
-        for item in stream(start_micro):
-            time.sleep(sleep)
-            yield item
+    class Slowed:  # the data seam fit() takes: batches_per_epoch and open(start_batch)
+        batches_per_epoch = shards.batches_per_epoch
 
-    trainer._stream = slowed
-    logs = trainer.fit()
+        def open(self, start_batch):
+            for item in shards.open(start_batch):
+                time.sleep(sleep)
+                yield item
+
+    logs = trainer.fit(Slowed())
+    trainer.close()
     if sleep:
         assert 0.5 < logs["perf/data_wait_fraction"] <= 1.0
         assert logs["perf/step_ms"] >= 1e3 * sleep
     else:
         assert 0.0 <= logs["perf/data_wait_fraction"] < 0.5
+
+
+@pytest.mark.parametrize("objective", [
+    ["objective.name=bidvl"], ["objective.latent_term=not_offset", "objective.ratio_bias=sigmoid"],
+    ["objective.name=vae"], ["objective.name=divergence_triangle"], ["objective.order=lower_first"],
+])
+def test_benchmark_plain_loop_runs_the_engine_objective(tmp_path, digits16, objective):
+    """launch/benchmark.py's plain loop calls the same objective object as the engine: from the
+    same weights, batch and noise, one step of each gives the same weights (the plain loop once
+    ignored objective.name)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        from benchmark import build_plain, plain_step
+    finally:
+        sys.path.pop(0)
+    from contextlib import nullcontext
+
+    from accelerate.utils import set_seed
+
+    trainer = make_trainer(tmp_path, digits16, *objective)
+    cfg = trainer.cfg
+    set_seed(cfg.run.seed)  # as Trainer builds its nets
+    nets, opts = build_plain(cfg, "cpu")
+    for mine, theirs in zip(nets, (trainer.energy_net, trainer.encoder, trainer.generator)):
+        for a, b in zip(mine.parameters(), theirs.parameters()):
+            assert torch.equal(a, b)
+    initial_energy = snapshot(nets[0])
+    v = torch.rand(16, 1, 16, 16) * 2 - 1
+    torch.manual_seed(7)
+    trainer.train_step([v])
+    torch.manual_seed(7)
+    plain_step(nets, opts, v, cfg, nullcontext)
+    for mine, theirs in zip(nets, (trainer.energy_net, trainer.encoder, trainer.generator)):
+        for a, b in zip(mine.parameters(), theirs.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert changed(initial_energy, nets[0]) == (cfg.objective.name != "vae")
+    trainer.close()

@@ -1,11 +1,13 @@
-"""Shards: writers (one module per source, `build_shards`) and the streaming reader."""
+"""Shards: writers (one module per source, `build_shards`), the streaming reader and the
+training stream the engine reads (`ShardStream`)."""
 
 from .meta import ShardError, read_meta, split_info
 from .reader import EvalStream, TrainStream, eval_stream, train_stream
+from .stream import ShardStream
 
 __all__ = [
     "ShardError", "read_meta", "split_info", "TrainStream", "EvalStream", "train_stream",
-    "eval_stream", "build_shards",
+    "eval_stream", "build_shards", "ShardStream",
 ]
 
 

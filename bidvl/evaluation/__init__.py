@@ -11,14 +11,14 @@ AUROC), fid (Fréchet distance, feature extractors, reference statistics), evalu
 its report files), periodic (`evaluate_during_training` for the engine).
 """
 
-from .evaluator import EvalOptions, evaluate_nets, markdown, write_report
+from .evaluator import EvalOptions, evaluate_nets, evaluate_run, markdown, write_report
 from .fid import feature_extractor, frechet_distance
 from .loading import EvalError, LoadedRun, load_run, resolve_weights
 from .periodic import evaluate_during_training
 from .sampling import sample_images
 
 __all__ = [
-    "EvalOptions", "evaluate_nets", "markdown", "write_report", "feature_extractor",
+    "EvalOptions", "evaluate_nets", "evaluate_run", "markdown", "write_report", "feature_extractor",
     "frechet_distance", "EvalError", "LoadedRun", "load_run", "resolve_weights",
     "evaluate_during_training", "sample_images",
 ]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bidvl.models import cpu_state_dict
+
 KIND = "classifier"
 
 
@@ -55,13 +57,12 @@ def save_classifier(model: FeatureClassifier, path: str | os.PathLike, resolutio
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"bidvl.features": KIND, "bidvl.in_chans": str(model.in_chans),
             "bidvl.resolution": str(resolution), "bidvl.widths": ",".join(map(str, model.widths)),
             "bidvl.num_classes": str(model.num_classes),
             **{f"bidvl.{k}": str(v) for k, v in figures.items()}}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=meta)
+    save_file(cpu_state_dict(model), str(tmp), metadata=meta)
     os.replace(tmp, path)
 
 

@@ -3,6 +3,7 @@
     report = evaluate_nets(accelerator, cfg, nets, EvalOptions(metrics=("rmse", "ood")))
     report["scalars"]   # {"eval/rmse": ..., "eval/auroc_uniform": ...}
     write_report(run_dir, step, report)   # main process: eval/step_XXXXXXXX.{json,md} + TensorBoard
+    report, path = evaluate_run(accelerator, run_dir, load_run(run_dir), opts)  # + options, weights
 
 Every rank calls `evaluate_nets` (the passes gather across ranks); the figures are computed on the
 main process and broadcast, so every rank returns the same report. Bad inputs (OOD folders of
@@ -20,17 +21,18 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from bidvl.config import Config
+from bidvl.checkpoint import step_name
+from bidvl.config import EVAL_METRICS, Config
 from bidvl.data import split_info
 
 from . import fid as fid_lib
 from .fid import frechet_distance, reference_statistics, sample_features, statistics
-from .gather import broadcast_from_main
+from .gather import broadcast_from_main, process_layout
 from .loading import EvalError, heldout_data, train_data
 from .metrics import auroc, heldout_pass, ood_split, rmse_figures, uniform_pass
 from .sampling import BN_MODES
 
-METRICS = ("fid", "rmse", "ood")
+METRICS = EVAL_METRICS
 TENSORBOARD_RUN = "bidvl"  # the engine's tracker run name: eval points join the training curves
 
 
@@ -99,13 +101,12 @@ def check_options(cfg: Config, opts: EvalOptions) -> list[tuple[str, str, str]]:
 def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
     """Runs the requested metrics on all ranks; returns the same report on every rank."""
     ood_sets = check_options(cfg, opts)
+    device, _, world, is_main = process_layout(accelerator)
     extractor = None
     if "fid" in opts.metrics:
-        device = accelerator.device if accelerator is not None else "cpu"
         extractor = opts.extractor or fid_lib.feature_extractor(opts.features, opts.inception_weights, device)
-    is_main = accelerator is None or accelerator.is_main_process
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    report: dict = {"world_size": accelerator.num_processes if accelerator is not None else 1}
+    report: dict = {"world_size": world}
     scalars: dict = {}
 
     folder, split = heldout_data(cfg, opts.split)
@@ -206,7 +207,7 @@ def write_report(run_dir: str | os.PathLike, step: int, report: dict, weights: O
     """Main process only. Merges into RUN_DIR/eval/step_XXXXXXXX.json (a later `--metrics fid`
     adds to an earlier `rmse,ood`), writes the .md beside it and the scalars to TensorBoard."""
     run_dir = Path(run_dir)
-    path = run_dir / "eval" / f"step_{step:08d}.json"
+    path = run_dir / "eval" / f"{step_name(step)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update({k: v for k, v in report.items() if k != "scalars"})
@@ -230,3 +231,17 @@ def write_report(run_dir: str | os.PathLike, step: int, report: dict, weights: O
 
 def options_dict(opts: EvalOptions) -> dict:
     return {f.name: getattr(opts, f.name) for f in fields(opts) if f.name != "extractor"}
+
+
+def evaluate_run(accelerator, run_dir: str | os.PathLike, run, opts: EvalOptions
+                 ) -> tuple[dict, Optional[Path]]:
+    """Evaluates `run` (`load_run(run_dir, ...)`) on every rank; the main process writes the report
+    into `run_dir` with the options and the weights used. Returns (report, the report file on the
+    main process, else None)."""
+    report = evaluate_nets(accelerator, run.cfg, run.nets, opts)
+    if not process_layout(accelerator).is_main:
+        return report, None
+    report["options"] = options_dict(opts)
+    path = write_report(run_dir, run.step, report,
+                        weights={"kind": run.kind, "path": str(run.source), "step": run.step})
+    return report, path

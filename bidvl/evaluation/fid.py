@@ -1,44 +1,11 @@
 """FID: generated samples vs reference statistics of a shards split, in a chosen feature space.
 
-Feature extractors (`feature_extractor(features, inception_weights)`):
+    extractor = feature_extractor(features="", inception_weights="inception.pth")  # or --features
+    reference = reference_statistics(accelerator, extractor, "shards/cifar10", "train")  # cached
+    generated = sample_features(accelerator, extractor, generator, 50_000, latent_dim, (3, 32, 32))
+    fid = frechet_distance(*statistics(generated), reference["mu"], reference["sigma"])
 
-* Inception (default): torch-fidelity's `inception-v3-compat` extractor, 2048-d pool features, the
-  port of the TF Inception graph that the published FIDs (and the authors' TF code) use. Its weights
-  come only from a local file, `--inception-weights PATH` / `eval.inception_weights` or the env
-  variable BIDVL_INCEPTION_WEIGHTS: torch-fidelity's published `weights-inception-2015-12-05-
-  6726825d.pth` (see WEIGHTS_HELP). The file is first loaded with `torch.load(weights_only=True)`
-  (tensors only, no code), then handed to torch-fidelity by path, so it never downloads.
-  Images in [-1, 1] become uint8 with round((x + 1) * 127.5) (exactly the shards' bytes for real
-  images), one channel is repeated to three, and the extractor resizes to 299 px itself (its
-  TF-1.x-compatible bilinear resize).
-* `--features FILE.pt` (any name not ending in .safetensors): a TorchScript module
-  (`torch.jit.save`) mapping float images in [-1, 1], (B, C, H, W) with the run's channels, to
-  (B, D) vectors (a tuple output: its first element).
-* `--features FILE.safetensors`: a timm model spec. The file holds the state dict of
-  `timm.create_model(NAME, pretrained=False, num_classes=0, in_chans=K)` and string metadata
-  `bidvl.features = "timm"`, `bidvl.timm_name = NAME`, optionally `bidvl.in_chans = K` (default 3;
-  1-channel images are repeated to 3 when K is 3) and `bidvl.input_size = S` (bilinear resize to
-  S x S first; default 0 = none). The net gets images in [-1, 1]; its pooled output is the feature.
-  Write one with `save_timm_features(model, name, path, in_chans, input_size)`.
-* `--features FILE.safetensors` with metadata `bidvl.features = "classifier"`: our small
-  classifier (bidvl/evaluation/classifier.py, trained by launch/train_feature_classifier.py); its
-  penultimate layer is the feature. bidvl/evaluation/weights/fashion_mnist_classifier.safetensors
-  is one for FashionMNIST at 32 px.
-
-Anything but Inception is labelled "FID-style (features: NAME), not comparable to published FID".
-
-Reference statistics (mu, sigma of the features of every image of a split) are computed once and
-cached as `.npz` in `SHARDS/fid_stats/` (or in a fallback folder when that one is not writable),
-keyed by sha256 of: the extractor identity (its file's sha256), meta.json and every shard's bytes.
-Copying shards elsewhere keeps the cache valid; changing a byte or the extractor invalidates it.
-
-The Fréchet distance between N(mu1, S1) and N(mu2, S2) is
-    ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr (S1 S2)^(1/2),
-and tr (S1 S2)^(1/2) = sum of sqrt(eigenvalues of S1^(1/2) S2 S1^(1/2)) (a symmetric PSD matrix, as
-S1 S2 and S1^(1/2) S2 S1^(1/2) share their eigenvalues). Computing it that way needs no general
-matrix square root, no eps offset for singular products and never yields imaginary parts; tiny
-negative eigenvalues from rounding are clipped to 0. It equals scipy.linalg.sqrtm's trace where
-that is well defined (tests/test_evaluation.py checks both).
+The extractors and their file formats, the reference cache and the distance: docs/fid.md.
 """
 
 from __future__ import annotations
@@ -53,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from bidvl.data import eval_stream, split_info
+from bidvl.models import cpu_state_dict
 
-from .gather import IndexedRows, broadcast_from_main
+from .gather import IndexedRows, broadcast_from_main, process_layout
 from .loading import EvalError
 from .sampling import dealt_batches, generate, index_of, local_batchnorm
 
@@ -80,7 +48,9 @@ def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (see the module docstring)."""
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2). tr (S1 S2)^(1/2) comes from the
+    eigenvalues of the symmetric S1^(1/2) S2 S1^(1/2): no general matrix square root, no imaginary
+    parts (docs/fid.md)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
@@ -253,7 +223,7 @@ class TimmFeatures(Features):
         meta, state = read_safetensors(path)
         if meta.get("bidvl.features") != "timm" or not meta.get("bidvl.timm_name"):
             raise EvalError(f"--features {path}: metadata needs bidvl.features=timm and "
-                            f"bidvl.timm_name (see bidvl/evaluation/fid.py)")
+                            f"bidvl.timm_name (see docs/fid.md)")
         self.in_chans = int(meta.get("bidvl.in_chans", "3"))
         self.input_size = int(meta.get("bidvl.input_size", "0"))
         try:
@@ -280,13 +250,12 @@ class TimmFeatures(Features):
 
 def save_timm_features(model: torch.nn.Module, timm_name: str, path: str | os.PathLike,
                        in_chans: int = 3, input_size: int = 0) -> None:
-    """Write a `--features` file for a timm model made with num_classes=0 (see the docstring)."""
+    """Write a `--features` file for a timm model made with num_classes=0 (docs/fid.md)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"bidvl.features": "timm", "bidvl.timm_name": timm_name,
-                                          "bidvl.in_chans": str(in_chans),
-                                          "bidvl.input_size": str(input_size)})
+    save_file(cpu_state_dict(model), str(path),
+              metadata={"bidvl.features": "timm", "bidvl.timm_name": timm_name,
+                        "bidvl.in_chans": str(in_chans), "bidvl.input_size": str(input_size)})
 
 
 def feature_extractor(features: str = "", inception_weights: str = "", device="cpu") -> Features:
@@ -306,12 +275,6 @@ def feature_extractor(features: str = "", inception_weights: str = "", device="c
 
 
 # ---------------------------------------------------------------- statistics
-
-
-def _world(accelerator):
-    if accelerator is None:
-        return torch.device("cpu"), 0, 1, True
-    return accelerator.device, accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
 
 
 def reference_key(extractor: Features, folder: str | os.PathLike, split: str) -> str:
@@ -357,8 +320,8 @@ def reference_statistics(accelerator, extractor: Features, folder: str, split: s
                          batch_size: int = 100, fallback_dir: str | os.PathLike = "",
                          num_workers: int = 0) -> Optional[dict]:
     """{"mu", "sigma", "count", "cache"} of every image of the split on the main process (None on
-    the others). Computed over all ranks on a cache miss, then cached (see the module docstring)."""
-    device, rank, world, is_main = _world(accelerator)
+    the others). Computed over all ranks on a cache miss, then cached (docs/fid.md)."""
+    device, rank, world, is_main = process_layout(accelerator)
     key, cached = None, None
     if is_main:
         key = reference_key(extractor, folder, split)
@@ -371,11 +334,9 @@ def reference_statistics(accelerator, extractor: Features, folder: str, split: s
     stream = eval_stream(folder, split, batch_size, rank=rank, world_size=world, num_workers=num_workers)
     for images, _, index in stream:
         if (index >= 0).any():
-            feats = extractor(images.to(device))
-        else:  # only padding: skip the extractor, keep the collective
-            dim = extractor.dim(images.shape[1], images.shape[-1], device)
-            feats = torch.zeros(len(index), dim, device=device)
-        rows.add(index, features=feats)
+            rows.add(index, features=extractor(images.to(device)))
+        else:  # only padding: skip the extractor
+            rows.add_padding(len(index), features=(extractor.dim(images.shape[1], images.shape[-1], device),))
     if not is_main:
         return None
     features = rows.result()["features"]
@@ -397,13 +358,12 @@ def sample_features(accelerator, extractor: Features, generator: torch.nn.Module
                     batch_size: int = 100, bn_mode: str = "train") -> Optional[np.ndarray]:
     """(num, D) features of generated samples 0..num-1 on the main process (None elsewhere); every
     rank generates its dealt batches (see bidvl.evaluation.sampling)."""
-    device, rank, world, is_main = _world(accelerator)
+    device, rank, world, is_main = process_layout(accelerator)
     generator = local_batchnorm(generator)
     rows = IndexedRows(accelerator)
     for positions in dealt_batches(num, batch_size, rank, world):
         if positions is None:  # no batch for this rank in the last round
-            dim = extractor.dim(shape[0], shape[1], device)
-            rows.add(torch.full((batch_size,), -1), features=torch.zeros(batch_size, dim, device=device))
+            rows.add_padding(batch_size, features=(extractor.dim(shape[0], shape[1], device),))
             continue
         images = generate(generator, positions, latent_dim, seed, bn_mode, device)
         rows.add(index_of(positions, num), features=extractor(images))

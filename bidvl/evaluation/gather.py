@@ -1,8 +1,12 @@
 """Per-row results from every rank, in global index order.
 
-    rows = IndexedRows(accelerator)                  # accelerator=None: one process, no collectives
-    for images, _, index in eval_stream(...):        # every rank: same number of batches
-        rows.add(index, energy=energies(images))     # collective: every rank calls it every batch
+    device, rank, world, is_main = process_layout(accelerator)   # accelerator=None: one CPU process
+    rows = IndexedRows(accelerator)
+    for images, _, index in eval_stream(..., rank=rank, world_size=world):  # same batch count on all
+        if (index >= 0).any():
+            rows.add(index, energy=energies(images))  # collective: every rank calls it every batch
+        else:
+            rows.add_padding(len(index), torch.float64, energy=())  # nothing of ours: keep in step
     out = rows.result()                              # {"index": sorted, "energy": matching rows}
 
 Rows with index -1 (padding) are dropped and the rest sorted by index, so the result is the same
@@ -11,14 +15,31 @@ whatever the world size; a repeated index is an error (a sample counted twice).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 from accelerate.utils import broadcast_object_list
 
 
+class ProcessLayout(NamedTuple):
+    device: torch.device
+    rank: int
+    world: int
+    is_main: bool
+
+
+def process_layout(accelerator) -> ProcessLayout:
+    """Where this process runs and its place among the others; `None` means one CPU process."""
+    if accelerator is None:
+        return ProcessLayout(torch.device("cpu"), 0, 1, True)
+    return ProcessLayout(accelerator.device, accelerator.process_index, accelerator.num_processes,
+                         accelerator.is_main_process)
+
+
 def broadcast_from_main(accelerator, obj):
     """The main process's `obj` (any picklable value) on every rank."""
-    if accelerator is None or accelerator.num_processes == 1:
+    if process_layout(accelerator).world == 1:
         return obj
     box = [obj]
     broadcast_object_list(box, from_process=0)
@@ -32,7 +53,7 @@ class IndexedRows:
 
     def _gather(self, t: torch.Tensor) -> np.ndarray:
         acc = self.accelerator
-        if acc is not None and acc.num_processes > 1:
+        if process_layout(acc).world > 1:
             t = acc.gather(t.to(acc.device).contiguous())
         return t.detach().cpu().numpy()
 
@@ -42,6 +63,13 @@ class IndexedRows:
         self.parts.setdefault("index", []).append(index[keep])
         for name, value in values.items():
             self.parts.setdefault(name, []).append(self._gather(value)[keep])
+
+    def add_padding(self, count: int, dtype: torch.dtype = torch.float32, **shapes: tuple) -> None:
+        """`count` rows of index -1 (dropped by `result`), for a rank with nothing of its own in a
+        round: the gathers of every rank stay in step. `shapes` gives each column's row shape and
+        `dtype` its type, as the ranks with real rows produce them (the gather needs both equal)."""
+        self.add(torch.full((count,), -1),
+                 **{name: torch.zeros(count, *shape, dtype=dtype) for name, shape in shapes.items()})
 
     def result(self) -> dict[str, np.ndarray]:
         if not self.parts:

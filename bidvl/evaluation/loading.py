@@ -9,8 +9,9 @@
 Weights are read with safetensors only (never a pickle):
 `RUN_DIR/model/{energy,encoder,generator}.safetensors` (the export; its `step` metadata is the
 step), or `RUN_DIR/checkpoints/step_XXXXXXXX/model{,_1,_2}.safetensors` (Accelerate's file names,
-in the engine's prepare order energy net, encoder, generator). Only folders with a `COMPLETE`
-marker count as checkpoints. The config is `RUN_DIR/config.yaml` (or the export's copy).
+in the engine's prepare order energy net, encoder, generator). Only complete checkpoints count
+(`bidvl.checkpoint` owns the run folder's format). The config is `RUN_DIR/config.yaml` (or the
+export's copy).
 """
 
 from __future__ import annotations
@@ -23,13 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from bidvl.checkpoint import (CHECKPOINT_FILES, EXPORT_FILES, MARKER, checkpoints_dir, complete_checkpoints,
+                              is_complete, step_name, step_of)
 from bidvl.config import Config, ConfigError, load_config
 from bidvl.models import build_nets
 from bidvl.models.registry import Nets
-
-CHECKPOINT_MARKER = "COMPLETE"  # written last into a checkpoint folder by the engine
-EXPORT_FILES = ("energy.safetensors", "encoder.safetensors", "generator.safetensors")
-CHECKPOINT_FILES = ("model.safetensors", "model_1.safetensors", "model_2.safetensors")
 
 
 class EvalError(ValueError):
@@ -43,20 +42,6 @@ class LoadedRun:
     step: int
     source: Path  # the export folder or the checkpoint folder the weights came from
     kind: str  # "export" | "checkpoint"
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """RUN_DIR/checkpoints/step_N folders holding the completion marker, oldest first (shared with
-    the engine, which writes them)."""
-    folder = Path(run_dir) / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for p in folder.glob("step_*"):
-        suffix = p.name.split("_", 1)[1]
-        if suffix.isdigit() and (p / CHECKPOINT_MARKER).is_file():
-            found.append(p)
-    return sorted(found, key=lambda p: int(p.name.split("_", 1)[1]))
 
 
 def _has_export(run_dir: Path) -> bool:
@@ -82,7 +67,7 @@ def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = N
     found = complete_checkpoints(run_dir)
     where = (f"{run_dir} has no exported model ({run_dir / 'model'}/{{energy,encoder,generator}}"
              f".safetensors) and no complete checkpoint ({run_dir / 'checkpoints'}/step_*/"
-             f"{CHECKPOINT_MARKER}); train it first with launch/train.py run.dir={run_dir}")
+             f"{MARKER}); train it first with launch/train.py run.dir={run_dir}")
     if checkpoint in (None, ""):
         if _has_export(run_dir):
             return "export", run_dir / "model", _export_step(run_dir)
@@ -103,17 +88,17 @@ def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = N
             raise EvalError(where)
         path = found[-1]
     elif checkpoint.isdigit():
-        path = run_dir / "checkpoints" / f"step_{int(checkpoint):08d}"
+        path = checkpoints_dir(run_dir) / step_name(int(checkpoint))
         if path not in found:
             have = ", ".join(p.name for p in found) or "none"
             raise EvalError(f"--checkpoint {checkpoint}: {path} is not a complete checkpoint "
                             f"(complete ones: {have})")
     else:
         path = Path(checkpoint)
-        if not (path / CHECKPOINT_MARKER).is_file():
+        if not is_complete(path):
             raise EvalError(f"--checkpoint {checkpoint}: expected latest, final, a step number or "
-                            f"a checkpoint folder with a {CHECKPOINT_MARKER} marker")
-    return "checkpoint", path, int(path.name.split("_", 1)[1])
+                            f"a checkpoint folder with a {MARKER} marker")
+    return "checkpoint", path, step_of(path)
 
 
 def run_config(run_dir: str | os.PathLike) -> Config:

@@ -25,7 +25,7 @@ from torch import nn
 
 from bidvl.data import eval_stream, read_meta
 
-from .gather import IndexedRows
+from .gather import IndexedRows, process_layout
 from .loading import EvalError
 from .sampling import dealt_batches, forward_in_mode, index_of, uniform_noise
 
@@ -71,24 +71,22 @@ def heldout_pass(accelerator, nets, folder: str, split: str, batch_size: int, *,
                  num_workers: int = 0) -> dict[str, np.ndarray]:
     """One pass over a split (this rank's share) -> gathered {"index", "sse"?, "energy"?} in index
     order; only the first `max_count` images (by index) when max_count > 0."""
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
+    device, rank, world, _ = process_layout(accelerator)
+    columns = [name for name, wanted in (("sse", reconstruct), ("energy", energy)) if wanted]
     rows = IndexedRows(accelerator)
     stream = eval_stream(folder, split, batch_size, rank=rank, world_size=world,
                          num_workers=num_workers)
     for images, _, index in stream:
         index = _limited(index, max_count)
+        if not (index >= 0).any():  # nothing of ours in this batch: skip the nets
+            rows.add_padding(len(index), torch.float64, **dict.fromkeys(columns, ()))
+            continue
+        v = images.to(device)
         values = {}
-        if (index >= 0).any():
-            v = images.to(device)
-            if reconstruct:
-                values["sse"] = reconstruction_sse(nets.encoder, nets.generator, v)
-            if energy:
-                values["energy"] = energies(nets.energy_net, v)
-        else:  # nothing of ours in this batch: skip the nets, keep the collective
-            zeros = torch.zeros(len(index), dtype=torch.float64, device=device)
-            values = {k: zeros for k, on in (("sse", reconstruct), ("energy", energy)) if on}
+        if reconstruct:
+            values["sse"] = reconstruction_sse(nets.encoder, nets.generator, v)
+        if energy:
+            values["energy"] = energies(nets.energy_net, v)
         rows.add(index, **values)
     return rows.result()
 
@@ -96,13 +94,11 @@ def heldout_pass(accelerator, nets, folder: str, split: str, batch_size: int, *,
 def uniform_pass(accelerator, energy_net: nn.Module, count: int, shape: tuple[int, int, int],
                  batch_size: int, seed: int = 0) -> np.ndarray:
     """Energies of `count` U[-1, 1] noise images of `shape`, the same set whatever the world size."""
-    device = accelerator.device if accelerator is not None else torch.device("cpu")
-    rank = accelerator.process_index if accelerator is not None else 0
-    world = accelerator.num_processes if accelerator is not None else 1
+    device, rank, world, _ = process_layout(accelerator)
     rows = IndexedRows(accelerator)
     for positions in dealt_batches(count, batch_size, rank, world):
-        if positions is None:
-            rows.add(torch.full((batch_size,), -1), energy=torch.zeros(batch_size, dtype=torch.float64))
+        if positions is None:  # no batch for this rank in the last round
+            rows.add_padding(batch_size, torch.float64, energy=())
             continue
         noise = uniform_noise(positions, shape, seed).to(device)
         rows.add(index_of(positions, count), energy=energies(energy_net, noise))

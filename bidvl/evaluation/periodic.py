@@ -25,6 +25,7 @@ from bidvl.models.registry import Nets
 
 from . import fid as fid_lib
 from .evaluator import EvalOptions, evaluate_nets, parse_metrics
+from .gather import process_layout
 
 _extractors: dict = {}
 _warned: set = set()
@@ -45,7 +46,7 @@ def evaluate_during_training(accelerator, cfg: Config, energy_net, encoder, gene
     extractor = None
     if "fid" in metrics:
         if cfg.eval.features or cfg.eval.inception_weights or os.environ.get(fid_lib.ENV_WEIGHTS):
-            extractor = _extractor(cfg, accelerator.device if accelerator is not None else "cpu")
+            extractor = _extractor(cfg, process_layout(accelerator).device)
         else:
             metrics = tuple(m for m in metrics if m != "fid")
             if "fid" not in _warned:

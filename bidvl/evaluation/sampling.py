@@ -14,6 +14,9 @@
 
     images = sample_images(generator, 64, latent_dim=100, seed=0)          # one process
     for positions in dealt_batches(50_000, 100, rank, world_size): ...     # all ranks, same rounds
+    pairs = reconstruction_pairs(encoder, generator, v)                     # v0, G(mu(v0)), v1, ...
+    images, grid = sample_grid(run, 64)               # a loaded run (bidvl.evaluation.load_run)
+    reconstructions, grid = reconstruction_grid(run, 32)
 """
 
 from __future__ import annotations
@@ -129,3 +132,61 @@ def sample_images(generator: nn.Module, num: int, latent_dim: int, seed: int = 0
     out = [generate(generator, positions, latent_dim, seed, bn_mode, device).cpu()
            for positions in dealt_batches(num, batch_size)]
     return torch.cat(out)[:num]
+
+
+@torch.no_grad()
+def reconstruction_pairs(encoder: nn.Module, generator: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """(2B, C, H, W) float32: v[0], G(mu(v[0])), v[1], G(mu(v[1])), ... The nets run as they are
+    (mode, autocast and buffers are the caller's business); mu is the encoder mean, no sampling."""
+    reconstructions = generator(encoder(v)[0]).float()
+    return torch.stack([v.float(), reconstructions], 1).flatten(0, 1)
+
+
+def first_test_images(cfg, num: int, batch_size: int) -> torch.Tensor:
+    """The first `num` images (fewer if the split is smaller) of the run's test split, one process,
+    read `batch_size` at a time; (N, C, H, W) in [-1, 1] on the CPU."""
+    from bidvl.data import eval_stream
+
+    from .loading import heldout_data
+
+    folder, split = heldout_data(cfg)
+    real = []
+    for images, _, index in eval_stream(folder, split, batch_size):
+        real.append(images[index >= 0])
+        if sum(len(r) for r in real) >= num:
+            break
+    return torch.cat(real)[:num]
+
+
+def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    from torchvision.utils import make_grid
+
+    return make_grid(images.cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
+
+
+def sample_grid(run, num: int, seed: int = 0, batch_size: int = 100, bn_mode: str = "train",
+                device: torch.device | str = "cpu", nrow: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the first `num` samples of `run` (see sample_images), their grid image); a loaded run's
+    nets (bidvl.evaluation.load_run) are left as they were. nrow=0: about sqrt(num) per row."""
+    images = sample_images(run.nets.generator, num, run.cfg.model.latent_dim, seed, batch_size,
+                           bn_mode, device)
+    return images, _grid(images, nrow or max(1, round(math.sqrt(len(images)))))
+
+
+def reconstruction_grid(run, num: int, bn_mode: str = "train", device: torch.device | str = "cpu",
+                        nrow: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G(mu(v)) of the first `num` test images of `run`, the grid of image / reconstruction
+    pairs); nets in `bn_mode`, left as they were. nrow=0: about sqrt(num) pairs per row."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode={bn_mode!r}: expected one of {', '.join(BN_MODES)}")
+    real = first_test_images(run.cfg, num, min(num, 256)).to(device)
+    encoder, generator = run.nets.encoder, run.nets.generator
+    modes = encoder.training, generator.training
+    try:
+        with restored_buffers(encoder), restored_buffers(generator):
+            pairs = reconstruction_pairs(encoder.train(bn_mode == "train"),
+                                         generator.train(bn_mode == "train"), real)
+    finally:
+        encoder.train(modes[0])
+        generator.train(modes[1])
+    return pairs[1::2].contiguous(), _grid(pairs, nrow or 2 * max(1, round(math.sqrt(len(real) / 2))))

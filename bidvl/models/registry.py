@@ -6,12 +6,15 @@
     x = nets.generator(h)           # (B, latent_dim) -> (B, C, R, R), tanh output
 
 One builder per `model.arch` (the BUILDERS table at the bottom); each returns initialised nets.
+BUILDERS and ENERGY_OUTPUTS are the allowed values of `model.arch` and `model.energy_output` that
+bidvl.config checks: a new arch is one builder and its RESOLUTIONS entry here.
 """
 
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
@@ -25,6 +28,11 @@ class Nets(NamedTuple):
     energy_net: nn.Module
     encoder: nn.Module
     generator: nn.Module
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state dict as detached, contiguous CPU tensors (what safetensors writes)."""
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def init_weights(module: nn.Module) -> None:

@@ -1,0 +1,186 @@
+"""Processes and precision: the Accelerator the engine runs on, DeepSpeed's two engines, and the
+per-step flags every rank must agree on.
+
+DeepSpeed in Accelerate takes one trained model per engine; the lower level back-propagates
+through the energy net into the generator, so the engine builds two DeepSpeed engines (Accelerate's
+multi-plugin API): one for the energy net, one for encoder + generator (`LatentNets`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from datetime import timedelta
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+
+from .config import Config, ConfigError
+
+
+class LatentNets(torch.nn.Module):
+    """Encoder + generator as one module: the one model of the lower level's DeepSpeed engine."""
+
+    def __init__(self, encoder: torch.nn.Module, generator: torch.nn.Module):
+        super().__init__()
+        self.encoder, self.generator = encoder, generator
+
+
+def deepspeed_plugins(cfg: Config) -> dict | None:
+    """Two DeepSpeed plugins (energy net; encoder + generator) when the accelerate launcher asks
+    for DeepSpeed (ACCELERATE_USE_DEEPSPEED), else None.
+
+    Supported: ZeRO stages 1 and 2, fp32 and bf16. Refused with a ConfigError: stage 0 (DeepSpeed
+    refuses the direct engine.backward the engine needs), stage 3 (parameters are partitioned, so
+    calling the frozen energy net through its detached parameters in the lower level does not
+    work), fp16 (use bf16) and objective.latent_term=not_offset (its upper level steps the encoder
+    alone, which a flat ZeRO optimizer over encoder + generator cannot do: it would move the
+    generator by Adam momentum).
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
+    where = "the accelerate config's deepspeed_config"
+    if stage not in (1, 2):
+        raise ConfigError(f"DeepSpeed zero_stage={stage} ({where}): expected 1 or 2 (see bidvl/distributed.py)")
+    if cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 under DeepSpeed: use bf16 (or no)")
+    if cfg.objective.name == "bidvl" and cfg.objective.latent_term == "not_offset":
+        raise ConfigError("objective.latent_term=not_offset under DeepSpeed: its upper level steps the "
+                          "encoder alone, which ZeRO's flat optimizer cannot do; use DDP")
+    accum = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", cfg.train.grad_accum))
+    if accum != cfg.train.grad_accum:
+        raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but {where} has "
+                          f"gradient_accumulation_steps={accum}: make them equal")
+    plugins = {}
+    for name in ("energy", "latent"):
+        plugin = DeepSpeedPlugin(zero_stage=stage, gradient_accumulation_steps=cfg.train.grad_accum,
+                                 gradient_clipping=float(cfg.train.grad_clip))
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        # Explicitly: the plugin turns 0 into "auto", which Accelerate fills with clipping at 1.0.
+        plugin.deepspeed_config["gradient_clipping"] = float(cfg.train.grad_clip)
+        plugin.deepspeed_config["steps_per_print"] = 2**31 - 1  # we log ourselves
+        plugins[name] = plugin
+    return plugins
+
+
+def make_accelerator(cfg: Config, plugins: dict | None) -> Accelerator:
+    """The run's Accelerator: precision from train.mixed_precision, TensorBoard under run.dir."""
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_precision not in ("no", cfg.train.mixed_precision):
+        warnings.warn(
+            f"the accelerate launcher asks for mixed_precision={launcher_precision} but "
+            f"train.mixed_precision={cfg.train.mixed_precision} is used: set "
+            f"train.mixed_precision={launcher_precision} to train in it", stacklevel=3)
+    run_dir = Path(cfg.run.dir)
+    on_cpu = not torch.cuda.is_available()  # DeepSpeed on the CPU (tests) needs gloo
+    return Accelerator(
+        deepspeed_plugins=plugins,
+        mixed_precision=cfg.train.mixed_precision,
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        kwargs_handlers=[
+            # Nets run twice before one backward (G on h_q and h_p): buffers must not be
+            # re-broadcast in between.
+            DistributedDataParallelKwargs(broadcast_buffers=False),
+            InitProcessGroupKwargs(timeout=timedelta(minutes=30),
+                                   backend="gloo" if on_cpu and plugins is not None else None),
+        ],
+    )
+
+
+class PreparedNets(NamedTuple):
+    energy_net: torch.nn.Module  # DDP-wrapped, or DeepSpeed's engine for the energy net
+    encoder: torch.nn.Module
+    generator: torch.nn.Module
+    energy_opt: torch.optim.Optimizer
+    latent_opt: torch.optim.Optimizer  # encoder + generator
+    latent_engine: torch.nn.Module | None  # DeepSpeed's engine for encoder + generator
+
+
+def prepare_nets(accelerator, cfg: Config, nets, build_optimizers, deepspeed: bool) -> PreparedNets:
+    """SyncBatchNorm and channels_last as configured, the optimizers from `build_optimizers(cfg,
+    energy_net, encoder, generator)`, then Accelerate's prepare in the fixed order energy net,
+    encoder, generator, energy optimizer, latent optimizer (checkpoint file names follow it)."""
+    energy_net, encoder, generator = nets
+    if cfg.model.sync_batchnorm and accelerator.num_processes > 1:
+        if accelerator.device.type == "cpu":
+            raise ConfigError("model.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm refuses "
+                              "CPU tensors (set model.sync_batchnorm=false on the CPU)")
+        encoder = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder)
+        generator = torch.nn.SyncBatchNorm.convert_sync_batchnorm(generator)
+    if cfg.train.channels_last:
+        for net in (energy_net, encoder, generator):
+            net.to(memory_format=torch.channels_last)
+    energy_opt, latent_opt = build_optimizers(cfg, energy_net, encoder, generator)
+    if not deepspeed:
+        return PreparedNets(*accelerator.prepare(energy_net, encoder, generator, energy_opt, latent_opt), None)
+    # One engine per optimizer. Under ZeRO-1/2 the encoder's and generator's parameters are whole
+    # on every rank and the engine's gradient hooks fire whoever calls them, so the engine calls
+    # them directly.
+    accelerator.state.select_deepspeed_plugin("energy")
+    energy_net, energy_opt = accelerator.prepare(energy_net, energy_opt)
+    accelerator.state.select_deepspeed_plugin("latent")
+    latent_engine, latent_opt = accelerator.prepare(LatentNets(encoder, generator), latent_opt)
+    return PreparedNets(energy_net, encoder, generator, energy_opt, latent_opt, latent_engine)
+
+
+def cast_buffers_to_bf16(nets) -> None:
+    """DeepSpeed's bf16 casts parameters but leaves buffers (BatchNorm statistics, spectral-norm
+    vectors) in fp32, which BatchNorm and spectral norm refuse."""
+    for net in nets:
+        for module in net.modules():
+            for name, buf in module.named_buffers(recurse=False):
+                if buf.is_floating_point():
+                    setattr(module, name, buf.to(torch.bfloat16))
+
+
+def step_optimizer(accelerator, optimizer, params, max_norm: float, deepspeed_engine=None):
+    """Clip (or just measure), skip non-finite gradients, step, zero. Returns (gradient norm,
+    whether the step counts as skipped, whether the gradient was non-finite).
+
+    Gradients are identical on every rank after the all-reduce, so every rank takes the same
+    decision. fp16: Accelerate unscales before clipping and the GradScaler skips overflowing steps
+    itself (counted, not non-finite). DeepSpeed: engine.step() clips (gradient_clipping =
+    train.grad_clip), steps and zeroes; a non-finite norm is seen only afterwards, so that step is
+    not skipped, but it is counted like a skipped one and drives train.on_nonfinite.
+    """
+    if deepspeed_engine is not None:
+        deepspeed_engine.step()
+        norm = deepspeed_engine.get_global_grad_norm()
+        norm = torch.as_tensor(float("nan") if norm is None else float(norm))
+        nonfinite = not torch.isfinite(norm)
+        return norm, nonfinite, nonfinite
+    if max_norm > 0 or accelerator.mixed_precision == "fp16":
+        norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    else:  # only measured: no multiplication of every gradient by 1
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    nonfinite = not torch.isfinite(norm) and accelerator.mixed_precision != "fp16"
+    skipped = nonfinite
+    if not nonfinite:
+        optimizer.step()
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))  # fp16 overflow
+    optimizer.zero_grad(set_to_none=True)
+    return norm.detach().float(), skipped, nonfinite
+
+
+class StepFlags(NamedTuple):
+    stop_signal: int  # a signal number received by any rank, else 0
+    skipped_samples: int  # bad samples or shards skipped so far, summed over ranks
+    over_budget: bool  # any rank has used up train.time_budget_min
+
+
+def agree_on_flags(accelerator, stop_signal: int, skipped_samples: int, over_budget: bool) -> StepFlags:
+    """The per-step flags, combined over ranks with one small all-reduce, so every rank takes the
+    same decision at the same step. One process: no device tensor, so no wait for the device."""
+    flags = [float(stop_signal), float(skipped_samples), float(over_budget)]
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(torch.tensor(flags, device=accelerator.device),
+                                   reduction="sum").tolist()  # one device sync, not three
+    return StepFlags(int(flags[0]), int(flags[1]), flags[2] > 0)
