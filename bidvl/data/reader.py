@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import math
 import random
-import signal
 import sys
 from typing import Iterator
 
@@ -42,12 +41,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 
 from .meta import ShardError, split_info
-from .tarstream import samples_of, tar_samples
+from .tarstream import tar_samples
+from .workers import end_workers_at_exit, worker_init
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 ALLOWED = set(IMAGE_EXTENSIONS) | {"cls", "json"}
 # An image header announcing more pixels than this is refused before decoding (decompression bomb).
 MAX_PIXELS = 4096 * 4096
+# data.on_error=skip warns in full about the first few bad samples or shards of each loader worker,
+# then with one summary line at the 8th, 16th, 32nd, ... (a shard of only bad data is not a flood).
+FULL_WARNINGS = 5
 
 
 def _seed(*parts: int) -> int:
@@ -107,11 +110,13 @@ class SampleDecoder:
         return image, label
 
 
-def _worker_init(_worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR1 to the main process, which checkpoints and then shuts
-    them down (SLURM signals every process of the job step, workers included)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+def _own_generator() -> torch.Generator:
+    """For the DataLoader's per-iterator base seed, which it would otherwise draw from torch's
+    global RNG. That RNG also draws the training noise and is checkpointed: a resumed run (or a
+    rollback, or a periodic evaluation) that opens a loader drew once more than the uninterrupted
+    run, so resuming with data.num_workers >= 1 was not bit-exact. Our workers use no torch
+    randomness (sample order comes from seeded `random.Random`s), so the seed's value is unused."""
+    return torch.Generator().manual_seed(0)
 
 
 def _to_float(images: np.ndarray) -> torch.Tensor:
@@ -127,22 +132,33 @@ def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.T
 # ---------------------------------------------------------------- training
 
 
-def _tolerant_samples(shards, report) -> Iterator[dict]:
-    """Like `samples_of`, but a shard that fails to read (truncated, corrupt, unreadable) is reported
-    and the stream goes on with the next shard."""
+def _shard_samples(shards, report=None) -> Iterator[dict]:
+    """Samples of the shards one after the other. A shard that fails to read (truncated, corrupt,
+    unreadable) or holds no sample at all is a ShardError; given `report`, it is reported instead
+    and the stream goes on with the next shard (`report` raises once the budget is spent, so a
+    stream of nothing but bad shards ends)."""
     for shard in shards:
         try:
+            empty = True
             for sample in tar_samples(shard):
+                empty = False
                 yield sample
+            if empty:
+                raise ShardError(f"shard {shard}: holds no samples")
         except ShardError as exc:
+            if report is None:
+                raise
             report(exc)
 
 
 class _TrainRoles(IterableDataset):
     def __init__(self, shards, decoder, batch_size, per_role, roles, seed, rank, start_batch, buffer,
-                 on_error="raise"):
+                 on_error="raise", max_skipped=100):
         self.on_error = on_error
+        self.max_skipped = max_skipped
         self.skipped = 0  # bad samples/shards skipped since the last batch (on_error="skip")
+        self.skipped_in_batch = 0  # ... while assembling the current batch (or fast-forwarding one)
+        self.reported = 0  # ... by this worker so far, for rate-limited warnings
         self.shards = [str(p) for p in shards]
         self.decoder = decoder
         self.batch_size = batch_size
@@ -161,15 +177,27 @@ class _TrainRoles(IterableDataset):
             while True:
                 yield rng.choice(self.shards)
 
-        if self.on_error == "skip":
-            samples = _tolerant_samples(resampled_shards(), self._report)
-        else:
-            samples = samples_of(resampled_shards())
+        samples = _shard_samples(resampled_shards(), self._report if self.on_error == "skip" else None)
         return _shuffle(samples, bufsize=self.buffer, initial=min(self.buffer, 100), rng=rng)
 
     def _report(self, exc: Exception) -> None:
+        """Counts a skipped sample or shard and warns (rate-limited). The engine holds the budget
+        over all ranks and workers, but only learns of skips with a finished batch: a worker that
+        skips more than max_skipped while assembling one batch (the total can only be larger)
+        stops here instead of looping on bad data."""
         self.skipped += 1
-        print(f"warning: skipping bad data (data.on_error=skip): {exc}", file=sys.stderr, flush=True)
+        self.skipped_in_batch += 1
+        self.reported += 1
+        if self.skipped_in_batch > self.max_skipped:
+            raise ShardError(f"more than data.max_skipped={self.max_skipped} bad samples or shards skipped "
+                             f"while assembling one batch (data.on_error=skip); the last: {exc}") from None
+        n = self.reported
+        if n <= FULL_WARNINGS:
+            print(f"warning: skipping bad data (data.on_error=skip): {exc}", file=sys.stderr, flush=True)
+        elif n & (n - 1) == 0:
+            print(f"warning: {n} bad samples or shards skipped so far by this data loader "
+                  f"(data.on_error=skip; warnings are now summarised), the latest: {exc}",
+                  file=sys.stderr, flush=True)
 
     def _decoded(self, stream):
         if self.on_error != "skip":
@@ -185,9 +213,12 @@ class _TrainRoles(IterableDataset):
         epoch, skip = divmod(local_start, self.per_role)
         while True:
             stream = self._epoch_samples(role, epoch)
-            for _ in range(skip * self.batch_size):
-                next(stream)
+            for _ in range(skip):
+                self.skipped_in_batch = 0
+                for _ in range(self.batch_size):
+                    next(stream)
             for _ in range(self.per_role - skip):
+                self.skipped_in_batch = 0
                 images, labels = _collate([self._decoded(stream) for _ in range(self.batch_size)])
                 skipped, self.skipped = self.skipped, 0
                 yield images, labels, skipped
@@ -205,13 +236,15 @@ class TrainStream:
     for one rank; `skipped` counts bad samples or shards passed over since the previous batch of
     the same worker (always 0 unless on_error="skip").
 
-    on_error="skip" goes on past bad samples and unreadable shards (each reported on stderr); the
-    caller enforces a budget. Resuming stays exact only if no sample was skipped earlier in the
-    same epoch (the fast-forward counts raw samples without decoding them).
+    on_error="skip" goes on past bad samples and unreadable shards (the first few reported on
+    stderr in full, then in summary lines); the caller enforces the budget over the run from the
+    counts, and a worker that skips more than `max_skipped` (data.max_skipped) while assembling one
+    batch raises ShardError itself. Resuming stays exact only if no sample was skipped earlier in
+    the same epoch (the fast-forward counts raw samples without decoding them).
     """
 
     def __init__(self, folder, split, batch_size, *, seed, rank=0, world_size=1, num_workers=0,
-                 start_batch=0, shuffle_buffer=2000, on_error="raise"):
+                 start_batch=0, shuffle_buffer=2000, on_error="raise", max_skipped=100):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}: expected raise or skip")
         self.meta, shards, _ = split_info(folder, split)
@@ -225,15 +258,17 @@ class TrainStream:
         buffer = max(1, min(shuffle_buffer, per_role * batch_size // 4))
         self.dataset = _TrainRoles(
             shards, SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size,
-            per_role, roles, seed, rank, start_batch, buffer, on_error,
+            per_role, roles, seed, rank, start_batch, buffer, on_error, max_skipped,
         )
 
     def __iter__(self):
         if self.num_workers == 0:
             return iter(self.dataset)
+        end_workers_at_exit()
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers,
-            prefetch_factor=4, persistent_workers=False, worker_init_fn=_worker_init,
+            prefetch_factor=4, persistent_workers=False, worker_init_fn=worker_init,
+            generator=_own_generator(),
         )
         return iter(loader)
 
@@ -317,8 +352,9 @@ class EvalStream:
         if self.num_workers == 0:
             source = iter(self.dataset)
         else:
+            end_workers_at_exit()
             source = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                     worker_init_fn=_worker_init))
+                                     worker_init_fn=worker_init, generator=_own_generator()))
         produced = 0
         last = None
         for batch in source:

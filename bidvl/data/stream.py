@@ -45,6 +45,7 @@ class ShardStream:
             cfg.data.train, cfg.data.train_split, cfg.train.batch_size, seed=cfg.run.seed,
             rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
             start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
+            max_skipped=cfg.data.max_skipped,
         )
 
     def open(self, start_batch: int):

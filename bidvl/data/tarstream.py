@@ -5,7 +5,10 @@ decoding a 32 px PNG, which halved the reader's throughput (docs/benchmarks.md).
 POSIX tars, so this module parses the 512-byte headers itself from a memory map: ustar and GNU
 headers, GNU long names ('L') and pax path records ('x'); other entry types (directories, links,
 global pax headers) are skipped. Every header checksum is verified; a truncated or corrupt shard
-is a ShardError naming the shard and the offending member.
+is a ShardError naming the shard, the byte offset and the member before it. On any bytes at all the
+parser either moves forward or raises ShardError (tests/test_data_faults.py fuzzes it): numeric
+fields must be octal digits or positive base-256, pax records must be well formed, and long names
+and pax headers are at most MAX_EXTENDED_HEADER bytes.
 
 Samples follow the WebDataset convention: consecutive members whose names share the part before
 the first '.' of the basename form one sample {"__key__", "__url__", ext: bytes, ...}.
@@ -19,26 +22,46 @@ from typing import Iterator
 from .meta import ShardError
 
 BLOCK = 512
+# Largest GNU long name or pax header accepted: real ones hold a path (PATH_MAX is 4096) and a few
+# records; anything bigger is a corrupt size field, refused before its bytes are copied.
+MAX_EXTENDED_HEADER = 1 << 20
 
 
-def _octal(field: bytes, shard: str, where: str) -> int:
-    if field and field[0] & 0x80:  # GNU base-256 for large sizes
+def _number(field: bytes) -> int:
+    """A numeric header field: octal digits padded with spaces or NULs, or GNU base-256 (first byte
+    0x80). -1 when it is neither: plain `int(text, 8)` would also take '-1000', '+7', '0o7' and
+    '1_0', and a negative size moves the parser backwards, into a loop."""
+    if field[:1] == b"\x80":
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise ShardError(f"shard {shard}: corrupt tar header at {where} (numeric field {field!r})") from None
+    if text.translate(None, b"01234567"):
+        return -1
+    return int(text, 8) if text else 0
 
 
 def _pax_path(data: bytes) -> str | None:
+    """The `path` of a pax extended header, a run of "<length> <key>=<value>\\n" records where
+    <length> counts the whole record; trailing NUL padding is allowed. ValueError saying what is
+    wrong with a malformed record."""
+    data = data.rstrip(b"\0")
     path, pos = None, 0
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
+        space = data.find(b" ", pos, pos + 20)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise ValueError(f"record at byte {pos} does not start with '<length> '")
+        length = int(digits)
+        record = data[pos: pos + length]
+        if length < len(digits) + 3 or len(record) < length or not record.endswith(b"\n") \
+                or b"=" not in record:
+            raise ValueError(f"record at byte {pos} announces {length} bytes, not a '<key>=<value>\\n' "
+                             f"record within the {len(data)}-byte header")
+        key, _, value = record[len(digits) + 1: -1].partition(b"=")
         if key == b"path":
-            path = value.decode("utf-8")
+            try:
+                path = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"path {value[:200]!r} is not UTF-8") from None
         pos += length
     return path
 
@@ -54,45 +77,76 @@ def tar_members(shard: str) -> Iterator[tuple[str, bytes]]:
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:  # empty file
             raise ShardError(f"shard {shard}: empty file, expected a tar archive") from None
+        except OSError as exc:
+            raise ShardError(f"shard {shard}: cannot map ({exc.strerror})") from None
         with data:
             yield from _parse(data, shard)
 
 
+def _utf8(name: bytes, shard: str, pos: int, last: str) -> str:
+    # Strict: decoding with replacement could give two names the same key and merge their members.
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShardError(f"shard {shard}: corrupt tar header at offset {pos} (after {last}): member "
+                         f"name {name[:200]!r} is not UTF-8") from None
+
+
 def _parse(data, shard: str) -> Iterator[tuple[str, bytes]]:
+    """Members of a whole tar image. Ends on any bytes: every header moves `pos` forward by at least
+    one block (sizes are never negative), or raises a ShardError naming the shard, the header's
+    byte offset and the member before it."""
     pos, end = 0, len(data)
     long_name = None
     last = "start of archive"
     while True:
         if pos + BLOCK > end:
-            raise ShardError(f"shard {shard}: truncated after {last} (no end-of-archive marker)")
+            raise ShardError(f"shard {shard}: truncated at offset {pos}, after {last} "
+                             f"(no end-of-archive marker)")
         header = data[pos: pos + BLOCK]
         if header.count(0) == BLOCK:
             return  # end-of-archive
-        stored = _octal(header[148:156], shard, f"member after {last}")
+        stored = _number(header[148:156])
         if stored != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ShardError(f"shard {shard}: corrupt tar header after {last} (checksum mismatch)")
-        name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+            raise ShardError(f"shard {shard}: corrupt tar header at offset {pos}, after {last} "
+                             f"(checksum mismatch)")
+        name = header[0:100].split(b"\0", 1)[0]
         if header[257:262] == b"ustar" and header[345] != 0:
-            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
-        size = _octal(header[124:136], shard, name)
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        size = _number(header[124:136])
         kind = header[156:157]
         start = pos + BLOCK
-        pos = start + (size + BLOCK - 1) // BLOCK * BLOCK
-        if start + size > end:
-            raise ShardError(f"shard {shard}: member {name} is truncated ({size} bytes announced)")
-        if kind == b"L":
-            long_name = data[start: start + size].rstrip(b"\0").decode("utf-8", "replace")
-            continue
-        if kind == b"x":
-            long_name = _pax_path(data[start: start + size]) or long_name
-            continue
-        if kind not in (b"0", b"\0", b"7"):
+        if size < 0 or start + size > end:
+            member = name.decode("utf-8", "replace")
+            if size < 0:
+                raise ShardError(f"shard {shard}: corrupt tar header at offset {pos} (member {member}, "
+                                 f"after {last}): size field {header[124:136]!r} is not a number")
+            raise ShardError(f"shard {shard}: member {member} is truncated ({size} bytes announced at "
+                             f"offset {pos}, {end - start} left)")
+        if kind in (b"L", b"x"):
+            what = "GNU long name" if kind == b"L" else "pax header"
+            if size > MAX_EXTENDED_HEADER:
+                raise ShardError(f"shard {shard}: corrupt tar header at offset {pos} (after {last}): "
+                                 f"{size}-byte {what}, at most {MAX_EXTENDED_HEADER} accepted")
+            body = data[start: start + size]
+            if kind == b"L":
+                long_name = _utf8(body.rstrip(b"\0"), shard, pos, last)
+            else:
+                try:
+                    long_name = _pax_path(body) or long_name
+                except ValueError as exc:
+                    raise ShardError(f"shard {shard}: corrupt {what} at offset {pos} (after {last}): "
+                                     f"{exc}") from None
+        elif kind not in (b"0", b"\0", b"7"):
             long_name = None
-            continue
-        if long_name is not None:
-            name, long_name = long_name, None
-        last = f"member {name}"
-        yield name, data[start: start + size]
+        else:
+            if long_name is not None:
+                name, long_name = long_name, None
+            else:
+                name = _utf8(name, shard, pos, last)
+            last = f"member {name}"
+            yield name, data[start: start + size]
+        pos = start + (size + BLOCK - 1) // BLOCK * BLOCK
 
 
 def split_name(name: str) -> tuple[str, str]:

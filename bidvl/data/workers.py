@@ -1,0 +1,63 @@
+"""DataLoader workers that never outlive the training process and never hold it at exit.
+
+Workers ignore SIGTERM, SIGUSR1 and SIGINT: SLURM (time limit, scancel) and Ctrl-C signal every
+process of the job or of the terminal's process group, and the main process must first finish its
+step and checkpoint while its workers keep serving (a worker ended by the signal would make the
+loader raise in the main process). Two consequences are handled here:
+
+* At exit, multiprocessing ends daemonic children with SIGTERM and then *joins* them: with SIGTERM
+  ignored, that join never returned, so any error after the loader had started (a bad shard, a full
+  disk, a crash in logging) printed its message and then hung for ever. The main process registers
+  `end_workers_at_exit` when it starts workers; it runs before multiprocessing's own exit handler
+  (atexit runs last-registered first) and kills the remaining children with SIGKILL. Workers only
+  read shards: there is nothing of theirs to flush.
+* A worker whose parent died (SIGKILL, a killed launcher) is killed by the kernel on Linux
+  (prctl PR_SET_PDEATHSIG) instead of living on as an orphan.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import multiprocessing
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_registered = False
+
+
+def worker_init(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: leave the job's signals to the main process, die with it."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        parent = multiprocessing.parent_process()
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        except (OSError, AttributeError):
+            return
+        if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl
+            os._exit(1)
+
+
+def end_workers_at_exit() -> None:
+    """Registers (once per process) the exit handler that kills this process's remaining
+    multiprocessing children (its loader workers) instead of waiting for them."""
+    global _registered
+    if not _registered:
+        atexit.register(_kill_children)
+        _registered = True
+
+
+def _kill_children() -> None:
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    # torch's SIGCHLD handler would report each killed worker as a failure of the loader.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
