@@ -8,23 +8,43 @@
         train_state.json                         `TrainState` (JSON: nothing is unpickled)
         replicas.json                            sha256 of every rank's parameters (all equal)
         config.yaml, generator_ema.safetensors?  the config it was trained with; the EMA
+        manifest.json                            size and sha256 of every file above
         COMPLETE                                 written last: only marked folders count
     RUN_DIR/checkpoints/.tmp_step_00001000/      a checkpoint being written (or left by a kill)
     RUN_DIR/model/{energy,encoder,generator}.safetensors + config.yaml   the export
+    RUN_DIR/.lock                                held (flock) by the training run using the folder
 
 Saving writes into the temp folder, fsyncs every file, writes the marker, then renames the
 folder in one step, so a checkpoint exists under its final name only when it is complete. The
 engine (writing, resuming, rolling back) and `bidvl.evaluation.loading` (reading) both go through
 this module; nothing else spells a checkpoint path.
+
+Loading verifies every file against the manifest (and the loaded parameters against
+replicas.json); a damaged checkpoint is reported by name and, with checkpoint.on_damaged=fallback
+(the default), the previous complete one is used instead; nothing damaged is trained on.
+Checkpoints written before manifests existed load with a warning that they cannot be verified.
+
+One training run per folder: `RunLock` holds an exclusive flock on RUN_DIR/.lock for the whole run
+(main process). The kernel releases it when the process ends, however it ends, so a dead holder
+never blocks a new run. On a local file system the exclusion is guaranteed. Across nodes it holds
+where the shared file system implements flock across clients: NFS (Linux clients emulate flock
+with NFS byte-range locks; a crashed holder's lock is freed when its lease expires, ~90 s on
+NFSv4), GPFS and BeeGFS, and Lustre mounted with `-o flock` (with `-o localflock` or no option it
+does not exclude across nodes).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -41,11 +61,18 @@ CHECKPOINT_FILES = ("model.safetensors", "model_1.safetensors", "model_2.safeten
 EXPORT_FILES = ("energy.safetensors", "encoder.safetensors", "generator.safetensors")
 EMA_FILE = "generator_ema.safetensors"
 TRAIN_STATE_FILE = "train_state.json"
+MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used (missing, incomplete, or trained with another config);
-    the message names the folder and, where it applies, the config key."""
+    """A checkpoint or run folder that cannot be used (missing, incomplete, damaged, trained with
+    another config, locked by another run, not writable); the message names the folder or file
+    and, where it applies, the config key."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A complete checkpoint whose files do not match what was written."""
 
 
 def step_name(step: int) -> str:
@@ -128,17 +155,115 @@ def check_compatible(cfg: Config, folder: Path) -> None:
                 )
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):  # DeepSpeed writes one folder per engine
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """Size and sha256 of every file (DeepSpeed writes one sub-folder per engine), each fsynced;
+    then the manifest itself, fsynced."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
+            files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size,
+                                                          "sha256": _file_digest(path)}
+    with open(folder / MANIFEST, "w") as f:
+        f.write(json.dumps({"files": files}, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def verify(folder: Path) -> bool:
+    """Checks every file of a complete checkpoint against its manifest; raises DamagedCheckpoint
+    naming the first bad file. False: a checkpoint written before manifests (not verifiable)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return False
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        expected = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DamagedCheckpoint(f"checkpoint {folder}: unreadable {MANIFEST} ({exc})") from None
+    for name, (size, digest) in expected.items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"checkpoint {folder}: {name} is missing")
+        if path.stat().st_size != size:
+            raise DamagedCheckpoint(f"checkpoint {folder}: {name} has {path.stat().st_size} bytes, "
+                                    f"{size} were written (truncated or replaced)")
+        if _file_digest(path) != digest:
+            raise DamagedCheckpoint(f"checkpoint {folder}: {name} does not match the sha256 written "
+                                    f"with it (corrupted)")
+    return True
+
+
+def _write_error(exc: OSError, tmp: Path, run_dir: Path) -> str:
+    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__
+    where = exc.filename or tmp
+    return (f"cannot write checkpoint {tmp.name.removeprefix('.tmp_')}: {code} ({exc.strerror or exc}) "
+            f"at {where}; the complete checkpoints in {checkpoints_dir(run_dir)} are untouched")
 
 
 def _replace(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+class RunLock:
+    """An exclusive flock on RUN_DIR/.lock, held by the main process for the whole run (see the
+    module docstring for what it guarantees across nodes). The file names the holder."""
+
+    def __init__(self, accelerator, run_dir: Path):
+        self.accelerator, self.path = accelerator, Path(run_dir) / LOCK_FILE
+        self.file = None
+
+    def acquire(self) -> None:
+        refusal = ""
+        if self.accelerator.is_main_process:
+            refusal = self._try_lock()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise CheckpointError(refusal)
+
+    def _try_lock(self) -> str:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as exc:
+            return f"run.dir={self.path.parent}: cannot create {self.path} ({exc.strerror})"
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            return (f"run.dir={self.path.parent} is in use by another training run ({holder}; lock "
+                    f"{self.path}): wait for it to end, stop it, or choose another run.dir")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        self.file = f
+        return ""
+
+    def release(self) -> None:
+        """Unlocks (the file stays: removing it would let a third run lock a new file while a
+        second one holds the old one)."""
+        if self.file is not None:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 class Checkpointer:
@@ -154,12 +279,17 @@ class Checkpointer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run.dir)
         self.folder = checkpoints_dir(self.run_dir)
+        self.lock = RunLock(accelerator, self.run_dir)
+
+    def end(self) -> None:
+        self.lock.release()
 
     def begin(self) -> None:
-        """At the start of training (main process): the run folder with the resolved config, and
-        no temp folders left by a killed run."""
+        """At the start of training: the run folder locked for this run (every rank fails if
+        another run holds it), the resolved config written, temp folders of a killed run removed
+        (after locking: never another live run's)."""
+        self.lock.acquire()
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             for partial_folder in self.folder.glob(".tmp_step_*"):
                 shutil.rmtree(partial_folder, ignore_errors=True)
@@ -174,7 +304,11 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))
+        try:
+            acc.save_state(str(tmp))
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(_write_error(exc, tmp, self.run_dir)) from None
         from accelerate.utils import gather_object
 
         digests = gather_object([replica_digest(nets.values())])
@@ -183,16 +317,20 @@ class Checkpointer:
             if len(set(digests)) != 1:
                 bad = [r for r, d in enumerate(digests) if d != digests[0]]
                 raise RuntimeError(f"replicas diverged at step {state.step}: ranks {bad} differ from rank 0")
-            (tmp / "replicas.json").write_text(json.dumps({"sha256": digests}) + "\n")
-            (tmp / TRAIN_STATE_FILE).write_text(state.to_json())
-            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            if ema is not None:
-                save_file(ema.state_dict(), str(tmp / EMA_FILE))
-            _fsync_tree(tmp)
-            with open(tmp / MARKER, "w") as f:
-                f.write(f"{state.step}\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                (tmp / "replicas.json").write_text(json.dumps({"sha256": digests}) + "\n")
+                (tmp / TRAIN_STATE_FILE).write_text(state.to_json())
+                (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+                if ema is not None:
+                    save_file(ema.state_dict(), str(tmp / EMA_FILE))
+                _write_manifest(tmp)
+                with open(tmp / MARKER, "w") as f:
+                    f.write(f"{state.step}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(_write_error(exc, tmp, self.run_dir)) from None
             _replace(tmp, final)
             for old in complete_checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep]:
                 (old / MARKER).unlink()  # first: a half-deleted folder is never "complete"
@@ -200,34 +338,74 @@ class Checkpointer:
         acc.wait_for_everyone()
         return final
 
-    def latest(self) -> Path | None:
-        found = complete_checkpoints(self.run_dir)
-        return found[-1] if found else None
-
-    def find_resume(self) -> Path | None:
-        """The checkpoint `checkpoint.resume` asks for: auto (newest complete, if any), none, or a
-        complete checkpoint folder."""
+    def find_resume(self) -> list[Path]:
+        """The checkpoints `checkpoint.resume` allows, to try in order: auto (every complete one,
+        newest first), none (no checkpoint), or the one complete checkpoint folder it names."""
         resume = self.cfg.checkpoint.resume
         if resume == "none":
-            return None
+            return []
         if resume == "auto":
-            return self.latest()
+            return complete_checkpoints(self.run_dir)[::-1]
         path = Path(resume)
         if not is_complete(path):
             raise CheckpointError(
                 f"checkpoint.resume={resume}: not a complete checkpoint folder (no {MARKER} marker)"
             )
-        return path
+        return [path]
 
-    def load(self, folder: Path, ema=None) -> TrainState:
-        """Restores the prepared nets, optimizers and RNG states (Accelerate) and the EMA; returns
-        the saved TrainState."""
+    def load(self, folder: Path, nets: dict, ema=None) -> TrainState:
+        """Verifies `folder`, restores the prepared nets, optimizers and RNG states (Accelerate) and
+        the EMA, checks the loaded parameters against replicas.json; returns the saved TrainState.
+        Raises DamagedCheckpoint naming what is wrong (the nets may then hold part of it: load
+        another checkpoint before training)."""
         check_compatible(self.cfg, folder)
-        self.accelerator.load_state(str(folder))  # safetensors + weights_only torch.load
-        state = TrainState.read(folder / TRAIN_STATE_FILE)
-        if ema is not None:
-            ema.load_state_dict(load_file(str(folder / EMA_FILE)))
+        verified = verify(folder)
+        if not verified and self.accelerator.is_main_process:
+            print(f"warning: checkpoint {folder} has no {MANIFEST} (written by an older version): "
+                  "its files cannot be verified", file=sys.stderr, flush=True)
+        try:
+            self.accelerator.load_state(str(folder))  # safetensors + weights_only torch.load
+            state = TrainState.read(folder / TRAIN_STATE_FILE)
+            if ema is not None:
+                ema.load_state_dict(load_file(str(folder / EMA_FILE)))
+            saved = json.loads((folder / "replicas.json").read_text())["sha256"][0]
+        except Exception as exc:  # whatever a damaged file makes Accelerate, torch or JSON raise
+            raise DamagedCheckpoint(f"checkpoint {folder}: cannot be loaded ({type(exc).__name__}: "
+                                    f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        if replica_digest(nets.values()) != saved:
+            raise DamagedCheckpoint(f"checkpoint {folder}: the loaded parameters do not match the "
+                                    f"digest in replicas.json")
         return state
+
+    def resume(self, nets: dict, ema=None) -> tuple[Path, TrainState] | None:
+        """Loads what `checkpoint.resume` asks for (see `find_resume`); None: start from scratch."""
+        fallback = self.cfg.checkpoint.resume == "auto" and self.cfg.checkpoint.on_damaged == "fallback"
+        return self._load_newest_good(self.find_resume(), nets, ema, fallback)
+
+    def rollback(self, nets: dict, ema=None) -> tuple[Path, TrainState] | None:
+        """Loads the newest complete checkpoint (for train.on_nonfinite=rollback)."""
+        return self._load_newest_good(complete_checkpoints(self.run_dir)[::-1], nets, ema,
+                                      self.cfg.checkpoint.on_damaged == "fallback")
+
+    def _load_newest_good(self, candidates: list[Path], nets: dict, ema, fallback: bool):
+        """The first of `candidates` that loads undamaged. A damaged one is reported by name; with
+        `fallback` the next one is tried, else it is a DamagedCheckpoint error. Every rank
+        verifies the same files and so decides alike."""
+        damaged = []
+        for folder in candidates:
+            try:
+                return folder, self.load(folder, nets, ema)
+            except DamagedCheckpoint as exc:
+                if not fallback:
+                    raise
+                damaged.append(str(exc))
+                if self.accelerator.is_main_process:
+                    print(f"warning: {exc}; falling back to the previous complete checkpoint "
+                          "(checkpoint.on_damaged=fallback)", file=sys.stderr, flush=True)
+        if damaged:
+            raise DamagedCheckpoint(f"every complete checkpoint in {self.folder} is damaged (newest: "
+                                    f"{damaged[0]}); move them away to train from scratch")
+        return None
 
     def export(self, step: int, nets: dict, ema=None) -> Path:
         """The nets as RUN_DIR/model/{energy,encoder,generator}.safetensors (step in each file's

@@ -3,7 +3,11 @@
 A config file only holds values; every key it may hold is declared here with its type and default.
 `load_config(path, overrides)` merges defaults <- YAML <- `key=value` overrides through OmegaConf's
 structured configs, so an unknown key or a value of the wrong type fails before anything is built,
-with the dotted key in the message. `validate` then checks values that types cannot express.
+with the dotted key in the message. `validate` then checks values that types cannot express:
+CHOICES (named values), RANGES (numbers, sizes, seeds, paths; NaN and inf included) and the few
+checks that involve two keys, each error naming the key, the value and what was expected
+(`train.energy_optim.lr=-0.1: expected a finite number > 0`). The launch scripts check their own
+options with the same `Range`s, so nothing out of range reaches torch or numpy as a traceback.
 
 Defaults are the authors' DCGAN settings at 32 px (their public code; the README's table of configs
 names the settings each file follows): a config file only states what differs.
@@ -12,14 +16,17 @@ names the settings each file follows): a config file only states what differs.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bidvl.models.registry import BUILDERS, ENERGY_OUTPUTS
+from bidvl.models.registry import BUILDERS, ENERGY_OUTPUTS, RESOLUTIONS
 from bidvl.objectives import OBJECTIVES
 
 
@@ -124,6 +131,10 @@ class CheckpointConfig:
     every: int = 500
     keep: int = 3
     resume: str = "auto"  # auto | none | PATH
+    # A complete checkpoint whose files do not match its manifest (bidvl.checkpoint): `fallback`
+    # reports it and resumes from the previous complete one (resume=auto and rollbacks); `stop`
+    # ends the run with an error naming the file. A checkpoint.resume=PATH is never replaced.
+    on_damaged: str = "fallback"
 
 
 @dataclass
@@ -172,7 +183,117 @@ CHOICES = {
     "objective.order": ("upper_first", "lower_first"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "data.on_error": ("raise", "skip"),
+    "checkpoint.on_damaged": ("fallback", "stop"),
     "train.on_nonfinite": ("skip", "rollback", "stop"),
+}
+
+
+class Range(NamedTuple):
+    """What a numeric or text option accepts: a test and the words an error message uses."""
+
+    expected: str
+    accepts: Callable[[Any], bool]
+
+    def check(self, name: str, value, joiner: str = "=") -> None:
+        """Raises ConfigError `name=value: expected ...` (CLI options: joiner " ")."""
+        if not self.accepts(value):
+            raise ConfigError(f"{name}{joiner}{value!r}: expected {self.expected}")
+
+
+# Sizes, counts and seeds stay below 2**31: torch takes them as tensor sizes, and numpy's seed
+# (< 2**32) must still hold run.seed + the process index that Accelerate's set_seed adds.
+INT_LIMIT = 2**31
+
+
+def integers(low: int) -> Range:
+    return Range(f"an integer in [{low}, 2**31)", lambda v: low <= v < INT_LIMIT)
+
+
+def path_problem(path: str, kind: str = "folder", writable: bool = False) -> Optional[str]:
+    """Why `path` cannot be (or become) a `kind` ("folder" or "file"), or None when it can: it is
+    empty, it exists as the other kind, one of its parents is a file, or (`writable`) the nearest
+    existing one of them is not writable. Nothing is created."""
+    if not str(path).strip():
+        return "the path is empty"
+    if kind == "file" and str(path).endswith(("/", os.sep)):
+        return f"{path} ends in a separator, expected a file name"
+    path = Path(path)
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())  # "." or "/" at the latest
+        if existing == path and existing.is_dir() != (kind == "folder"):
+            return f"{path} is a {'folder' if existing.is_dir() else 'file'}, expected a {kind}"
+        if existing != path and not existing.is_dir():
+            return f"{existing} is a file, not a folder"
+        if writable and not os.access(existing, os.W_OK):
+            return f"{existing} is not writable"
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    return None
+
+
+def _metric_list(text: str) -> bool:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    return not text.strip() or (bool(names) and all(m in EVAL_METRICS for m in names))
+
+
+COUNT = integers(1)  # sizes, steps, intervals
+COUNT_OR_ZERO = integers(0)  # where 0 means none, off or all
+SEED = integers(0)
+POSITIVE = Range("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+NON_NEGATIVE = Range("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+FACTOR = Range("a number in (0, 1]", lambda v: 0 < v <= 1)  # scales an LR down, or keeps it
+DECAY = Range("a number in [0, 1)", lambda v: 0 <= v < 1)  # an average's decay rate
+NOT_EMPTY = Range("a non-empty string", lambda v: bool(v.strip()))
+OPTIMIZER = {
+    "lr": POSITIVE,
+    "betas": Range("two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
+    "weight_decay": NON_NEGATIVE,
+    "lr_decay": FACTOR,
+}
+
+# The range of every option that has one (CHOICES holds the named values; booleans need none;
+# `validate` adds the checks that involve two keys). A new option is one line here.
+RANGES: dict[str, Range] = {
+    "run.dir": Range("a folder path (not empty, not a file, no file among its parents)",
+                     lambda v: path_problem(v, "folder") is None),
+    "run.seed": SEED,
+    "data.train": NOT_EMPTY,
+    "data.train_split": NOT_EMPTY,
+    "data.test_split": NOT_EMPTY,
+    "data.resolution": COUNT,  # and one that model.arch supports (validate)
+    "data.channels": Range("1 or 3", lambda v: v in (1, 3)),
+    "data.num_workers": COUNT_OR_ZERO,
+    "data.shuffle_buffer": COUNT,
+    "data.max_skipped": COUNT_OR_ZERO,
+    "model.latent_dim": COUNT,
+    "model.energy_width": COUNT,
+    "model.encoder_width": COUNT,
+    "model.generator_width": COUNT,
+    "objective.w_latent": NON_NEGATIVE,
+    "objective.r_basic": NON_NEGATIVE,
+    "objective.lower_steps": COUNT,
+    "train.batch_size": COUNT,
+    "train.max_steps": COUNT,
+    "train.grad_accum": COUNT,
+    "train.grad_clip": NON_NEGATIVE,  # 0: off
+    "train.ema": DECAY,  # 0: off
+    "train.time_budget_min": NON_NEGATIVE,  # 0: off
+    "train.nonfinite_patience": COUNT,
+    "train.rollback_lr_scale": FACTOR,
+    "train.max_rollbacks": COUNT_OR_ZERO,
+    **{f"train.{optimizer}.{key}": accepted for optimizer in ("energy_optim", "latent_optim")
+       for key, accepted in OPTIMIZER.items()},
+    "checkpoint.every": COUNT,
+    "checkpoint.keep": COUNT,
+    "checkpoint.resume": Range("auto, none or a checkpoint path", lambda v: bool(v.strip())),
+    "log.every": COUNT,
+    "log.images_every": COUNT,
+    "log.num_images": COUNT,
+    "eval.every": COUNT_OR_ZERO,  # 0: off
+    "eval.metrics": Range(f"a comma list of {', '.join(EVAL_METRICS)} (or empty)", _metric_list),
+    "eval.num_samples": integers(2),  # FID needs two samples
+    "eval.max_test": COUNT_OR_ZERO,  # 0: all
+    "eval.batch_size": COUNT,
 }
 
 
@@ -204,59 +325,35 @@ def validate(cfg: Config) -> Config:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
-    positive = [
-        "train.batch_size", "train.max_steps", "train.grad_accum", "objective.lower_steps",
-        "model.latent_dim", "data.resolution", "data.channels", "checkpoint.every",
-        "checkpoint.keep", "log.every", "log.images_every", "model.energy_width",
-        "model.encoder_width", "model.generator_width", "data.shuffle_buffer",
-    ]
-    for key in positive:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"{key}={_get(cfg, key)}: expected a positive integer")
-    if cfg.eval.every < 0 or cfg.eval.num_samples <= 0 or cfg.eval.batch_size <= 0 or cfg.eval.max_test < 0:
-        raise ConfigError(
-            f"eval.every={cfg.eval.every}, eval.num_samples={cfg.eval.num_samples}, "
-            f"eval.batch_size={cfg.eval.batch_size}, eval.max_test={cfg.eval.max_test}: "
-            "expected every >= 0, num_samples > 0, batch_size > 0, max_test >= 0"
-        )
-    for metric in filter(None, cfg.eval.metrics.split(",")):
-        if metric.strip() not in EVAL_METRICS:
-            raise ConfigError(f"eval.metrics={cfg.eval.metrics!r}: {metric!r} is not one of "
-                              f"{', '.join(EVAL_METRICS)}")
-    if cfg.train.nonfinite_patience <= 0 or cfg.train.max_rollbacks < 0 or cfg.data.max_skipped < 0:
-        raise ConfigError(
-            f"train.nonfinite_patience={cfg.train.nonfinite_patience}, train.max_rollbacks="
-            f"{cfg.train.max_rollbacks}, data.max_skipped={cfg.data.max_skipped}: expected > 0, >= 0, >= 0"
-        )
-    if not 0.0 < cfg.train.rollback_lr_scale <= 1.0:
-        raise ConfigError(f"train.rollback_lr_scale={cfg.train.rollback_lr_scale}: expected in (0, 1]")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers={cfg.data.num_workers}: expected >= 0")
-    if cfg.data.channels not in (1, 3):
-        raise ConfigError(f"data.channels={cfg.data.channels}: expected 1 or 3")
-    for name in ("energy_optim", "latent_optim"):
-        opt = getattr(cfg.train, name)
-        if opt.lr <= 0:
-            raise ConfigError(f"train.{name}.lr={opt.lr}: expected > 0")
-        if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
-            raise ConfigError(f"train.{name}.betas={list(opt.betas)}: expected two values in [0, 1)")
-        if not 0.0 < opt.lr_decay <= 1.0:
-            raise ConfigError(f"train.{name}.lr_decay={opt.lr_decay}: expected in (0, 1]")
-    if cfg.objective.r_basic < 0:
-        raise ConfigError(f"objective.r_basic={cfg.objective.r_basic}: expected >= 0")
-    if cfg.train.time_budget_min < 0:
-        raise ConfigError(f"train.time_budget_min={cfg.train.time_budget_min}: expected >= 0 (0 disables)")
-    if cfg.objective.w_latent < 0:
-        raise ConfigError(f"objective.w_latent={cfg.objective.w_latent}: expected >= 0")
-    if not 0.0 <= cfg.train.ema < 1.0:
-        raise ConfigError(f"train.ema={cfg.train.ema}: expected in [0, 1)")
-    if cfg.train.grad_clip < 0:
-        raise ConfigError(f"train.grad_clip={cfg.train.grad_clip}: expected >= 0 (0 disables)")
-    if cfg.model.arch == "timm" and not cfg.model.timm_name:
-        raise ConfigError("model.timm_name is empty: model.arch=timm needs a timm model name")
-    if cfg.checkpoint.resume not in ("auto", "none") and not cfg.checkpoint.resume:
-        raise ConfigError("checkpoint.resume is empty: expected auto, none or a checkpoint path")
+    for key, accepted in RANGES.items():
+        accepted.check(key, _get(cfg, key))
+    supported = RESOLUTIONS[cfg.model.arch]
+    if cfg.data.resolution not in supported:
+        raise ConfigError(f"data.resolution={cfg.data.resolution}: model.arch={cfg.model.arch} supports "
+                          f"{', '.join(map(str, supported))}")
+    if cfg.model.arch == "timm":
+        import timm
+
+        if not cfg.model.timm_name:
+            raise ConfigError("model.timm_name is empty: model.arch=timm needs a timm model name")
+        if not timm.is_model(cfg.model.timm_name):
+            raise ConfigError(f"model.timm_name={cfg.model.timm_name!r}: not a model timm knows "
+                              "(timm.list_models() lists them)")
+    if cfg.data.auto_build:
+        from bidvl.data.build import DATASETS  # here: bidvl.data imports this module
+
+        if cfg.data.auto_build not in DATASETS:
+            raise ConfigError(f"data.auto_build={cfg.data.auto_build!r}: expected empty or one of "
+                              f"{', '.join(DATASETS)}")
     return cfg
+
+
+# What YAML and OmegaConf raise for a file or an override they cannot read, convert or merge.
+_UNREADABLE = (OmegaConfBaseException, yaml.YAMLError, OSError, TypeError, ValueError, OverflowError)
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:
@@ -267,19 +364,25 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        sources.append((str(path), OmegaConf.load(path)))
+        try:
+            sources.append((str(path), "?", OmegaConf.load(path)))
+        except _UNREADABLE as exc:
+            raise ConfigError(f"config file {path}: not readable as YAML ({_first_line(exc)})") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. train.max_steps=100")
-    if overrides:
-        sources.append(("command line", OmegaConf.from_dotlist(list(overrides))))
-    for where, src in sources:
+        try:
+            key = item.split("=", 1)[0] or "?"
+            sources.append(("command line", key, OmegaConf.from_dotlist([item])))
+        except _UNREADABLE as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_first_line(exc)}); "
+                              "quote it") from None
+    for where, key, src in sources:
         try:
             merged = OmegaConf.merge(merged, src)
-        except OmegaConfBaseException as exc:
-            key = getattr(exc, "full_key", None) or "?"
-            first = str(exc).splitlines()[0]
-            raise ConfigError(f"{where}: key {key}: {first}") from None
+        except _UNREADABLE as exc:
+            key = getattr(exc, "full_key", None) or key
+            raise ConfigError(f"{where}: key {key}: {_first_line(exc)}") from None
     return validate(_bare_no_as_no(OmegaConf.to_object(merged)))
 
 

@@ -171,16 +171,16 @@ def step_optimizer(accelerator, optimizer, params, max_norm: float, deepspeed_en
 
 
 class StepFlags(NamedTuple):
-    stop_signal: int  # a signal number received by any rank, else 0
+    stop: bool  # any rank received a stop signal (SIGTERM, SIGUSR1, SIGINT)
     skipped_samples: int  # bad samples or shards skipped so far, summed over ranks
     over_budget: bool  # any rank has used up train.time_budget_min
 
 
-def agree_on_flags(accelerator, stop_signal: int, skipped_samples: int, over_budget: bool) -> StepFlags:
+def agree_on_flags(accelerator, stop: bool, skipped_samples: int, over_budget: bool) -> StepFlags:
     """The per-step flags, combined over ranks with one small all-reduce, so every rank takes the
     same decision at the same step. One process: no device tensor, so no wait for the device."""
-    flags = [float(stop_signal), float(skipped_samples), float(over_budget)]
+    flags = [float(stop), float(skipped_samples), float(over_budget)]
     if accelerator.num_processes > 1:
         flags = accelerator.reduce(torch.tensor(flags, device=accelerator.device),
                                    reduction="sum").tolist()  # one device sync, not three
-    return StepFlags(int(flags[0]), int(flags[1]), flags[2] > 0)
+    return StepFlags(flags[0] > 0, int(flags[1]), flags[2] > 0)

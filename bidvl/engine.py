@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -60,17 +62,17 @@ def build_optimizers(cfg: Config, energy_net, encoder, generator):
     return energy_opt, latent_opt
 
 
-def train(cfg: Config) -> dict:
-    """Trains `cfg` to its end (max_steps, time budget or a stop signal); returns the last logs.
-    What launch/train.py and the study's training stage run."""
+def train(cfg: Config) -> int:
+    """Trains `cfg` to its end (max_steps, time budget or a stop signal). Returns the stop signal
+    this process received (0: none). What launch/train.py and the study's training stage run."""
     trainer = Trainer(cfg)
     finished = False
     try:
-        logs = trainer.fit()
+        trainer.fit()
         finished = True
     finally:
         trainer.close(synchronise=finished)  # after an error other ranks may be inside a collective
-    return logs
+    return trainer.stop_signal
 
 
 class Trainer:
@@ -78,9 +80,9 @@ class Trainer:
         self.cfg = cfg
         # From the start: a SLURM time-limit signal during start-up or resume must not be lost
         # (the per-node launcher starts us with SIGUSR1 ignored).
-        self._stop_signal = 0
+        self.stop_signal = 0  # the stop signal this process received (SIGTERM, SIGUSR1, SIGINT), else 0
         self._previous_handlers = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1)
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
         }
         plugins = deepspeed_plugins(cfg)
         self.deepspeed = plugins is not None
@@ -236,11 +238,11 @@ class Trainer:
         if self.state.rollbacks >= cfg.max_rollbacks:
             raise FloatingPointError(f"{what} at step {self.state.step}, after {self.state.rollbacks} "
                                      f"rollbacks (train.max_rollbacks={cfg.max_rollbacks})")
-        latest = self.checkpointer.latest()
-        if latest is None:
-            raise FloatingPointError(f"{what} at step {self.state.step} and no checkpoint to roll back to")
         rollbacks = self.state.rollbacks + 1
-        self.load_checkpoint(latest)
+        loaded = self.checkpointer.rollback(self.unwrapped, self.ema)
+        if loaded is None:
+            raise FloatingPointError(f"{what} at step {self.state.step} and no checkpoint to roll back to")
+        latest, self.state = loaded
         self.state.rollbacks = rollbacks
         self.state.lr_scale *= cfg.rollback_lr_scale
         self.set_learning_rates()
@@ -252,9 +254,6 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(self.state, self.unwrapped, self.ema)
 
-    def load_checkpoint(self, path: Path) -> None:
-        self.state = self.checkpointer.load(path, self.ema)
-        self.set_learning_rates()
 
     def export(self) -> Path:
         return self.checkpointer.export(self.state.step, self.unwrapped, self.ema)
@@ -268,7 +267,16 @@ class Trainer:
                             self.fixed_latent, v, self._outside_autocast())
 
     def _on_signal(self, signum, frame):
-        self._stop_signal = signum
+        """Stop signals end the run after the current step with a checkpoint. Ctrl-C (SIGINT) too;
+        a second Ctrl-C aborts at once, without one (the process dies of SIGINT)."""
+        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        if signum == signal.SIGINT:
+            print("interrupted: checkpointing after this step, then exiting (Ctrl-C again aborts "
+                  "without a checkpoint)", file=sys.stderr, flush=True)
+        self.stop_signal = self.stop_signal or signum
 
     def fit(self, stream=None) -> dict:
         """Trains to train.max_steps (or the time budget, or a stop signal); returns the last logs.
@@ -279,10 +287,10 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(stream.batches_per_epoch / accum))
         self.checkpointer.begin()
         acc.init_trackers("bidvl", config=flatten(to_dict(cfg)))
-        resume_from = self.checkpointer.find_resume()
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
-            acc.print(f"resumed from {resume_from} at step {self.state.step}")
+        loaded = self.checkpointer.resume(self.unwrapped, self.ema)
+        if loaded is not None:
+            resumed_from, self.state = loaded
+            acc.print(f"resumed from {resumed_from} at step {self.state.step}")
         self.set_learning_rates()
 
         start = self.state.step
@@ -309,7 +317,7 @@ class Trainer:
             self.state.step += 1
             self.state.budget_used_s += clock() - tick
             window.record(result, images=sum(len(b) for b in batches) * acc.num_processes)
-            flags = agree_on_flags(acc, self._stop_signal, self.skipped_samples, spent())
+            flags = agree_on_flags(acc, bool(self.stop_signal), self.skipped_samples, spent())
             over_budget = flags.over_budget
             if flags.skipped_samples > cfg.data.max_skipped:
                 raise ShardError(f"{flags.skipped_samples} bad samples or shards skipped, more than "
@@ -340,8 +348,9 @@ class Trainer:
                 self.save_checkpoint()
                 last_saved = step
             progress.update(1)
-            if flags.stop_signal:
-                acc.print(f"signal {flags.stop_signal}: checkpointing at step {step} and exiting")
+            if flags.stop:
+                why = f"signal {self.stop_signal}" if self.stop_signal else "a stop signal on another rank"
+                acc.print(f"{why}: checkpointing at step {step} and exiting")
                 if last_saved != step:
                     self.save_checkpoint()
                 break
@@ -381,6 +390,7 @@ class Trainer:
                 engine.destroy()
             acc.deepspeed_engine_wrapped = None
             self.latent_engine = None
+        self.checkpointer.end()  # the run folder's lock
         acc.end_training()
         acc.free_memory()
         self.energy_net = self.encoder = self.generator = self.unwrapped = None

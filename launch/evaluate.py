@@ -15,9 +15,23 @@ weights-inception-2015-12-05-6726825d.pth), or --features for an FID-style figur
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from bidvl.config import ConfigError
+from bidvl.config import COUNT_OR_ZERO, RANGES, SEED, ConfigError, path_problem
 from bidvl.data import ShardError
+
+
+def check_args(args) -> None:
+    """Every option in range and the report folder writable, before anything is loaded or written
+    (an unwritable RUN_DIR/eval would otherwise fail only after the whole evaluation)."""
+    for option, value, accepted in (("--num-samples", args.num_samples, RANGES["eval.num_samples"]),
+                                    ("--max-test", args.max_test, RANGES["eval.max_test"]),
+                                    ("--batch-size", args.batch_size, RANGES["eval.batch_size"]),
+                                    ("--seed", args.seed, SEED), ("--num-workers", args.num_workers, COUNT_OR_ZERO)):
+        accepted.check(option, value, joiner=" ")
+    problem = Path(args.run).is_dir() and path_problem(Path(args.run) / "eval", "folder", writable=True)
+    if problem:  # (a missing run folder is load_run's error)
+        raise ConfigError(f"--run {args.run}: cannot write the report: {problem}")
 
 
 def main(argv=None):
@@ -48,11 +62,17 @@ def main(argv=None):
     from bidvl.evaluation import EvalError, EvalOptions, load_run
     from bidvl.evaluation.evaluator import evaluate_run, parse_metrics
 
+    try:
+        check_args(args)
+        metrics = parse_metrics(args.metrics)
+    except (EvalError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     accelerator = Accelerator()
     try:
         run = load_run(args.run, args.checkpoint, device=accelerator.device)
         opts = EvalOptions(
-            metrics=parse_metrics(args.metrics), num_samples=args.num_samples, batch_size=args.batch_size,
+            metrics=metrics, num_samples=args.num_samples, batch_size=args.batch_size,
             split=args.split, max_test=args.max_test, ood=tuple(args.ood), fid_ref=args.fid_ref,
             features=args.features, inception_weights=args.inception_weights, seed=args.seed,
             bn_mode=args.bn_mode, cache_dir=f"{args.run}/eval/cache", num_workers=args.num_workers,

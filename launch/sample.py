@@ -14,8 +14,24 @@ import argparse
 import sys
 from pathlib import Path
 
-from bidvl.config import ConfigError
+from bidvl.config import COUNT, COUNT_OR_ZERO, SEED, ConfigError, path_problem
 from bidvl.data import ShardError
+
+
+def check_args(args) -> None:
+    """Every option in range and both outputs writable, before anything is loaded or written."""
+    from PIL import Image
+
+    for option, value, accepted in (("--num", args.num, COUNT), ("--seed", args.seed, SEED),
+                                    ("--batch-size", args.batch_size, COUNT), ("--nrow", args.nrow, COUNT_OR_ZERO)):
+        accepted.check(option, value, joiner=" ")
+    Image.init()
+    if Image.registered_extensions().get(Path(args.out).suffix.lower()) not in Image.SAVE:
+        raise ConfigError(f"--out {args.out}: expected an image file name that PIL can write (.png, .jpg, ...)")
+    for option, path in (("--out", args.out), ("--npy", args.npy)):
+        problem = path and path_problem(path, "file", writable=True)
+        if problem:
+            raise ConfigError(f"{option} {path}: {problem}")
 
 
 def main(argv=None):
@@ -23,7 +39,8 @@ def main(argv=None):
     p.add_argument("--run", required=True, help="run folder (holds config.yaml)")
     p.add_argument("--num", type=int, default=64, help="number of samples / test images (default: %(default)s)")
     p.add_argument("--out", required=True, help="grid PNG to write")
-    p.add_argument("--npy", default="", help="also save the images as a float32 .npy array in [-1, 1]")
+    p.add_argument("--npy", default="",
+                   help="also save the images as a float32 .npy array in [-1, 1] (.npy appended if missing)")
     p.add_argument("--reconstruct", action="store_true", help="test images and their reconstructions")
     p.add_argument("--bn-mode", choices=("train", "eval"), default="train",
                    help="BatchNorm/net mode while generating (default: train, as the authors)")
@@ -32,6 +49,13 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=None, help="latest | final | STEP | checkpoint folder")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt)")
     args = p.parse_args(argv)
+    if args.npy and not args.npy.endswith(".npy"):
+        args.npy += ".npy"  # what np.save writes
+    try:
+        check_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     import numpy as np
     import torch
@@ -41,8 +65,6 @@ def main(argv=None):
     from bidvl.evaluation.sampling import reconstruction_grid, sample_grid
 
     try:
-        if args.num < 1:
-            raise EvalError(f"--num {args.num}: expected a positive number")
         device = "cuda" if torch.cuda.is_available() else "cpu"
         run = load_run(args.run, args.checkpoint, device=device)
         if args.reconstruct:

@@ -5,13 +5,25 @@ shards built on first use). Overrides are dotted config keys, e.g. `train.max_st
 """
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from bidvl.config import ConfigError, load_config
 from bidvl.data import ShardError
+from bidvl.evaluation.loading import EvalError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
+
+
+def one_line(exc: Exception) -> str:
+    """The message; for an error raised in a DataLoader worker, which arrives with the worker's
+    traceback in its message, the original error's message (its last line)."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def main(argv=None):
@@ -23,12 +35,17 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
         from bidvl.engine import train
 
-        train(cfg)
-    except (ConfigError, ShardError, FloatingPointError) as exc:
+        stop_signal = train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training started
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, ShardError, EvalError, FloatingPointError) as exc:
         # Bad input or a diverged run: one clear line, no traceback.
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    return 0
+    # Ctrl-C: checkpointed, then 130 as for any interrupted command; SIGTERM/SIGUSR1 (SLURM's
+    # time limit, requeue): checkpointed, 0.
+    return 130 if stop_signal == signal.SIGINT else 0
 
 
 if __name__ == "__main__":

@@ -40,14 +40,14 @@ def test_resume_finds_the_newest_complete_or_names_the_bad_folder(tmp_path):
     cfg = Config()
     cfg.run.dir = str(tmp_path)
     found = checkpoint.Checkpointer(None, cfg)  # finding needs no accelerator
-    assert found.find_resume() is None  # auto, nothing saved yet
+    assert found.find_resume() == []  # auto, nothing saved yet
     for step in (2, 4):
         (checkpoint.checkpoints_dir(tmp_path) / step_name(step)).mkdir(parents=True)
         (checkpoint.checkpoints_dir(tmp_path) / step_name(step) / MARKER).write_text("")
     (checkpoint.checkpoints_dir(tmp_path) / step_name(6)).mkdir()  # incomplete: ignored
-    assert found.find_resume().name == step_name(4)
+    assert [p.name for p in found.find_resume()] == [step_name(4), step_name(2)]  # newest first
     cfg.checkpoint.resume = "none"
-    assert found.find_resume() is None
+    assert found.find_resume() == []
     cfg.checkpoint.resume = str(checkpoint.checkpoints_dir(tmp_path) / step_name(6))
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint.resume=.*step_00000006: not a complete"):
         found.find_resume()

@@ -1,0 +1,289 @@
+"""Faults on the paths real runs take: errors with DataLoader workers end the whole process tree,
+Ctrl-C checkpoints, damaged checkpoints are never trained on, one trainer per run folder.
+
+Every subprocess here runs under a hard timeout: a hang fails the test instead of holding CI.
+"""
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BIN, ENV, REPO, TINY
+from bidvl import checkpoint
+from bidvl.checkpoint import CheckpointError, complete_checkpoints, step_name, verify
+from bidvl.config import load_config
+
+WORKERS = ["data.num_workers=1"]
+
+
+def train_cmd(run, shards, steps, *extra):
+    return [sys.executable, str(REPO / "launch/train.py"), *TINY, f"run.dir={run}",
+            f"data.train={shards}", f"train.max_steps={steps}", *extra]
+
+
+def two_process_cmd(run, shards, steps, *extra):
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+            "0", str(REPO / "launch/train.py"), *TINY, f"run.dir={run}", f"data.train={shards}",
+            f"train.max_steps={steps}", *extra]
+
+
+def leftover(run) -> list[str]:
+    """Processes still running with this run folder on their command line (trainers, workers)."""
+    p = subprocess.run(["pgrep", "-af", f"run.dir={run}"], capture_output=True, text=True)
+    return [line for line in p.stdout.splitlines() if "pgrep" not in line]
+
+
+def run_bounded(cmd, timeout, env=ENV):
+    """Runs in its own session; on timeout kills the whole session and fails the test."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"hung for more than {timeout} s; stderr tail:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def truncated_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    for shard in dst.glob("train-*.tar"):
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+# ------------------------------------------------------------------ errors end the process tree
+
+
+@pytest.mark.parametrize("launch", [train_cmd, two_process_cmd], ids=["1 process", "2 processes"])
+def test_a_bad_shard_with_loader_workers_ends_the_run_with_one_line(tmp_path, digits16, launch):
+    """Before: the error was printed, then the process waited for ever for its worker (which
+    ignores SIGTERM) at exit, and the worker outlived it."""
+    shards = truncated_copy(digits16, tmp_path / "shards")
+    run = tmp_path / "run"
+    env = {**ENV, "ACCELERATE_USE_CPU": "1"}
+    t0 = time.time()
+    code, _, err = run_bounded(launch(run, shards, 1000, *WORKERS), timeout=120, env=env)
+    assert code != 0, err[-2000:]
+    assert "truncated" in err and "train-" in err, err[-2000:]
+    if launch is train_cmd:
+        assert code == 2
+        assert err.count("error: ") == 1 and "Traceback" not in err, err[-2000:]
+        error = err[err.index("error: "):].splitlines()[0]
+        assert "truncated" in error
+    time.sleep(1)
+    assert leftover(run) == [], f"processes left after {time.time() - t0:.0f} s: {leftover(run)}"
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_to_the_process_group_checkpoints_then_resumes(tmp_path, digits16, sig, status):
+    """Ctrl-C (SIGINT) and SLURM's SIGTERM reach every process of the group, loader workers
+    included: the run checkpoints and exits (130 after Ctrl-C, 0 after SIGTERM)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(run, digits16, 100000, *WORKERS, "checkpoint.every=100000"), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((run / "tensorboard").rglob("events.*")):
+            time.sleep(0.2)
+        time.sleep(2)  # some steps, with the worker running
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == status, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert f"signal {int(sig)}: checkpointing" in out + err
+    found = complete_checkpoints(run)
+    assert found and verify(found[-1])
+    assert leftover(run) == []
+    code, _, err = run_bounded(train_cmd(run, digits16, checkpoint.step_of(found[-1]) + 2), timeout=120)
+    assert code == 0 and f"resumed from {found[-1]}" in err + _, err[-2000:]
+
+
+def test_second_sigint_aborts_at_once(tmp_path, digits16):
+    run = tmp_path / "run"
+    # A slow step (bigger nets) so that the second Ctrl-C lands while the first is pending.
+    proc = subprocess.Popen(train_cmd(run, digits16, 100000, *WORKERS, "model.energy_width=256",
+                                      "model.generator_width=256", "checkpoint.every=100000"), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((run / "tensorboard").rglob("events.*")):
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        t0 = time.time()
+        proc.communicate(timeout=30)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode in (-signal.SIGINT, 130), proc.returncode
+    assert elapsed < 10
+    time.sleep(1)
+    assert leftover(run) == []
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained_twice(tmp_path_factory, digits16):
+    """A run with complete checkpoints at steps 2 and 4 (trained once, copied by each test)."""
+    run = tmp_path_factory.mktemp("two_checkpoints") / "run"
+    code, _, err = run_bounded(train_cmd(run, digits16, 4, "checkpoint.every=2"), timeout=180)
+    assert code == 0, err[-2000:]
+    return run
+
+
+def two_checkpoints(tmp_path, trained_twice):
+    run = tmp_path / "run"
+    shutil.copytree(trained_twice, run)
+    return run
+
+
+def flip_bytes(path: Path, at: int = -64):
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flipped weights", "truncated weights", "missing rng state", "garbage rng state"])
+def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, digits16, trained_twice, damage):
+    run = two_checkpoints(tmp_path, trained_twice)
+    newest = run / "checkpoints" / step_name(4)
+    assert verify(newest)
+    if damage == "flipped weights":
+        flip_bytes(newest / "model.safetensors")  # same size: only the digest tells
+        expected = "model.safetensors does not match the sha256"
+    elif damage == "truncated weights":
+        (newest / "model_1.safetensors").write_bytes((newest / "model_1.safetensors").read_bytes()[:100])
+        expected = "model_1.safetensors has 100 bytes"
+    elif damage == "missing rng state":
+        next(newest.glob("random_states_*.pkl")).unlink()
+        expected = "random_states_0.pkl is missing"
+    else:
+        next(newest.glob("random_states_*.pkl")).write_bytes(b"garbage")
+        expected = "random_states_0.pkl has 7 bytes"
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=expected):
+        verify(newest)
+    code, out, err = run_bounded(train_cmd(run, digits16, 6, "checkpoint.every=2"), timeout=180)
+    assert code == 0, err[-2000:]
+    assert expected in err and "falling back" in err
+    assert f"resumed from {run / 'checkpoints' / step_name(2)} at step 2" in out + err
+    # The damaged one was replaced by a good step 4 of the resumed run.
+    assert [checkpoint.step_of(p) for p in complete_checkpoints(run)] == [2, 4, 6]
+    assert all(verify(p) for p in complete_checkpoints(run))
+
+
+def test_damaged_checkpoint_stops_the_run_with_on_damaged_stop(tmp_path, digits16, trained_twice):
+    run = two_checkpoints(tmp_path, trained_twice)
+    flip_bytes(run / "checkpoints" / step_name(4) / "model_2.safetensors")
+    code, _, err = run_bounded(train_cmd(run, digits16, 6, "checkpoint.on_damaged=stop"), timeout=120)
+    assert code == 2 and "Traceback" not in err
+    assert f"error: checkpoint {run / 'checkpoints' / step_name(4)}: model_2.safetensors does not match" in err
+    # Nothing was trained or written: the damaged checkpoint is still there for inspection.
+    assert [checkpoint.step_of(p) for p in complete_checkpoints(run)] == [2, 4]
+
+
+def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, digits16, trained_twice):
+    run = two_checkpoints(tmp_path, trained_twice)
+    (run / "checkpoints" / step_name(4) / checkpoint.MANIFEST).unlink()
+    code, out, err = run_bounded(train_cmd(run, digits16, 6, "checkpoint.every=2"), timeout=120)
+    assert code == 0, err[-2000:]
+    assert "cannot be verified" in err and f"resumed from {run / 'checkpoints' / step_name(4)}" in out + err
+
+
+def test_a_full_disk_names_enospc_and_keeps_the_previous_checkpoint(tmp_path, digits16, monkeypatch):
+    from bidvl.engine import Trainer
+
+    cfg = load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}"])
+    trainer = Trainer(cfg)
+    trainer.state.step = 2
+    first = trainer.save_checkpoint()
+
+    def no_space(folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "model.safetensors"))
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", no_space)
+    trainer.state.step = 4
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint step_00000004: ENOSPC .*model.safetensors"):
+        trainer.save_checkpoint()
+    assert complete_checkpoints(tmp_path / "run") == [first] and verify(first)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp_*"))
+    trainer.close(synchronise=False)
+
+
+# ------------------------------------------------------------------ one trainer per run folder
+
+
+def test_a_second_trainer_on_a_run_folder_is_refused_naming_the_holder(tmp_path, digits16):
+    run = tmp_path / "run"
+    first = subprocess.Popen(train_cmd(run, digits16, 100000, *WORKERS, "checkpoint.every=5"), env=ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not complete_checkpoints(run):
+            time.sleep(0.2)
+        tmp_of_first = run / "checkpoints" / ".tmp_step_99999999"
+        tmp_of_first.mkdir()  # as if the first run were writing a checkpoint
+        code, _, err = run_bounded(train_cmd(run, digits16, 100000), timeout=120)
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert f"is in use by another training run (pid {first.pid} on host" in err
+        assert tmp_of_first.is_dir()  # the refused run deleted nothing
+        assert first.poll() is None  # and the first one trains on
+        tmp_of_first.rmdir()
+        os.killpg(first.pid, signal.SIGKILL)  # dies holding the lock: the kernel releases it
+        first.communicate(timeout=30)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    newest = checkpoint.step_of(complete_checkpoints(run)[-1])
+    code, out, err = run_bounded(train_cmd(run, digits16, newest + 1), timeout=120)
+    assert code == 0 and f"resumed from {run / 'checkpoints' / step_name(newest)}" in out + err, err[-2000:]
+
+
+def test_the_lock_is_released_by_close_and_refused_in_process(tmp_path, digits16):
+    from bidvl.engine import Trainer
+
+    cfg = load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}"])
+    a = Trainer(cfg)
+    a.checkpointer.begin()
+    b = Trainer(cfg)
+    with pytest.raises(CheckpointError, match=f"in use by another training run \\(pid {os.getpid()}"):
+        b.checkpointer.begin()
+    a.close()
+    b.checkpointer.begin()  # free again
+    b.close()
+
+
+# ------------------------------------------------------------------ resume with loader workers
+
+
+def test_resume_with_loader_workers_is_bit_exact(tmp_path, digits16):
+    """Opening a DataLoader with workers drew its base seed from torch's global RNG, which the
+    checkpoint restores: the resumed run drew once more than the uninterrupted one, and its noise
+    (hence its weights) differed."""
+    from conftest import weights
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    for run, steps in ((whole, 8), (part, 4), (part, 8)):
+        code, _, err = run_bounded(train_cmd(run, digits16, steps, *WORKERS, "checkpoint.every=4"), timeout=180)
+        assert code == 0, err[-2000:]
+    a, b = weights(whole), weights(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
