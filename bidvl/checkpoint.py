@@ -52,7 +52,7 @@ from typing import Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, load_config, to_yaml
+from .config import Config, ConfigError, load_config, to_dict, to_yaml
 from .models import cpu_state_dict
 
 MARKER = "COMPLETE"
@@ -112,6 +112,7 @@ class TrainState:
     rollbacks: int = 0
     budget_used_s: float = 0.0  # training time counted against train.time_budget_min
     lr_scale: float = 1.0  # lowered by each rollback after repeated non-finite steps
+    world_size: int = 0  # processes that trained up to here (0: not recorded, older checkpoints)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self)) + "\n"
@@ -141,21 +142,38 @@ def replica_digest(nets: Iterable[torch.nn.Module]) -> str:
     return h.hexdigest()
 
 
-def check_compatible(cfg: Config, folder: Path) -> None:
-    """A checkpoint of another architecture or data shape fails here, naming the key and both values."""
-    saved = load_config(folder / "config.yaml")
-    for section, keys in (("model", [f.name for f in dataclasses.fields(saved.model)]),
-                          ("data", ["resolution", "channels"])):
-        for key in keys:
-            ours, theirs = getattr(getattr(cfg, section), key), getattr(getattr(saved, section), key)
-            if ours != theirs:
-                raise CheckpointError(
-                    f"checkpoint {folder} was trained with {section}.{key}={theirs!r}, "
-                    f"this config has {section}.{key}={ours!r}"
-                )
+# Keys a resumed run can never change (the weights would not fit), and keys whose change alters the
+# maths the checkpoint was trained with (refused unless checkpoint.allow_changes=true). Every other
+# change (budgets, logging, evaluation, learning rates, ...) is allowed and printed.
+FIXED_KEYS = ("model.", "data.resolution", "data.channels")
+MATHS_KEYS = ("objective.", "train.energy_optim.betas", "train.latent_optim.betas")
 
 
-def _file_digest(path: Path) -> str:
+def config_changes(saved: Config, current: Config) -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, current value) of every key that differs."""
+    from .tracking import flatten
+
+    old, new = flatten(to_dict(saved)), flatten(to_dict(current))
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_compatible(cfg: Config, folder: Path) -> list[tuple[str, object, object]]:
+    """The config changes since `folder` was saved. A change of the nets or the data shape fails,
+    and one of the maths (objective, optimizer betas) unless checkpoint.allow_changes=true; each
+    error names the key and both values."""
+    changes = config_changes(load_config(folder / "config.yaml"), cfg)
+    for key, theirs, ours in changes:
+        fixed = key.startswith(FIXED_KEYS)
+        if fixed or (key.startswith(MATHS_KEYS) and not cfg.checkpoint.allow_changes):
+            raise CheckpointError(
+                f"checkpoint {folder} was trained with {key}={theirs!r}, this config has {key}={ours!r}"
+                + ("" if fixed else ": a change to the maths of a resumed run (set "
+                   "checkpoint.allow_changes=true to resume with it anyway)"))
+    return changes
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks (also the FID module's identity of weights files)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -172,7 +190,7 @@ def _write_manifest(folder: Path) -> None:
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size,
-                                                          "sha256": _file_digest(path)}
+                                                          "sha256": file_sha256(path)}
     with open(folder / MANIFEST, "w") as f:
         f.write(json.dumps({"files": files}, indent=1) + "\n")
         f.flush()
@@ -197,7 +215,7 @@ def verify(folder: Path) -> bool:
         if path.stat().st_size != size:
             raise DamagedCheckpoint(f"checkpoint {folder}: {name} has {path.stat().st_size} bytes, "
                                     f"{size} were written (truncated or replaced)")
-        if _file_digest(path) != digest:
+        if file_sha256(path) != digest:
             raise DamagedCheckpoint(f"checkpoint {folder}: {name} does not match the sha256 written "
                                     f"with it (corrupted)")
     return True
@@ -286,13 +304,17 @@ class Checkpointer:
 
     def begin(self) -> None:
         """At the start of training: the run folder locked for this run (every rank fails if
-        another run holds it), the resolved config written, temp folders of a killed run removed
-        (after locking: never another live run's)."""
+        another run holds it), temp folders of a killed run removed (after locking: never another
+        live run's)."""
         self.lock.acquire()
         if self.accelerator.is_main_process:
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
             for partial_folder in self.folder.glob(".tmp_step_*"):
                 shutil.rmtree(partial_folder, ignore_errors=True)
+
+    def write_config(self) -> None:
+        """RUN_DIR/config.yaml, the resolved config (main process; after a resume was accepted)."""
+        if self.accelerator.is_main_process:
+            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
 
     def save(self, state: TrainState, nets: dict, ema=None) -> Path:
         """Accelerate state + our JSON/safetensors into a temp folder, fsync, the marker, one
@@ -319,6 +341,7 @@ class Checkpointer:
                 raise RuntimeError(f"replicas diverged at step {state.step}: ranks {bad} differ from rank 0")
             try:
                 (tmp / "replicas.json").write_text(json.dumps({"sha256": digests}) + "\n")
+                state.world_size = acc.num_processes
                 (tmp / TRAIN_STATE_FILE).write_text(state.to_json())
                 (tmp / "config.yaml").write_text(to_yaml(self.cfg))
                 if ema is not None:
@@ -358,8 +381,8 @@ class Checkpointer:
         the EMA, checks the loaded parameters against replicas.json; returns the saved TrainState.
         Raises DamagedCheckpoint naming what is wrong (the nets may then hold part of it: load
         another checkpoint before training)."""
-        check_compatible(self.cfg, folder)
         verified = verify(folder)
+        changes = check_compatible(self.cfg, folder)
         if not verified and self.accelerator.is_main_process:
             print(f"warning: checkpoint {folder} has no {MANIFEST} (written by an older version): "
                   "its files cannot be verified", file=sys.stderr, flush=True)
@@ -375,7 +398,20 @@ class Checkpointer:
         if replica_digest(nets.values()) != saved:
             raise DamagedCheckpoint(f"checkpoint {folder}: the loaded parameters do not match the "
                                     f"digest in replicas.json")
+        if self.accelerator.is_main_process:
+            self._report_changes(folder, changes, state.world_size)
         return state
+
+    def _report_changes(self, folder: Path, changes: list, world_size: int) -> None:
+        if changes:
+            lines = "".join(f"\n  {k}: {old!r} -> {new!r}" for k, old, new in changes)
+            print(f"resuming {folder} with a changed config:{lines}", file=sys.stderr, flush=True)
+        now = self.accelerator.num_processes
+        if world_size and world_size != now:
+            print(f"warning: {folder} was trained on {world_size} processes, this run has {now}: the "
+                  f"global batch becomes {now} x train.batch_size, the data order changes (each rank's "
+                  f"stream is a function of rank and world size), and so does the epoch length and with "
+                  f"it where the per-epoch LR decay steps fall", file=sys.stderr, flush=True)
 
     def resume(self, nets: dict, ema=None) -> tuple[Path, TrainState] | None:
         """Loads what `checkpoint.resume` asks for (see `find_resume`); None: start from scratch."""

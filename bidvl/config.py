@@ -98,7 +98,10 @@ class OptimConfig:
 class TrainConfig:
     batch_size: int = 100  # per process
     max_steps: int = 2000
-    mixed_precision: str = "no"  # no | bf16 | fp16 (a bare `no` is fine: see BARE_NO_KEYS)
+    # auto: what the accelerate launcher says (`--mixed_precision`, its config file; `no` without
+    # one); no | bf16 | fp16 win over the launcher. The run's config.yaml holds the resolved value.
+    # (A bare `no` is fine: see BARE_NO_KEYS.)
+    mixed_precision: str = "auto"
     grad_accum: int = 1
     channels_last: bool = False  # nets and batches in NHWC memory format (a GPU speed option)
     compile: bool = False  # torch.compile each trained net (Accelerate's dynamo backend, inductor)
@@ -135,6 +138,9 @@ class CheckpointConfig:
     # reports it and resumes from the previous complete one (resume=auto and rollbacks); `stop`
     # ends the run with an error naming the file. A checkpoint.resume=PATH is never replaced.
     on_damaged: str = "fallback"
+    # Resuming prints every changed key; changes to the maths (objective.*, optimizer betas) are
+    # refused unless this is true (the nets and data shape can never change).
+    allow_changes: bool = False
 
 
 @dataclass
@@ -159,6 +165,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    """The whole config; SECTIONS says what each section holds (launch/train.py --help prints it)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -167,6 +175,18 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = {
+    "run": "the run folder (run.dir) and the seed",
+    "data": "shard folders and splits, resolution and channels, loader workers, bad-data policy",
+    "model": "the three nets: architecture, latent size, widths, energy output, spectral norm",
+    "objective": "bidvl or a baseline; latent term, importance ratio, upper loss, N, phase order",
+    "train": "batch, steps, precision, optimizers and LR decay, clipping, EMA, budgets, NaN policy",
+    "checkpoint": "how often, how many to keep, what to resume, what to do with a damaged one",
+    "log": "TensorBoard scalars and image grids: how often, how many images",
+    "eval": "evaluation during training: how often, which metrics, how many samples",
+}
 
 
 EVAL_METRICS = ("fid", "rmse", "ood")  # the evaluation suite's metric names (bidvl.evaluation)
@@ -181,7 +201,7 @@ CHOICES = {
     "objective.ratio_bias": ("none", "sigmoid"),
     "objective.upper_loss": ("difference", "hinge"),
     "objective.order": ("upper_first", "lower_first"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "data.on_error": ("raise", "skip"),
     "checkpoint.on_damaged": ("fallback", "stop"),
     "train.on_nonfinite": ("skip", "rollback", "stop"),

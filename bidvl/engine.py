@@ -44,7 +44,7 @@ from .checkpoint import Checkpointer, TrainState
 from .config import Config, to_dict
 from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, make_accelerator, prepare_nets,
-                          step_optimizer)
+                          resolve_precision, step_optimizer)
 from .models import build_nets
 from .models.ema import EMA
 from .tracking import MetricsWindow, StepResult, flatten, log_image_grids
@@ -84,6 +84,7 @@ class Trainer:
         self._previous_handlers = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
         }
+        cfg.train.mixed_precision = resolve_precision(cfg)  # `auto` -> the launcher's; in config.yaml
         plugins = deepspeed_plugins(cfg)
         self.deepspeed = plugins is not None
         self.bf16_weights = self.deepspeed and cfg.train.mixed_precision == "bf16"  # DeepSpeed's bf16
@@ -286,11 +287,12 @@ class Trainer:
         accum = cfg.train.grad_accum
         self.steps_per_epoch = max(1, math.ceil(stream.batches_per_epoch / accum))
         self.checkpointer.begin()
-        acc.init_trackers("bidvl", config=flatten(to_dict(cfg)))
         loaded = self.checkpointer.resume(self.unwrapped, self.ema)
         if loaded is not None:
             resumed_from, self.state = loaded
             acc.print(f"resumed from {resumed_from} at step {self.state.step}")
+        self.checkpointer.write_config()
+        acc.init_trackers("bidvl", config=flatten(to_dict(cfg)))
         self.set_learning_rates()
 
         start = self.state.step

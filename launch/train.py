@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from bidvl.config import ConfigError, load_config
+from bidvl.config import SECTIONS, ConfigError, load_config, to_yaml
 from bidvl.data import ShardError
 from bidvl.evaluation.loading import EvalError
 
@@ -27,12 +27,20 @@ def one_line(exc: Exception) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sections = "\n".join(f"  {name:<11} {text}" for name, text in SECTIONS.items())
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config sections (every key: --print-config; types and ranges: bidvl/config.py):\n{sections}")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the file with the overrides) as YAML and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 run.dir=runs/x")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
         from bidvl.engine import train
 
         stop_signal = train(cfg)

@@ -429,3 +429,72 @@ def test_benchmark_plain_loop_runs_the_engine_objective(tmp_path, digits16, obje
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert changed(initial_energy, nets[0]) == (cfg.objective.name != "vae")
     trainer.close()
+
+
+# ------------------------------------------------------------------ what users of Accelerate expect
+
+
+def test_precision_follows_the_launcher_unless_the_config_says(tmp_path, monkeypatch):
+    from bidvl.distributed import resolve_precision
+
+    cfg = load_config(REPO / "configs/digits.yaml")
+    assert cfg.train.mixed_precision == "auto"
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_precision(cfg) == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    assert resolve_precision(cfg) == "bf16"
+    cfg.train.mixed_precision = "no"
+    with pytest.warns(UserWarning, match="launcher asks for mixed_precision=bf16 .*an explicit value wins"):
+        assert resolve_precision(cfg) == "no"
+
+
+def test_launcher_bf16_trains_in_bf16_and_records_it(tmp_path, digits16):
+    """`accelerate launch --mixed_precision bf16 launch/train.py` once trained in fp32."""
+    run = tmp_path / "run"
+    cmd = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--mixed_precision", "bf16",
+           "--main_process_port", "0", str(REPO / "launch/train.py"), *tiny_args(run, digits16, 2)]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    p = subprocess.run(cmd, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert load_config(run / "config.yaml").train.mixed_precision == "bf16"
+
+
+def test_print_config_prints_the_resolved_yaml_and_writes_nothing(tmp_path):
+    p = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--print-config", "train.max_steps=7",
+                        f"run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    import yaml
+
+    printed = yaml.safe_load(p.stdout)
+    assert printed["train"]["max_steps"] == 7 and printed["run"]["dir"] == str(tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+    help_text = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    for section in ("run", "data", "model", "objective", "train", "checkpoint", "log", "eval"):
+        assert f"\n  {section} " in help_text
+
+
+def test_resume_prints_changed_keys_and_refuses_changed_maths(tmp_path, digits16):
+    run = tmp_path / "run"
+    assert run_train(tiny_args(run, digits16, 2, "checkpoint.every=2")).returncode == 0
+    p = run_train(tiny_args(run, digits16, 4, "checkpoint.every=2", "objective.r_basic=0.5"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "objective.r_basic=0.05, this config has objective.r_basic=0.5" in p.stderr
+    assert "checkpoint.allow_changes=true" in p.stderr
+    assert load_config(run / "config.yaml").objective.r_basic == 0.05  # the refused run wrote nothing
+    p = run_train(tiny_args(run, digits16, 4, "checkpoint.every=2", "objective.r_basic=0.5",
+                            "checkpoint.allow_changes=true", "log.every=1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "with a changed config:" in p.stderr
+    for line in ("train.max_steps: 2 -> 4", "objective.r_basic: 0.05 -> 0.5", "log.every: 2 -> 1"):
+        assert line in p.stderr
+    assert load_config(run / "config.yaml").objective.r_basic == 0.5
+
+
+def test_resume_on_another_number_of_processes_says_what_changes(tmp_path, digits16):
+    run = tmp_path / "run"
+    assert run_train(tiny_args(run, digits16, 2, "checkpoint.every=2")).returncode == 0
+    p = run_train(tiny_args(run, digits16, 4, "checkpoint.every=2"), processes=2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "was trained on 1 processes, this run has 2" in p.stderr
+    assert "data order changes" in p.stderr and "epoch length" in p.stderr

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bidvl.checkpoint import file_sha256
 from bidvl.data import eval_stream, split_info
 from bidvl.models import cpu_state_dict
 
@@ -73,14 +74,6 @@ def statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---------------------------------------------------------------- feature extractors
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -145,7 +138,7 @@ class InceptionFeatures(Features):
             first = str(exc).splitlines()[0]
             raise EvalError(f"Inception weights file {path} does not fit Inception-v3: {first}") from None
         self.name = f"inception-v3-compat ({path.name})"
-        self.sha256 = _sha256(path)
+        self.sha256 = file_sha256(path)
         self.identity = f"inception-v3-compat/2048/uint8-round/sha256:{self.sha256}"
 
     def extract(self, images):
@@ -166,7 +159,7 @@ class TorchScriptFeatures(Features):
         except Exception as exc:
             raise EvalError(f"--features {path}: not a TorchScript file ({exc})") from None
         self.name = path.name
-        self.identity = f"torchscript/sha256:{_sha256(path)}"
+        self.identity = f"torchscript/sha256:{file_sha256(path)}"
 
     def extract(self, images):
         return self.net(images.float())
@@ -203,7 +196,7 @@ class ClassifierFeatures(Features):
             raise EvalError(f"--features {path}: metadata does not describe its tensors: {first}") from None
         self.in_chans, self.resolution = int(meta["bidvl.in_chans"]), int(meta["bidvl.resolution"])
         self.name = f"{path.name} (classifier, {meta.get('bidvl.widths')})"
-        self.identity = f"classifier/sha256:{_sha256(path)}"
+        self.identity = f"classifier/sha256:{file_sha256(path)}"
 
     def extract(self, images):
         if images.shape[1] != self.in_chans or images.shape[-1] != self.resolution:
@@ -236,7 +229,7 @@ class TimmFeatures(Features):
                             f"{meta['bidvl.timm_name']!r} from it: {first}") from None
         self.net.to(device).eval()
         self.name = f"{path.name} (timm {meta['bidvl.timm_name']})"
-        self.identity = f"timm/sha256:{_sha256(path)}"
+        self.identity = f"timm/sha256:{file_sha256(path)}"
 
     def extract(self, images):
         x = images.float()
@@ -284,7 +277,7 @@ def reference_key(extractor: Features, folder: str | os.PathLike, split: str) ->
     h.update(f"{CACHE_VERSION}\n{extractor.identity}\n{split}\n".encode())
     h.update((Path(folder) / "meta.json").read_bytes())
     for shard, count in zip(shards, counts):
-        h.update(f"{shard.name}:{count}:{_sha256(shard)}\n".encode())
+        h.update(f"{shard.name}:{count}:{file_sha256(shard)}\n".encode())
     return h.hexdigest()
 
 
