@@ -443,9 +443,10 @@ class Checkpointer:
                                     f"{damaged[0]}); move them away to train from scratch")
         return None
 
-    def export(self, step: int, nets: dict, ema=None) -> Path:
+    def export(self, step: int, nets: dict, ema=None, extra=None) -> Path:
         """The nets as RUN_DIR/model/{energy,encoder,generator}.safetensors (step in each file's
-        metadata) + the resolved config, written atomically by the main process."""
+        metadata) + the resolved config, written atomically by the main process; `extra(folder)`
+        adds files (the model card) before the folder is renamed into place."""
         acc = self.accelerator
         out, tmp = self.run_dir / "model", self.run_dir / ".tmp_model"
         if acc.is_main_process:
@@ -456,6 +457,8 @@ class Checkpointer:
             if ema is not None:
                 save_file(ema.state_dict(), str(tmp / EMA_FILE))
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            if extra is not None:
+                extra(tmp)
             _replace(tmp, out)
         acc.wait_for_everyone()
         return out

@@ -45,6 +45,7 @@ from .config import Config, to_dict
 from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, make_accelerator, prepare_nets,
                           resolve_precision, step_optimizer)
+from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
 from .tracking import MetricsWindow, StepResult, flatten, log_image_grids
@@ -257,7 +258,11 @@ class Trainer:
 
 
     def export(self) -> Path:
-        return self.checkpointer.export(self.state.step, self.unwrapped, self.ema)
+        """RUN_DIR/model: the nets, the config and the model card (bidvl.model_card)."""
+        generator = self.ema.module if self.ema is not None else self.unwrapped["generator"]
+        card = model_card_writer(self.accelerator, self.cfg, self.state, generator, self._outside_autocast(),
+                                 ema=self.ema is not None)
+        return self.checkpointer.export(self.state.step, self.unwrapped, self.ema, extra=card)
 
     # ------------------------------------------------------------------ the loop
 

@@ -498,3 +498,20 @@ def test_resume_on_another_number_of_processes_says_what_changes(tmp_path, digit
     assert p.returncode == 0, p.stderr[-2000:]
     assert "was trained on 1 processes, this run has 2" in p.stderr
     assert "data order changes" in p.stderr and "epoch length" in p.stderr
+
+
+def test_export_writes_a_model_card_with_samples(tmp_path, digits16):
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "step_00000001.md").write_text("| metric | value |\n|---|---|\n| rmse | 0.25 |\n")
+    p = run_train(tiny_args(run, digits16, 3, "train.ema=0.9", "checkpoint.every=3"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    card = (run / "model" / "README.md").read_text()
+    for text in ("| steps | 3 (max_steps 3) |", "| images seen | 48 (steps x batch 16 x grad_accum 1 x 1 processes) |",
+                 "| generator EMA | decay 0.9", "| precision | no |", "| rmse | 0.25 |", "![64 samples](samples.png)",
+                 f'bidvl.load("{run / "model"}")', "from the EMA generator"):
+        assert text in card, text
+    from PIL import Image
+
+    grid = Image.open(run / "model" / "samples.png")
+    assert grid.size == (8 * 16 + 9 * 2, 8 * 16 + 9 * 2)  # 8 x 8 samples of 16 px, 2 px padding

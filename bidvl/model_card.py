@@ -1,0 +1,124 @@
+"""The exported model's card: RUN_DIR/model/README.md (what was trained, on what, for how long,
+how it scored, how to load it) and RUN_DIR/model/samples.png beside it.
+
+Written by the engine into the export folder before it is renamed into place, so a card always
+describes the weights next to it. The evaluation table is the newest RUN_DIR/eval/step_*.md at
+export time: run `launch/evaluate.py` before the end of training (eval.every) or re-export to
+include a later one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import Config
+
+NUM_SAMPLES = 64
+SEED = 0
+
+
+def _objective_line(cfg: Config) -> str:
+    o = cfg.objective
+    if o.name == "vae":
+        return "vae (baseline: negative ELBO)"
+    if o.name == "divergence_triangle":
+        return f"divergence_triangle (baseline, Han et al. 2019), w_latent {o.w_latent:g}"
+    return (f"bidvl: latent term {o.latent_term} (w {o.w_latent:g}), r' {o.r_basic:g} (bias {o.ratio_bias}), "
+            f"upper loss {o.upper_loss}, N = {o.lower_steps}, {o.order}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+
+
+def latest_evaluation(run_dir: Path) -> str:
+    reports = sorted(Path(run_dir, "eval").glob("step_*.md"))
+    if not reports:
+        return (f"None yet: `python launch/evaluate.py --run {run_dir}` writes "
+                f"`{run_dir}/eval/step_XXXXXXXX.md`.")
+    return f"From `{reports[-1].relative_to(run_dir)}`:\n\n" + reports[-1].read_text().strip()
+
+
+def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: torch.Tensor,
+                     ema: bool) -> None:
+    """README.md + samples.png (a grid of `samples`, in [-1, 1]) into `folder`."""
+    from torchvision.utils import save_image
+
+    folder, run_dir = Path(folder), Path(cfg.run.dir)
+    save_image(samples, folder / "samples.png", nrow=max(1, round(len(samples) ** 0.5)),
+               normalize=True, value_range=(-1, 1))
+    t, m, d = cfg.train, cfg.model, cfg.data
+    world = state.world_size or 1
+    images = state.step * t.batch_size * t.grad_accum * world
+    rows = [
+        ("objective", _objective_line(cfg)),
+        ("nets", f"{m.arch}{' ' + m.timm_name if m.timm_name else ''}, latent dim {m.latent_dim}, widths "
+                 f"E {m.energy_width} / encoder {m.encoder_width} / generator {m.generator_width}, "
+                 f"energy output {m.energy_output}"),
+        ("data", f"`{d.train}` split `{d.train_split}`, {d.resolution} px, {d.channels} channel(s)"),
+        ("steps", f"{state.step:,} (max_steps {t.max_steps:,})"),
+        ("images seen", f"{images:,} (steps x batch {t.batch_size} x grad_accum {t.grad_accum} x {world} processes)"),
+        ("training time", f"{_duration(state.budget_used_s)} of data + steps (all resumes; evaluation "
+                          "and checkpoints not counted)"),
+        ("devices", devices),
+        ("precision", t.mixed_precision),
+        ("generator EMA", f"decay {t.ema:g} (generator_ema.safetensors)" if ema else "off"),
+        ("seed", str(cfg.run.seed)),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    text = f"""# BiDVL model: `{run_dir.name}`
+
+An energy-based latent variable model trained with bidvl (Bi-level Doubly Variational Learning,
+Kan et al., CVPR 2022): an energy net E(v), a Gaussian encoder q(h|v) and a generator G(h), as
+`energy.safetensors`, `encoder.safetensors` and `generator.safetensors`, with the resolved
+`config.yaml` they were trained with.
+
+| | |
+|---|---|
+{table}
+
+## Evaluation
+
+{latest_evaluation(run_dir)}
+
+## Samples
+
+![{NUM_SAMPLES} samples](samples.png)
+
+{len(samples)} samples G(h), h ~ N(0, I) with seed {SEED}, BatchNorm with batch statistics as the
+authors sample{", from the EMA generator" if ema else ""}.
+
+## Load
+
+```python
+import bidvl
+
+model = bidvl.load("{run_dir / 'model'}")   # or the run folder
+images = model.sample(16)                    # (16, {d.channels}, {d.resolution}, {d.resolution}) in [-1, 1]
+```
+
+Or from the command line: `python launch/sample.py --run {run_dir} --num 64 --out grid.png`, and
+`python launch/evaluate.py --run {run_dir}` for FID, reconstruction RMSE and OOD AUROC.
+"""
+    (folder / "README.md").write_text(text)
+
+
+def model_card_writer(accelerator, cfg: Config, state, generator, autocast, ema: bool):
+    """`extra(folder)` for Checkpointer.export: samples from `generator` (under `autocast`), then
+    the card. Sampling reads no global RNG and restores every buffer: exporting changes nothing."""
+
+    def write(folder: Path) -> None:
+        from .benchmarking import device_name
+        from .evaluation.sampling import sample_images
+
+        with autocast:
+            samples = sample_images(generator, NUM_SAMPLES, cfg.model.latent_dim, SEED, device=accelerator.device)
+        kind = "cuda" if accelerator.device.type == "cuda" else "cpu"
+        state.world_size = accelerator.num_processes
+        write_model_card(folder, cfg, state, f"{accelerator.num_processes} x {device_name(kind)}", samples, ema)
+
+    return write
