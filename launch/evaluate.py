@@ -4,7 +4,9 @@
     accelerate launch launch/evaluate.py --run runs/cifar10 --metrics rmse,ood --ood shards/svhn shards/celeba32
 
 Weights: the export RUN_DIR/model if present, else the latest complete checkpoint (--checkpoint
-latest|final|STEP|PATH picks one). Writes RUN_DIR/eval/step_XXXXXXXX.json and .md (merged with an
+latest|final|STEP|PATH picks one). The generator (FID samples, reconstructions) is its EMA
+(generator_ema.safetensors, written with train.ema > 0) when the weights folder has one; --no-ema
+uses the trained generator; the report's "generator" says which ("ema" | "trained"). Writes RUN_DIR/eval/step_XXXXXXXX.json and .md (merged with an
 earlier evaluation of the same step) and logs eval/fid, eval/rmse, eval/auroc_<name> to
 RUN_DIR/tensorboard at that step. Under `accelerate launch` every process evaluates its share; the
 figures do not depend on the number of processes. FID weights are never downloaded: give
@@ -55,6 +57,8 @@ def main(argv=None):
                    help="generator mode while sampling for FID (default: train, as the authors)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample latents and the noise images")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers per process")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the trained generator even when the run has an EMA of it (generator_ema.safetensors)")
     args = p.parse_args(argv)
 
     from accelerate import Accelerator
@@ -70,7 +74,7 @@ def main(argv=None):
         return 2
     accelerator = Accelerator()
     try:
-        run = load_run(args.run, args.checkpoint, device=accelerator.device)
+        run = load_run(args.run, args.checkpoint, device=accelerator.device, ema=False if args.no_ema else None)
         opts = EvalOptions(
             metrics=metrics, num_samples=args.num_samples, batch_size=args.batch_size,
             split=args.split, max_test=args.max_test, ood=tuple(args.ood), fid_ref=args.fid_ref,

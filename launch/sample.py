@@ -7,7 +7,10 @@ Samples are G(h), h ~ N(0, I) from --seed (sample i is the same as sample i of l
 FID set with the same seed, batch size and --bn-mode). --bn-mode train (default, as the authors)
 uses batch statistics; the weights on disk are never changed. --reconstruct grids test images and
 their reconstructions G(mu(v)) side by side (pairs: image, reconstruction); --npy then holds the
-reconstructions. The .npy array is float32 (N, C, H, W) in [-1, 1].
+reconstructions. The .npy array is float32 (N, C, H, W) in [-1, 1]. --run may also be the
+exported RUN_DIR/model folder alone. The generator is the EMA (generator_ema.safetensors, written
+with train.ema > 0) when the weights folder has one; --no-ema uses the trained generator.
+The same samples from Python: bidvl.load(RUN).sample(N, seed=SEED).
 """
 
 import argparse
@@ -36,7 +39,7 @@ def check_args(args) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="run folder (holds config.yaml)")
+    p.add_argument("--run", required=True, help="run folder (holds config.yaml), or its exported model/ folder")
     p.add_argument("--num", type=int, default=64, help="number of samples / test images (default: %(default)s)")
     p.add_argument("--out", required=True, help="grid PNG to write")
     p.add_argument("--npy", default="",
@@ -48,6 +51,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=100, help="samples per forward (matters in train mode)")
     p.add_argument("--checkpoint", default=None, help="latest | final | STEP | checkpoint folder")
     p.add_argument("--nrow", type=int, default=0, help="images per grid row (default: about sqrt)")
+    p.add_argument("--no-ema", action="store_true",
+                   help="use the trained generator even when the run has an EMA of it (generator_ema.safetensors)")
     args = p.parse_args(argv)
     if args.npy and not args.npy.endswith(".npy"):
         args.npy += ".npy"  # what np.save writes
@@ -66,7 +71,7 @@ def main(argv=None):
 
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        run = load_run(args.run, args.checkpoint, device=device)
+        run = load_run(args.run, args.checkpoint, device=device, ema=False if args.no_ema else None)
         if args.reconstruct:
             images, grid = reconstruction_grid(run, args.num, args.bn_mode, device, args.nrow)
         else:
@@ -80,7 +85,7 @@ def main(argv=None):
     if args.npy:
         np.save(args.npy, images.detach().cpu().numpy().astype(np.float32))
     what = "reconstructions" if args.reconstruct else "samples"
-    print(f"wrote {len(images)} {what} of step {run.step} ({run.kind}) to {args.out}"
+    print(f"wrote {len(images)} {what} of step {run.step} ({run.kind}, {run.generator} generator) to {args.out}"
           + (f" and {args.npy}" if args.npy else ""))
     return 0
 

@@ -4,6 +4,8 @@
     report["scalars"]   # {"eval/rmse": ..., "eval/auroc_uniform": ...}
     write_report(run_dir, step, report)   # main process: eval/step_XXXXXXXX.{json,md} + TensorBoard
     report, path = evaluate_run(accelerator, run_dir, load_run(run_dir), opts)  # + options, weights
+    report["generator"]  # "ema" | "trained": the generator evaluate_run's weights used (also in
+                         # report["fid"] and report["rmse"], which a later evaluation may not redo)
 
 Every rank calls `evaluate_nets` (the passes gather across ranks); the figures are computed on the
 main process and broadcast, so every rank returns the same report. Bad inputs (OOD folders of
@@ -173,11 +175,14 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation of {report.get('run', '?')} at step {report.get('step', '?')}", ""]
     w = report.get("weights")
     if w:
-        lines += [f"Weights: {w['kind']} `{w['path']}`.", ""]
+        gen = {"ema": "its EMA (generator_ema.safetensors)", "trained": "the trained one"}.get(
+            w.get("generator", ""), "")
+        lines += [f"Weights: {w['kind']} `{w['path']}`" + (f"; generator: {gen}" if gen else "") + ".", ""]
     rows = []
     if "fid" in report:
         f = report["fid"]
-        rows.append((f"{f['label']}: {f['num_samples']} samples (bn_mode {f['bn_mode']}) vs "
+        rows.append((f"{f['label']}: {f['num_samples']} samples (bn_mode {f['bn_mode']}"
+                     + (f", {f['generator']} generator" if "generator" in f else "") + ") vs "
                      f"{f['reference']['split']} split of `{f['reference']['folder']}` "
                      f"({f['reference']['count']} images)", _fmt(f["value"])))
     if "rmse" in report:
@@ -242,6 +247,14 @@ def evaluate_run(accelerator, run_dir: str | os.PathLike, run, opts: EvalOptions
     if not process_layout(accelerator).is_main:
         return report, None
     report["options"] = options_dict(opts)
+    generator = getattr(run, "generator", "trained")
+    report["generator"] = generator
+    for section in ("fid", "rmse"):  # the figures the generator enters (merged reports keep theirs)
+        if section in report:
+            report[section]["generator"] = generator
+    if report.get("ood", {}).get("model") == "vae":  # scored by the ELBO, which uses G
+        report["ood"]["generator"] = generator
     path = write_report(run_dir, run.step, report,
-                        weights={"kind": run.kind, "path": str(run.source), "step": run.step})
+                        weights={"kind": run.kind, "path": str(run.source), "step": run.step,
+                                 "generator": generator})
     return report, path

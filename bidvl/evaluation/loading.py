@@ -4,7 +4,9 @@
     run = load_run("runs/cifar10", checkpoint="latest") # latest complete checkpoint
     run = load_run("runs/cifar10", checkpoint="final")  # the export only
     run = load_run("runs/cifar10", checkpoint=40000)    # checkpoints/step_00040000
-    run.cfg, run.nets.energy_net, run.step, run.source
+    run = load_run("runs/cifar10/model")                # the export folder alone (copied elsewhere)
+    run = load_run("runs/cifar10", ema=False)           # the trained generator, not its EMA
+    run.cfg, run.nets.energy_net, run.step, run.source, run.generator  # "ema" | "trained"
 
 Weights are read with safetensors only (never a pickle):
 `RUN_DIR/model/{energy,encoder,generator}.safetensors` (the export; its `step` metadata is the
@@ -12,6 +14,11 @@ step), or `RUN_DIR/checkpoints/step_XXXXXXXX/model{,_1,_2}.safetensors` (Acceler
 in the engine's prepare order energy net, encoder, generator). Only complete checkpoints count
 (`bidvl.checkpoint` owns the run folder's format). The config is `RUN_DIR/config.yaml` (or the
 export's copy).
+
+The generator: a run trained with train.ema > 0 also writes `generator_ema.safetensors` (same keys
+as the generator's state dict) into the export and every checkpoint. `ema=None` (the default)
+loads it into the generator when the folder has one, `ema=False` keeps the trained generator,
+`ema=True` requires it. `run.generator` says which was loaded.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from bidvl.checkpoint import (CHECKPOINT_FILES, EXPORT_FILES, MARKER, checkpoints_dir, complete_checkpoints,
+from bidvl.checkpoint import (CHECKPOINT_FILES, EMA_FILE, EXPORT_FILES, MARKER, checkpoints_dir, complete_checkpoints,
                               is_complete, step_name, step_of)
 from bidvl.config import Config, ConfigError, load_config
 from bidvl.models import build_nets
@@ -42,17 +49,24 @@ class LoadedRun:
     step: int
     source: Path  # the export folder or the checkpoint folder the weights came from
     kind: str  # "export" | "checkpoint"
+    generator: str = "trained"  # "ema" (generator_ema.safetensors) | "trained"
+
+
+def is_export(folder: Path) -> bool:
+    """An export folder (RUN_DIR/model, or a copy of it): the three nets' files and config.yaml."""
+    folder = Path(folder)
+    return all((folder / name).is_file() for name in (*EXPORT_FILES, "config.yaml"))
 
 
 def _has_export(run_dir: Path) -> bool:
     return all((run_dir / "model" / name).is_file() for name in EXPORT_FILES)
 
 
-def _export_step(run_dir: Path) -> int:
-    with safe_open(str(run_dir / "model" / EXPORT_FILES[0]), framework="pt") as f:
+def _export_step(export: Path) -> int:
+    with safe_open(str(export / EXPORT_FILES[0]), framework="pt") as f:
         step = (f.metadata() or {}).get("step", "")
     if not step.isdigit():
-        raise EvalError(f"{run_dir / 'model' / EXPORT_FILES[0]}: no 'step' in its metadata")
+        raise EvalError(f"{export / EXPORT_FILES[0]}: no 'step' in its metadata")
     return int(step)
 
 
@@ -60,17 +74,23 @@ def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = N
                     ) -> tuple[str, Path, int]:
     """(kind, folder, step) of the weights to evaluate; see the module docstring for `checkpoint`.
 
-    `checkpoint` may also be the path of a checkpoint folder."""
+    `checkpoint` may also be the path of a checkpoint folder. `run_dir` may also be an export folder
+    (RUN_DIR/model) alone; it holds no checkpoints, so `checkpoint` must then be None or final."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise EvalError(f"run folder {run_dir} does not exist")
+    if is_export(run_dir) and not (run_dir / "checkpoints").is_dir():
+        if checkpoint not in (None, "", "final"):
+            raise EvalError(f"--checkpoint {checkpoint}: {run_dir} is an exported model folder; it "
+                            f"holds the final weights only (give the run folder for checkpoints)")
+        return "export", run_dir, _export_step(run_dir)
     found = complete_checkpoints(run_dir)
     where = (f"{run_dir} has no exported model ({run_dir / 'model'}/{{energy,encoder,generator}}"
              f".safetensors) and no complete checkpoint ({run_dir / 'checkpoints'}/step_*/"
              f"{MARKER}); train it first with launch/train.py run.dir={run_dir}")
     if checkpoint in (None, ""):
         if _has_export(run_dir):
-            return "export", run_dir / "model", _export_step(run_dir)
+            return "export", run_dir / "model", _export_step(run_dir / "model")
         if not found:
             raise EvalError(where)
         checkpoint = "latest"
@@ -82,7 +102,7 @@ def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = N
                 f"({', '.join(EXPORT_FILES)}); the run has not finished"
                 + (f"; complete checkpoints: {', '.join(p.name for p in found)}" if found else "")
             )
-        return "export", run_dir / "model", _export_step(run_dir)
+        return "export", run_dir / "model", _export_step(run_dir / "model")
     if checkpoint == "latest":
         if not found:
             raise EvalError(where)
@@ -126,20 +146,33 @@ def _load_into(net: torch.nn.Module, path: Path) -> None:
         raise EvalError(f"{path} does not fit the net built from the run's config: {first}") from None
 
 
+def use_ema(folder: Path, ema: bool | None) -> bool:
+    """Whether to load `folder`'s generator EMA: None = if present, False = no, True = required."""
+    present = (Path(folder) / EMA_FILE).is_file()
+    if ema is True and not present:
+        raise EvalError(f"ema=True (the generator EMA) but {Path(folder) / EMA_FILE} is missing: "
+                        f"the run was trained without train.ema > 0")
+    return present if ema is None else bool(ema)
+
+
 def load_run(run_dir: str | os.PathLike, checkpoint: str | int | None = None,
-             device: torch.device | str = "cpu") -> LoadedRun:
-    """Config + nets (eval mode, requires_grad off) + step for a run folder."""
+             device: torch.device | str = "cpu", ema: bool | None = None) -> LoadedRun:
+    """Config + nets (eval mode, requires_grad off) + step for a run folder or an export folder;
+    the generator holds the EMA weights when the folder has them unless ema=False (see above)."""
     kind, folder, step = resolve_weights(run_dir, checkpoint)
     cfg = run_config(run_dir)
     try:
         nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
     except ValueError as exc:
         raise EvalError(f"{Path(run_dir) / 'config.yaml'}: {exc}") from None
-    files = EXPORT_FILES if kind == "export" else CHECKPOINT_FILES
+    files = list(EXPORT_FILES if kind == "export" else CHECKPOINT_FILES)
+    generator = "ema" if use_ema(folder, ema) else "trained"
+    if generator == "ema":
+        files[2] = EMA_FILE  # the EMA module is a copy of the generator: the same keys
     for net, name in zip(nets, files):
         _load_into(net, folder / name)
         net.to(device).eval().requires_grad_(False)
-    return LoadedRun(cfg, nets, step, folder, kind)
+    return LoadedRun(cfg, nets, step, folder, kind, generator)
 
 
 def heldout_data(cfg: Config, split: str = "") -> tuple[str, str]:
