@@ -6,8 +6,8 @@
 Weights: the export RUN_DIR/model if present, else the latest complete checkpoint (--checkpoint
 latest|final|STEP|PATH picks one). The generator (FID samples, reconstructions) is its EMA
 (generator_ema.safetensors, written with train.ema > 0) when the weights folder has one; --no-ema
-uses the trained generator; the report's "generator" says which ("ema" | "trained"). Writes RUN_DIR/eval/step_XXXXXXXX.json and .md (merged with an
-earlier evaluation of the same step) and logs eval/fid, eval/rmse, eval/auroc_<name> to
+uses the trained generator; the report's "generator" says which ("ema" | "trained"). Writes
+RUN_DIR/eval/step_XXXXXXXX.json and .md (merged with an earlier evaluation of the same step) and logs eval/fid, eval/rmse, eval/auroc_<name> to
 RUN_DIR/tensorboard at that step. Under `accelerate launch` every process evaluates its share; the
 figures do not depend on the number of processes. FID weights are never downloaded: give
 --inception-weights or BIDVL_INCEPTION_WEIGHTS (torch-fidelity's

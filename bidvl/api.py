@@ -1,0 +1,150 @@
+"""A trained model, ready to use: `bidvl.load(path)`.
+
+    import bidvl
+    m = bidvl.load("runs/digits/model")          # or the run folder: export, else latest checkpoint
+    x = m.sample(16)                             # (16, C, H, W) in [-1, 1]
+    x_hat = m.reconstruct(x)                     # G(mu(x)), same shape
+    scores = m.ood_score(x)                      # (16,), higher = more in-distribution
+
+Everything runs under no_grad with the nets' weights never changed. Images are float tensors in
+[-1, 1] of the run's (C, H, W); results come back on the CPU.
+
+BatchNorm: `sample` and `reconstruct` default to bn_mode="train" (batch statistics, as the authors
+sample, and as launch/sample.py does by default; buffers are restored after each batch), so a
+result depends on the other images in its batch. bn_mode="eval" uses the running statistics, which
+is what the evaluation's reconstruction RMSE uses. `energy` and `ood_score` always run in eval mode
+(as the evaluation's OOD AUROC).
+
+The generator is the EMA (`generator_ema.safetensors`, written with train.ema > 0) when the folder
+has one, unless ema=False; `m.generator_kind` says which ("ema" | "trained").
+
+Hugging Face Hub-style round trip on a local folder (nothing is uploaded or downloaded):
+`m.save_pretrained(folder)` writes the export format (what `bidvl.load` reads), and
+`BiDVLModel.from_pretrained(folder)` is `bidvl.load(folder)`. Push the folder with
+`huggingface_hub.upload_folder` if you want it on the Hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from bidvl.checkpoint import CHECKPOINT_FILES, EMA_FILE, EXPORT_FILES
+from bidvl.config import Config, to_yaml
+from bidvl.evaluation.loading import LoadedRun, load_run
+from bidvl.evaluation.metrics import energies
+from bidvl.evaluation.sampling import forward_in_mode, restored_buffers, sample_images
+
+
+class BiDVLModel:
+    """The three nets of a run (eval mode, requires_grad off), its config and step.
+
+    Attributes: energy_net, encoder, generator (torch modules), cfg, step, source (the folder the
+    weights came from), kind ("export" | "checkpoint"), generator_kind ("ema" | "trained"), device.
+    """
+
+    def __init__(self, run: LoadedRun, device: torch.device | str = "cpu"):
+        self.run = run
+        self.energy_net, self.encoder, self.generator = run.nets
+        self.device = torch.device(device)
+
+    cfg: Config = property(lambda self: self.run.cfg)
+    step: int = property(lambda self: self.run.step)
+    source: Path = property(lambda self: self.run.source)
+    kind: str = property(lambda self: self.run.kind)
+    generator_kind: str = property(lambda self: self.run.generator)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (f"BiDVLModel({c.objective.name}, {c.model.arch} {c.data.channels}x{c.data.resolution}"
+                f"x{c.data.resolution}, step {self.step}, generator {self.generator_kind}, "
+                f"from {self.source})")
+
+    @torch.no_grad()
+    def sample(self, n: int, seed: int = 0, batch_size: int = 100, bn_mode: str = "train") -> torch.Tensor:
+        """(n, C, H, W) float32 in [-1, 1]: G(h), h ~ N(0, I). Sample i depends only on (seed, i)
+        and the batch it is generated in (bn_mode train): the same images as
+        `launch/sample.py --num n --seed seed --batch-size batch_size --bn-mode bn_mode`."""
+        return sample_images(self.generator, n, self.cfg.model.latent_dim, seed, batch_size, bn_mode,
+                             self.device)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, bn_mode: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(h|x), each (B, latent_dim)."""
+        mu, logvar = forward_in_mode(self.encoder, bn_mode, self._images(x))
+        return mu.float().cpu(), logvar.float().cpu()
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, bn_mode: str = "train") -> torch.Tensor:
+        """G(mu(x)) for images x (B, C, H, W) in [-1, 1]: float32, same shape, in [-1, 1]. Both nets
+        in `bn_mode` for the whole batch (as launch/sample.py --reconstruct)."""
+        v = self._images(x)
+        with restored_buffers(self.encoder), restored_buffers(self.generator):
+            mu, _ = forward_in_mode(self.encoder, bn_mode, v)
+            return forward_in_mode(self.generator, bn_mode, mu).float().cpu()
+
+    @torch.no_grad()
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 energies E(x), eval mode; lower = more likely under the model. For
+        objective.name=vae (no trained energy net) the negative ELBO at h = mu(x), as the
+        evaluation scores a VAE."""
+        energy_net = self.energy_net
+        if self.cfg.objective.name == "vae":
+            from bidvl.objectives import NegativeElbo
+
+            energy_net = NegativeElbo(self.encoder, self.generator)
+        return energies(energy_net, self._images(x)).cpu()
+
+    def ood_score(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) float64 -E(x): higher = more in-distribution. The score whose AUROC
+        launch/evaluate.py reports (in-distribution images as positives)."""
+        return -self.energy(x)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Writes the model as an export folder: {energy,encoder,generator}.safetensors (step in
+        their metadata), config.yaml and, when the EMA is loaded, generator_ema.safetensors with
+        the trained generator beside it, so that loading the folder gives this model again."""
+        from safetensors.torch import load_file, save_file
+
+        from bidvl.models import cpu_state_dict
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"step": str(self.step)}
+        generator = cpu_state_dict(self.generator)
+        if self.generator_kind == "ema":  # the trained generator is only on disk
+            trained = load_file(str(self.source / (EXPORT_FILES if self.kind == "export" else CHECKPOINT_FILES)[2]))
+            save_file(generator, str(folder / EMA_FILE))
+            generator = trained
+        else:
+            (folder / EMA_FILE).unlink(missing_ok=True)  # an older save's EMA would be loaded instead
+        for name, state in zip(EXPORT_FILES, (cpu_state_dict(self.energy_net), cpu_state_dict(self.encoder),
+                                              generator)):
+            save_file(state, str(folder / name), metadata=meta)
+        (folder / "config.yaml").write_text(to_yaml(self.cfg))
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str = "cpu",
+                        ema: bool | None = None) -> BiDVLModel:
+        """`bidvl.load(folder, device, ema)`: a folder written by save_pretrained, an export or a run."""
+        return load(folder, device=device, ema=ema)
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        c, r = self.cfg.data.channels, self.cfg.data.resolution
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or tuple(x.shape[1:]) != (c, r, r):
+            raise ValueError(f"expected images of shape (B, {c}, {r}, {r}) in [-1, 1], got {tuple(x.shape)}")
+        return x.to(self.device, torch.float32)
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu", ema: bool | None = None,
+         checkpoint: str | int | None = None) -> BiDVLModel:
+    """A trained model from a run folder (its export if present, else its latest complete
+    checkpoint; `checkpoint` = latest | final | STEP | a checkpoint folder picks one) or from an
+    exported RUN_DIR/model folder alone. ema: None = the generator EMA if the folder has one,
+    False = the trained generator, True = the EMA or an error naming the missing file."""
+    return BiDVLModel(load_run(path, checkpoint, device=device, ema=ema), device)
