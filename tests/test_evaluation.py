@@ -489,3 +489,31 @@ def test_launch_scripts_exit_2_with_one_error_line(tmp_path):
                           env=ENV, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: run folder {tmp_path / 'none'} does not exist"
+
+
+def test_progress_bars_only_on_a_terminal_and_on_the_main_process(monkeypatch):
+    """Long passes (FID features, reference statistics, held-out and noise passes, sampling) show a
+    tqdm bar on the main process when stderr is a terminal, and nothing in logs or pipes."""
+    import io
+
+    from bidvl.evaluation.gather import progress, rounds
+    from bidvl.evaluation.sampling import dealt_batches, sample_images
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    generator = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Unflatten(1, (1, 4, 4)))
+    for stderr, shown in ((Terminal(), True), (io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        images = sample_images(generator, 10, 4, seed=0, batch_size=3)
+        assert images.shape == (10, 1, 4, 4)
+        assert ("samples:" in stderr.getvalue() and "/4 " in stderr.getvalue()) == shown  # 4 batches of 3
+
+    class OtherRank:
+        device, process_index, num_processes, is_main_process = torch.device("cpu"), 1, 2, False
+
+    batches = dealt_batches(10, 3, 1, 2)
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert progress(batches, OtherRank(), "x", rounds(10, 3, 2)) is batches
+    assert sys.stderr.getvalue() == ""

@@ -23,7 +23,7 @@ from bidvl.checkpoint import file_sha256
 from bidvl.data import eval_stream, split_info
 from bidvl.models import cpu_state_dict
 
-from .gather import IndexedRows, broadcast_from_main, process_layout
+from .gather import IndexedRows, broadcast_from_main, process_layout, progress, rounds
 from .loading import EvalError
 from .sampling import dealt_batches, generate, index_of, local_batchnorm
 
@@ -325,7 +325,7 @@ def reference_statistics(accelerator, extractor: Features, folder: str, split: s
         return cached
     rows = IndexedRows(accelerator)
     stream = eval_stream(folder, split, batch_size, rank=rank, world_size=world, num_workers=num_workers)
-    for images, _, index in stream:
+    for images, _, index in progress(stream, accelerator, f"reference features ({split})", len(stream)):
         if (index >= 0).any():
             rows.add(index, features=extractor(images.to(device)))
         else:  # only padding: skip the extractor
@@ -354,7 +354,8 @@ def sample_features(accelerator, extractor: Features, generator: torch.nn.Module
     device, rank, world, is_main = process_layout(accelerator)
     generator = local_batchnorm(generator)
     rows = IndexedRows(accelerator)
-    for positions in dealt_batches(num, batch_size, rank, world):
+    batches = dealt_batches(num, batch_size, rank, world)
+    for positions in progress(batches, accelerator, "generated features", rounds(num, batch_size, world)):
         if positions is None:  # no batch for this rank in the last round
             rows.add_padding(batch_size, features=(extractor.dim(shape[0], shape[1], device),))
             continue

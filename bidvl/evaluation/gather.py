@@ -37,6 +37,21 @@ def process_layout(accelerator) -> ProcessLayout:
                          accelerator.is_main_process)
 
 
+def progress(iterable, accelerator, desc: str, total: int | None = None):
+    """`iterable` with a tqdm bar on the main process when stderr is a terminal (tqdm's
+    disable=None), left off in logs, pipes and on the other ranks; the bar is removed when done."""
+    if not process_layout(accelerator).is_main:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, disable=None, leave=False, dynamic_ncols=True)
+
+
+def rounds(count: int, batch_size: int, world: int) -> int:
+    """How many rounds `dealt_batches(count, batch_size, rank, world)` yields (on every rank)."""
+    return -(-(-(-count // batch_size)) // world)
+
+
 def broadcast_from_main(accelerator, obj):
     """The main process's `obj` (any picklable value) on every rank."""
     if process_layout(accelerator).world == 1:

@@ -25,7 +25,7 @@ from torch import nn
 
 from bidvl.data import eval_stream, read_meta
 
-from .gather import IndexedRows, process_layout
+from .gather import IndexedRows, process_layout, progress, rounds
 from .loading import EvalError
 from .sampling import dealt_batches, forward_in_mode, index_of, uniform_noise
 
@@ -76,7 +76,7 @@ def heldout_pass(accelerator, nets, folder: str, split: str, batch_size: int, *,
     rows = IndexedRows(accelerator)
     stream = eval_stream(folder, split, batch_size, rank=rank, world_size=world,
                          num_workers=num_workers)
-    for images, _, index in stream:
+    for images, _, index in progress(stream, accelerator, f"{Path(folder).name}/{split}", len(stream)):
         index = _limited(index, max_count)
         if not (index >= 0).any():  # nothing of ours in this batch: skip the nets
             rows.add_padding(len(index), torch.float64, **dict.fromkeys(columns, ()))
@@ -96,7 +96,8 @@ def uniform_pass(accelerator, energy_net: nn.Module, count: int, shape: tuple[in
     """Energies of `count` U[-1, 1] noise images of `shape`, the same set whatever the world size."""
     device, rank, world, _ = process_layout(accelerator)
     rows = IndexedRows(accelerator)
-    for positions in dealt_batches(count, batch_size, rank, world):
+    batches = dealt_batches(count, batch_size, rank, world)
+    for positions in progress(batches, accelerator, "uniform noise", rounds(count, batch_size, world)):
         if positions is None:  # no batch for this rank in the last round
             rows.add_padding(batch_size, torch.float64, energy=())
             continue

@@ -129,8 +129,10 @@ def sample_images(generator: nn.Module, num: int, latent_dim: int, seed: int = 0
     """The first `num` samples (one process), (num, C, H, W) in [-1, 1] on the CPU: the same images
     as the first `num` of an FID run with the same seed, batch size and bn_mode."""
     generator = local_batchnorm(generator)
+    from .gather import progress, rounds
+
     out = [generate(generator, positions, latent_dim, seed, bn_mode, device).cpu()
-           for positions in dealt_batches(num, batch_size)]
+           for positions in progress(dealt_batches(num, batch_size), None, "samples", rounds(num, batch_size, 1))]
     return torch.cat(out)[:num]
 
 
