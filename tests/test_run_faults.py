@@ -122,6 +122,7 @@ def test_second_sigint_aborts_at_once(tmp_path, digits16):
         deadline = time.time() + 120
         while time.time() < deadline and not list((run / "tensorboard").rglob("events.*")):
             time.sleep(0.2)
+        time.sleep(1)  # training, its loader worker started
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGINT)

@@ -42,7 +42,7 @@ from webdataset.filters import _shuffle
 
 from .meta import ShardError, split_info
 from .tarstream import tar_samples
-from .workers import end_workers_at_exit, worker_init
+from . import workers as loader_workers
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 ALLOWED = set(IMAGE_EXTENSIONS) | {"cls", "json"}
@@ -264,13 +264,12 @@ class TrainStream:
     def __iter__(self):
         if self.num_workers == 0:
             return iter(self.dataset)
-        end_workers_at_exit()
         loader = DataLoader(
             self.dataset, batch_size=None, num_workers=self.num_workers,
-            prefetch_factor=4, persistent_workers=False, worker_init_fn=worker_init,
+            prefetch_factor=4, persistent_workers=False, worker_init_fn=loader_workers.worker_init,
             generator=_own_generator(),
         )
-        return iter(loader)
+        return loader_workers.start(loader)
 
 
 def train_stream(folder, split="train", batch_size=64, **kwargs) -> TrainStream:
@@ -352,9 +351,8 @@ class EvalStream:
         if self.num_workers == 0:
             source = iter(self.dataset)
         else:
-            end_workers_at_exit()
-            source = iter(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                                     worker_init_fn=worker_init, generator=_own_generator()))
+            source = loader_workers.start(DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                              worker_init_fn=loader_workers.worker_init, generator=_own_generator()))
         produced = 0
         last = None
         for batch in source:

@@ -25,13 +25,27 @@ import signal
 import sys
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
 _registered = False
+
+
+def start(loader):
+    """iter(loader), its workers forked with the stop signals blocked: a Ctrl-C or SIGTERM that
+    arrives while they start stays pending for the main process instead of killing a worker
+    before `worker_init` made it ignore them (the loader would then fail with a traceback)."""
+    end_workers_at_exit()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def worker_init(_worker_id: int) -> None:
     """DataLoader `worker_init_fn`: leave the job's signals to the main process, die with it."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by `start`; now ignored
     if sys.platform.startswith("linux"):
         parent = multiprocessing.parent_process()
         try:
