@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import signal
 import sys
 import time
@@ -274,12 +273,11 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         """Stop signals end the run after the current step with a checkpoint. Ctrl-C (SIGINT) too;
-        a second Ctrl-C aborts at once, without one (the process dies of SIGINT)."""
-        if signum == signal.SIGINT and self.stop_signal == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGINT)
-            return
+        a second Ctrl-C, once this one was handled, aborts at once (the process dies of SIGINT)."""
         if signum == signal.SIGINT:
+            # The next Ctrl-C takes the default action, in the kernel: it ends the process even
+            # inside a long C call, where a Python handler would wait (and two signals would merge).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             print("interrupted: checkpointing after this step, then exiting (Ctrl-C again aborts "
                   "without a checkpoint)", file=sys.stderr, flush=True)
         self.stop_signal = self.stop_signal or signum
