@@ -8,7 +8,10 @@ multi-plugin API): one for the energy net, one for encoder + generator (`LatentN
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -27,6 +30,23 @@ class LatentNets(torch.nn.Module):
     def __init__(self, encoder: torch.nn.Module, generator: torch.nn.Module):
         super().__init__()
         self.encoder, self.generator = encoder, generator
+
+
+def end_with_the_launcher() -> None:
+    """A rank started by a launcher (`accelerate launch`, torchrun: LOCAL_RANK is set) gets SIGTERM
+    from the kernel when its launcher dies (prctl PR_SET_PDEATHSIG, Linux): torch's launcher starts
+    each rank in a session of its own, so a launcher killed with SIGKILL (an OOM killer, a hard
+    `kill -9`, a dead SLURM step) left the ranks running as orphans, waiting on each other until the
+    collective timeout. SIGTERM is the job's normal stop signal here: the ranks checkpoint and exit."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the launcher died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def deepspeed_plugins(cfg: Config) -> dict | None:

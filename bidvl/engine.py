@@ -42,8 +42,8 @@ from . import objectives
 from .checkpoint import Checkpointer, TrainState
 from .config import Config, to_dict
 from .data import ShardError, ShardStream
-from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, make_accelerator, prepare_nets,
-                          resolve_precision, step_optimizer)
+from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
+                          make_accelerator, prepare_nets, resolve_precision, step_optimizer)
 from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
@@ -84,6 +84,7 @@ class Trainer:
         self._previous_handlers = {
             sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
         }
+        end_with_the_launcher()
         cfg.train.mixed_precision = resolve_precision(cfg)  # `auto` -> the launcher's; in config.yaml
         plugins = deepspeed_plugins(cfg)
         self.deepspeed = plugins is not None

@@ -296,3 +296,82 @@ def test_resume_with_loader_workers_is_bit_exact(tmp_path, digits16):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------ the same faults on 2 processes with workers
+
+TWO = {**ENV, "ACCELERATE_USE_CPU": "1"}
+
+
+@pytest.mark.slow
+def test_two_processes_with_workers_fall_back_from_a_damaged_checkpoint_bit_exactly(tmp_path, digits16):
+    """Rank 1's own files are damaged (its RNG state, its optimizer shard): every rank must agree to
+    fall back, and the resumed run must equal one that was never interrupted."""
+    from conftest import weights
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    code, _, err = run_bounded(two_process_cmd(whole, digits16, 6, *WORKERS, "checkpoint.every=2"), 240, TWO)
+    assert code == 0, err[-2000:]
+    code, _, err = run_bounded(two_process_cmd(part, digits16, 4, *WORKERS, "checkpoint.every=2"), 240, TWO)
+    assert code == 0, err[-2000:]
+    newest = part / "checkpoints" / step_name(4)
+    (newest / "random_states_1.pkl").write_bytes(b"garbage")
+    code, out, err = run_bounded(two_process_cmd(part, digits16, 6, *WORKERS, "checkpoint.every=2"), 240, TWO)
+    assert code == 0, err[-2000:]
+    assert "random_states_1.pkl has 7 bytes" in err and "falling back" in err, err[-2000:]
+    assert f"resumed from {part / 'checkpoints' / step_name(2)} at step 2" in out + err
+    a, b = weights(whole), weights(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert leftover(part) == []
+
+
+@pytest.mark.slow
+def test_a_second_two_process_trainer_is_refused_and_every_rank_exits(tmp_path, digits16):
+    run = tmp_path / "run"
+    first = subprocess.Popen(two_process_cmd(run, digits16, 100000, *WORKERS, "checkpoint.every=5"), env=TWO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not complete_checkpoints(run):
+            time.sleep(0.2)
+        assert complete_checkpoints(run), "the first trainer wrote no checkpoint"
+        code, _, err = run_bounded(two_process_cmd(run, digits16, 100000, *WORKERS), timeout=120, env=TWO)
+        assert code != 0, err[-2000:]
+        assert "is in use by another training run (pid " in err, err[-2000:]
+        assert first.poll() is None  # the first one trains on
+        # The launcher dies hard (torch starts each rank in a session of its own): the ranks
+        # are told by the kernel and end too, instead of living on as orphans.
+        os.kill(first.pid, signal.SIGKILL)
+        first.communicate(timeout=60)  # the ranks hold its pipes: returns once they are gone
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    time.sleep(1)
+    assert leftover(run) == []
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_two_processes_with_workers_checkpoints_then_resumes(tmp_path, digits16):
+    """Ctrl-C in a terminal reaches the launcher, both ranks and their loader workers."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(two_process_cmd(run, digits16, 100000, *WORKERS, "checkpoint.every=100000"), env=TWO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not list((run / "tensorboard").rglob("events.*")):
+            time.sleep(0.2)
+        time.sleep(3)  # some steps, with the workers running
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, err[-2000:]  # interrupted, not finished
+    assert "signal 2: checkpointing" in out + err, err[-2000:]
+    found = complete_checkpoints(run)
+    assert found and verify(found[-1])
+    time.sleep(1)
+    assert leftover(run) == []
+    step = checkpoint.step_of(found[-1])
+    code, out, err = run_bounded(two_process_cmd(run, digits16, step + 2, *WORKERS), timeout=180, env=TWO)
+    assert code == 0 and f"resumed from {found[-1]} at step {step}" in out + err, err[-2000:]
