@@ -52,7 +52,7 @@ from typing import Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, load_config, to_dict, to_yaml
+from .config import Config, ConfigError, flatten, load_config, to_dict, to_yaml
 from .models import cpu_state_dict
 
 MARKER = "COMPLETE"
@@ -151,8 +151,6 @@ MATHS_KEYS = ("objective.", "train.energy_optim.betas", "train.latent_optim.beta
 
 def config_changes(saved: Config, current: Config) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, current value) of every key that differs."""
-    from .tracking import flatten
-
     old, new = flatten(to_dict(saved)), flatten(to_dict(current))
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 

@@ -145,6 +145,9 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
+    # Accelerate trackers, a comma list (tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
+    # swanlab, trackio); each must be installed. Empty: none. bidvl.tracking says where each one writes.
+    trackers: str = "tensorboard"
     every: int = 10
     images_every: int = 200
     num_images: int = 64
@@ -184,7 +187,7 @@ SECTIONS = {
     "objective": "bidvl or a baseline; latent term, importance ratio, upper loss, N, phase order",
     "train": "batch, steps, precision, optimizers and LR decay, clipping, EMA, budgets, NaN policy",
     "checkpoint": "how often, how many to keep, what to resume, what to do with a damaged one",
-    "log": "TensorBoard scalars and image grids: how often, how many images",
+    "log": "trackers (TensorBoard, W&B, MLflow, ...), scalars and image grids: how often, how many",
     "eval": "evaluation during training: how often, which metrics, how many samples",
 }
 
@@ -251,6 +254,15 @@ def path_problem(path: str, kind: str = "folder", writable: bool = False) -> Opt
     return None
 
 
+# Accelerate's tracker names (accelerate.utils.LoggerType); bidvl.tracking checks that each is installed.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def _tracker_list(text: str) -> bool:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    return all(m in TRACKERS for m in names) and len(names) == len(set(names))
+
+
 def _metric_list(text: str) -> bool:
     names = [m.strip() for m in text.split(",") if m.strip()]
     return not text.strip() or (bool(names) and all(m in EVAL_METRICS for m in names))
@@ -306,6 +318,7 @@ RANGES: dict[str, Range] = {
     "checkpoint.every": COUNT,
     "checkpoint.keep": COUNT,
     "checkpoint.resume": Range("auto, none or a checkpoint path", lambda v: bool(v.strip())),
+    "log.trackers": Range(f"a comma list of {', '.join(TRACKERS)} without repeats (or empty: none)", _tracker_list),
     "log.every": COUNT,
     "log.images_every": COUNT,
     "log.num_images": COUNT,
@@ -408,6 +421,20 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple 
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested config dict -> {dotted key: scalar or str} (trackers' hparams, resume diffs)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[key] = v
+        else:
+            out[key] = str(v)
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

@@ -108,14 +108,18 @@ def resolve_precision(cfg: Config) -> str:
 
 def make_accelerator(cfg: Config, plugins: dict | None) -> Accelerator:
     """The run's Accelerator: precision from train.mixed_precision (resolved: see
-    `resolve_precision`), TensorBoard under run.dir."""
+    `resolve_precision`), the trackers of log.trackers (TensorBoard under run.dir/tensorboard)."""
+    from .tracking import tracker_environment, tracker_names
+
     run_dir = Path(cfg.run.dir)
+    trackers = tracker_names(cfg)
+    tracker_environment(cfg, trackers)
     on_cpu = not torch.cuda.is_available()  # DeepSpeed on the CPU (tests) needs gloo
     return Accelerator(
         deepspeed_plugins=plugins,
         mixed_precision=cfg.train.mixed_precision,
         dynamo_backend="inductor" if cfg.train.compile else "no",
-        log_with="tensorboard",
+        log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
         kwargs_handlers=[
             # Nets run twice before one backward (G on h_q and h_p): buffers must not be

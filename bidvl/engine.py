@@ -40,15 +40,17 @@ from tqdm.auto import tqdm
 
 from . import objectives
 from .checkpoint import Checkpointer, TrainState
-from .config import Config, to_dict
+from .config import Config
 from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
                           make_accelerator, prepare_nets, resolve_precision, step_optimizer)
 from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
-from .tracking import MetricsWindow, StepResult, flatten, log_image_grids
+from .tracking import MetricsWindow, StepResult, log_final, log_image_grids, start_trackers
 
+# The last training window's figures that go into the run's final figures (tracking.log_final).
+FINAL_LOGS = ("loss/", "energy/")
 NETS = ("energy", "encoder", "generator")  # the prepare order; checkpoint file names follow it
 
 
@@ -296,7 +298,7 @@ class Trainer:
             resumed_from, self.state = loaded
             acc.print(f"resumed from {resumed_from} at step {self.state.step}")
         self.checkpointer.write_config()
-        acc.init_trackers("bidvl", config=flatten(to_dict(cfg)))
+        start_trackers(acc, cfg)
         self.set_learning_rates()
 
         start = self.state.step
@@ -304,6 +306,7 @@ class Trainer:
         progress = tqdm(total=cfg.train.max_steps, initial=start, disable=not acc.is_main_process,
                         desc="train", dynamic_ncols=True)
         window, logs, last_saved = MetricsWindow(acc), {}, (start if start else -1)
+        eval_figures = {}  # the last evaluation during training (eval.every)
         clock = time.process_time if cfg.train.budget_clock == "process" else time.perf_counter
         budget_s = cfg.train.time_budget_min * 60.0
 
@@ -350,6 +353,7 @@ class Trainer:
                     figures = evaluate_during_training(acc, cfg, self.energy_net, self.encoder, self.generator, step)
                 if figures:
                     acc.log(figures, step=step)
+                    eval_figures = figures
             if step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
                 last_saved = step
@@ -367,6 +371,8 @@ class Trainer:
             if last_saved != self.state.step:
                 self.save_checkpoint()
             self.export()
+            log_final(acc, cfg, self.state.step, {**{k: v for k, v in logs.items() if k.startswith(FINAL_LOGS)},
+                                                  **eval_figures})
         progress.close()
         return logs
 

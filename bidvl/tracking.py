@@ -8,15 +8,19 @@
     window.record(result, images=...)
     logs = window.flush(step, {"lr/energy_net": ...})   # means over steps and ranks -> trackers
 
-Names are the TensorBoard tags: `loss/*` (the levels' losses and terms), `energy/{data,samples,gap}`
+Trackers (log.trackers: TensorBoard, W&B, MLflow, ... through Accelerate) are started by
+`start_trackers`; image grids go through each one's image API (`log_images`); `log_final` writes
+the final figures once per finished training. Names are the tags: `loss/*` (the levels' losses and terms), `energy/{data,samples,gap}`
 (the upper level's mean energies), `grad_norm/*`, `lr/*`, `perf/*`, `train/*`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 
@@ -99,12 +103,107 @@ class MetricsWindow:
         return logs
 
 
+# ------------------------------------------------------------------ trackers
+
+# log.trackers name -> (module to import, what to pip install), for the error when one is missing.
+TRACKER_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow-skinny"),
+    "aim": ("aim", "aim"), "comet_ml": ("comet_ml", "comet-ml"), "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"), "swanlab": ("swanlab", "swanlab"), "trackio": ("trackio", "trackio"),
+}
+# How each tracker's `log_images` (Accelerate's) takes one HWC uint8 grid: as a batch of one, a list
+# of one, or the image itself. MLflow's tracker has no log_images: mlflow.log_image is called.
+# comet_ml, dvclive and trackio take no images through Accelerate: they get the scalars only.
+IMAGE_FORM = {"tensorboard": "batch", "wandb": "list", "swanlab": "list", "aim": "image", "clearml": "image"}
+_OUR_MLFLOW_URI = "BIDVL_MLFLOW_TRACKING_URI"  # the MLFLOW_TRACKING_URI that tracker_environment set
+IDS_FILE = "trackers.json"  # in run.dir: the W&B / MLflow run ids, so that a resumed run continues its own
+
+
+def tracker_names(cfg) -> list[str]:
+    """log.trackers as a list; a ConfigError names a tracker whose package is not installed."""
+    import importlib.util
+
+    from .config import ConfigError
+
+    names = [n.strip() for n in cfg.log.trackers.split(",") if n.strip()]
+    for name in names:
+        module, package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"log.trackers={cfg.log.trackers}: the {name} tracker needs the package {package}, "
+                              f"which is not installed (pip install {package}), or leave {name} out")
+    return names
+
+
+def tracker_environment(cfg, names: list[str]) -> None:
+    """MLflow without MLFLOW_TRACKING_URI writes into the run folder (run.dir/mlruns, MLflow's file
+    store), like TensorBoard, instead of a database in the working directory; set the variable to
+    use a server or a database."""
+    import os
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    # A URI set for an earlier run in this process (the study, tests) is replaced; the user's is kept.
+    if "mlflow" in names and (not uri or uri == os.environ.get(_OUR_MLFLOW_URI)):
+        uri = (Path(cfg.run.dir) / "mlruns").resolve().as_uri()
+        os.environ["MLFLOW_TRACKING_URI"] = os.environ[_OUR_MLFLOW_URI] = uri
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in
+
+
+def start_trackers(accelerator, cfg) -> None:
+    """init_trackers. W&B and MLflow continue the run they started before a resume (ids kept in
+    run.dir/trackers.json) and get the config as their parameters when their run is new.
+    TensorBoard gets the config once, with the final figures, as hparams (`log_final`): its HParams
+    tab shows one row per run instead of one empty row per start."""
+    from .config import flatten, to_dict
+
+    run_dir = Path(cfg.run.dir)
+    ids_file = run_dir / IDS_FILE
+    ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+    name = run_dir.resolve().name
+    wandb = {"name": name, "dir": str(run_dir)}
+    mlflow = {"run_name": name}
+    if "wandb" in ids:
+        wandb.update(id=ids["wandb"], resume="allow")
+    if "mlflow" in ids:
+        mlflow.update(run_id=ids["mlflow"])
+    accelerator.init_trackers("bidvl", init_kwargs={"wandb": wandb, "mlflow": mlflow})
+    if not accelerator.is_main_process:
+        return
+    new_ids = dict(ids)
+    for tracker in accelerator.trackers:
+        if tracker.name in ("tensorboard",) or tracker.name in ids:
+            continue
+        tracker.store_init_configuration(flatten(to_dict(cfg)))
+        if tracker.name == "wandb":
+            new_ids["wandb"] = tracker.run.id
+        elif tracker.name == "mlflow":
+            new_ids["mlflow"] = tracker.active_run.info.run_id
+    if new_ids != ids:
+        tmp = ids_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(new_ids, indent=1) + "\n")
+        tmp.replace(ids_file)
+
+
+def log_final(accelerator, cfg, step: int, figures: dict) -> None:
+    """The run's final figures (the last training window's losses and the last evaluation during
+    training) as `final/*` scalars to every tracker, and to TensorBoard as the metrics of the run's
+    hparams (the config): once per finished training."""
+    from .config import flatten, to_dict
+
+    metrics = {f"final/{k}": float(v) for k, v in figures.items()
+               if isinstance(v, (int, float)) and math.isfinite(v)}
+    accelerator.log(metrics, step=step)
+    if accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_hparams(flatten(to_dict(cfg)), metrics, run_name="hparams", global_step=step)
+
+
 @torch.no_grad()
 def log_image_grids(accelerator, step: int, generator, encoder, latents: torch.Tensor, real: torch.Tensor,
                     autocast) -> None:
-    """Samples G(latents) and real/reconstruction pairs of up to 32 `real` images to TensorBoard.
-    Train-mode BatchNorm, as the authors sample, with every buffer restored: logging must not
-    change training."""
+    """Samples G(latents) and real/reconstruction pairs of up to 32 `real` images to the trackers
+    that take images. Train-mode BatchNorm, as the authors sample, with every buffer restored:
+    logging must not change training."""
     from torchvision.utils import make_grid
 
     from .evaluation.sampling import reconstruction_pairs, restored_buffers
@@ -112,21 +211,26 @@ def log_image_grids(accelerator, step: int, generator, encoder, latents: torch.T
     with restored_buffers(generator), restored_buffers(encoder), autocast:
         samples = generator(latents.to(accelerator.device)).float()
         pairs = reconstruction_pairs(encoder, generator, real[: min(32, len(real))])
-    writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    nrow = int(math.sqrt(len(samples)))
-    writer.add_image("samples", make_grid(samples, nrow=nrow, normalize=True, value_range=(-1, 1)), step)
-    writer.add_image("reconstructions", make_grid(pairs, nrow=8, normalize=True, value_range=(-1, 1)), step)
+    grids = {"samples": make_grid(samples, nrow=int(math.sqrt(len(samples))), normalize=True, value_range=(-1, 1)),
+             "reconstructions": make_grid(pairs, nrow=8, normalize=True, value_range=(-1, 1))}
+    log_images(accelerator, grids, step)
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    """Nested config dict -> {dotted key: scalar or str} for TensorBoard hparams."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
+def log_images(accelerator, grids: dict[str, torch.Tensor], step: int) -> None:
+    """CHW grids in [0, 1] to every tracker's image API (see IMAGE_FORM); main process only."""
+    if not accelerator.is_main_process:
+        return
+    hwc = {k: g.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for k, g in grids.items()}
+    for tracker in accelerator.trackers:
+        form = IMAGE_FORM.get(tracker.name)
+        if tracker.name == "mlflow":
+            import mlflow
+
+            for k, image in hwc.items():
+                mlflow.log_image(image, key=k, step=step)
+        elif form == "batch":
+            tracker.log_images({k: image[None] for k, image in hwc.items()}, step=step, dataformats="NHWC")
+        elif form == "list":
+            tracker.log_images({k: [image] for k, image in hwc.items()}, step=step)
+        elif form == "image":
+            tracker.log_images(hwc, step=step)

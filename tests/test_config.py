@@ -60,6 +60,7 @@ BAD = [
     ("checkpoint.every=0", "checkpoint.every"), ("checkpoint.keep=0", "checkpoint.keep"),
     ("checkpoint.resume=''", "checkpoint.resume"),
     ("log.every=0", "log.every"), ("log.images_every=0", "log.images_every"), ("log.num_images=0", "log.num_images"),
+    ("log.trackers=tensorboard,bogus", "log.trackers"), ("log.trackers=mlflow,mlflow", "log.trackers"),
     ("eval.every=-1", "eval.every"), ("eval.metrics=fid,bogus", "eval.metrics"), ("eval.metrics=',,'", "eval.metrics"),
     ("eval.num_samples=1", "eval.num_samples"), ("eval.max_test=-1", "eval.max_test"),
     ("eval.batch_size=0", "eval.batch_size"),
