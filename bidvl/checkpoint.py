@@ -155,12 +155,42 @@ def config_changes(saved: Config, current: Config) -> list[tuple[str, object, ob
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+# Keys whose `auto` resolves per model.arch (docs/fidelity.md), compared as resolved values. A run
+# whose config.yaml predates a key ran the behaviour of LEGACY (the code before the key existed).
+LEGACY = {"objective.latent_reduction": "mean", "objective.lower_latents": "reuse", "model.encoder_heads": "bias"}
+
+
+def resolved_auto(cfg: Config) -> dict[str, str]:
+    """The LEGACY keys of `cfg` with `auto` resolved for its model.arch and resolution."""
+    from . import objectives
+    from .models.registry import encoder_head_bias
+
+    objective = objectives.build(cfg)
+    return {"objective.latent_reduction": objective.latent_reduction,
+            "objective.lower_latents": "fresh" if objective.fresh_latents else "reuse",
+            "model.encoder_heads": "bias" if encoder_head_bias(cfg.model, cfg.data.resolution) else "no_bias"}
+
+
+def _resolved_changes(saved: Config, cfg: Config, folder: Path) -> list[tuple[str, object, object]]:
+    import yaml
+
+    written = flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {})
+    theirs, ours = resolved_auto(saved), resolved_auto(cfg)
+    theirs.update({key: value for key, value in LEGACY.items() if key not in written})
+    return [(key, theirs[key], ours[key]) for key in LEGACY if theirs[key] != ours[key]]
+
+
 def check_compatible(cfg: Config, folder: Path) -> list[tuple[str, object, object]]:
     """The config changes since `folder` was saved. A change of the nets or the data shape fails,
     and one of the maths (objective, optimizer betas) unless checkpoint.allow_changes=true; each
-    error names the key and both values."""
-    changes = config_changes(load_config(folder / "config.yaml"), cfg)
-    for key, theirs, ours in changes:
+    error names the key and both values. `auto` keys are compared resolved (LEGACY)."""
+    saved = load_config(folder / "config.yaml")
+    changes = [change for change in config_changes(saved, cfg) if change[0] not in LEGACY]
+    typed = flatten(to_dict(cfg))
+    for key, theirs, ours in _resolved_changes(saved, cfg, folder):
+        shown = f"{ours} (auto for model.arch={cfg.model.arch})" if typed[key] == "auto" else ours
+        changes.append((key, theirs, shown))
+    for key, theirs, ours in sorted(changes, key=lambda change: not change[0].startswith(FIXED_KEYS)):
         fixed = key.startswith(FIXED_KEYS)
         if fixed or (key.startswith(MATHS_KEYS) and not cfg.checkpoint.allow_changes):
             raise CheckpointError(

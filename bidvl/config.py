@@ -55,6 +55,12 @@ class DataConfig:
     shuffle_buffer: int = 2000
     on_error: str = "raise"  # raise | skip: bad samples/shards stop the run, or are skipped and counted
     max_skipped: int = 100  # with on_error=skip: stop once more than this many were skipped
+    # `train`/`test` may also be a URL (http(s)://, s3://, gs://, hf://), a `pipe:` command
+    # template or a brace-expanded shard list (docs/data.md). For a shard list without meta.json:
+    train_count: int = 0  # samples in data.train's list (0: from the meta.json beside the shards)
+    net_retries: int = 5  # remote reads: tries after the first (dropped connection, timeout, 5xx)
+    net_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
+    net_timeout: float = 60.0  # seconds an http(s) connect or read may stall
 
 
 @dataclass
@@ -68,6 +74,16 @@ class ModelConfig:
     spectral_norm: bool = True  # on the energy net (and the timm backbone when arch=timm)
     timm_name: str = ""  # arch=timm: timm backbone for energy net and encoder; generator is dcgan
     sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm under DDP
+    # How weights start (docs/fidelity.md): `normal` N(0, 0.02) conv/linear weights, zero biases,
+    # BatchNorm 1/0 (the DCGAN scripts); `xavier` the authors' ResNet (Mimicry) init: Xavier-
+    # uniform, gain sqrt(2) on the blocks' 3x3 convs, 1 on shortcuts, linear layers and the
+    # generator's last conv, PyTorch's default biases; `triangle` Han et al.'s: N(0, 0.02) conv
+    # weights, default biases, BatchNorm weight N(1, 0.02). auto: xavier for resnet, triangle for
+    # triangle, normal otherwise.
+    init: str = "auto"
+    # The encoder's mu/logvar layers: `bias` or `no_bias`; auto: as the authors (no bias on the
+    # ResNet encoder from 64 px up: their ResEncoder128 has bias=False; a bias everywhere else).
+    encoder_heads: str = "auto"
 
 
 @dataclass
@@ -84,6 +100,13 @@ class ObjectiveConfig:
     upper_loss: str = "difference"  # difference | hinge
     lower_steps: int = 1  # N
     order: str = "upper_first"  # upper_first (authors' code) | lower_first (Algorithm 1)
+    # The latent term's normalisation: `mean` sum (mu(v_hat) - h_p)^2 / bs / h_dim (the DCGAN
+    # scripts, w_latent 1), `sum_over_dims` sum / bs (the ResNet scripts, w_latent 1e-4);
+    # auto: sum_over_dims for model.arch=resnet, mean otherwise.
+    latent_reduction: str = "auto"
+    # The lower level's h_p: `reuse` the upper level's draw (DCGAN scripts) or a `fresh` draw
+    # (ResNet scripts); auto: fresh for model.arch=resnet, reuse otherwise.
+    lower_latents: str = "auto"
 
 
 @dataclass
@@ -127,6 +150,9 @@ class TrainConfig:
         default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0)
     )
     latent_optim: OptimConfig = field(default_factory=OptimConfig)  # encoder + generator
+    # The encoder's weight decay within latent_optim; null: latent_optim.weight_decay. (Han et al.'s
+    # Divergence triangle: 0 on the encoder, 5e-4 on the generator.)
+    encoder_weight_decay: Optional[float] = None
 
 
 @dataclass
@@ -204,6 +230,10 @@ CHOICES = {
     "objective.ratio_bias": ("none", "sigmoid"),
     "objective.upper_loss": ("difference", "hinge"),
     "objective.order": ("upper_first", "lower_first"),
+    "objective.latent_reduction": ("auto", "mean", "sum_over_dims"),
+    "objective.lower_latents": ("auto", "reuse", "fresh"),
+    "model.init": ("auto", "normal", "xavier", "triangle"),
+    "model.encoder_heads": ("auto", "bias", "no_bias"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "data.on_error": ("raise", "skip"),
     "checkpoint.on_damaged": ("fallback", "stop"),
@@ -297,6 +327,10 @@ RANGES: dict[str, Range] = {
     "data.num_workers": COUNT_OR_ZERO,
     "data.shuffle_buffer": COUNT,
     "data.max_skipped": COUNT_OR_ZERO,
+    "data.train_count": COUNT_OR_ZERO,  # 0: from meta.json
+    "data.net_retries": COUNT_OR_ZERO,
+    "data.net_backoff": NON_NEGATIVE,
+    "data.net_timeout": POSITIVE,
     "model.latent_dim": COUNT,
     "model.energy_width": COUNT,
     "model.encoder_width": COUNT,
@@ -313,6 +347,8 @@ RANGES: dict[str, Range] = {
     "train.nonfinite_patience": COUNT,
     "train.rollback_lr_scale": FACTOR,
     "train.max_rollbacks": COUNT_OR_ZERO,
+    "train.encoder_weight_decay": Range("null or a finite number >= 0",
+                                        lambda v: v is None or (math.isfinite(v) and v >= 0)),
     **{f"train.{optimizer}.{key}": accepted for optimizer in ("energy_optim", "latent_optim")
        for key, accepted in OPTIMIZER.items()},
     "checkpoint.every": COUNT,
@@ -416,7 +452,14 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple 
         except _UNREADABLE as exc:
             key = getattr(exc, "full_key", None) or key
             raise ConfigError(f"{where}: key {key}: {_first_line(exc)}") from None
-    return validate(_bare_no_as_no(OmegaConf.to_object(merged)))
+    cfg = _bare_no_as_no(OmegaConf.to_object(merged))
+    # A data.train typed on the command line names a folder the user expects to hold shards (or a
+    # remote source): the config file's auto_build is not carried over to it, so a typo is an error
+    # rather than a silent build in a new folder. Typing data.auto_build too keeps the build.
+    typed = {key for where, key, _ in sources if where == "command line"}
+    if "data.train" in typed and "data.auto_build" not in typed:
+        cfg.data.auto_build = ""
+    return validate(cfg)
 
 
 def to_yaml(cfg: Config) -> str:

@@ -73,6 +73,9 @@ def deepspeed_plugins(cfg: Config) -> dict | None:
     if cfg.objective.name == "bidvl" and cfg.objective.latent_term == "not_offset":
         raise ConfigError("objective.latent_term=not_offset under DeepSpeed: its upper level steps the "
                           "encoder alone, which ZeRO's flat optimizer cannot do; use DDP")
+    if cfg.objective.name == "divergence_triangle":
+        raise ConfigError("objective.name=divergence_triangle under DeepSpeed: it steps the encoder and "
+                          "the generator one after the other, which ZeRO's flat optimizer cannot do; use DDP")
     accum = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", cfg.train.grad_accum))
     if accum != cfg.train.grad_accum:
         raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but {where} has "

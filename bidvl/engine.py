@@ -27,7 +27,6 @@ therefore continues exactly as the uninterrupted run (bit-exact on the CPU).
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import signal
 import sys
@@ -55,12 +54,16 @@ NETS = ("energy", "encoder", "generator")  # the prepare order; checkpoint file 
 
 
 def build_optimizers(cfg: Config, energy_net, encoder, generator):
-    """Adam for the energy net; one Adam for encoder + generator (the lower level's nets)."""
+    """Adam for the energy net; one Adam for encoder + generator (the lower level's nets), the
+    encoder in a group of its own when train.encoder_weight_decay is set."""
     eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
     energy_opt = torch.optim.Adam(energy_net.parameters(), lr=eo.lr, betas=tuple(eo.betas),
                                   weight_decay=eo.weight_decay)
-    latent_opt = torch.optim.Adam([*encoder.parameters(), *generator.parameters()], lr=lo.lr,
-                                  betas=tuple(lo.betas), weight_decay=lo.weight_decay)
+    latent_params = [*encoder.parameters(), *generator.parameters()]
+    if cfg.train.encoder_weight_decay is not None:  # a group of its own for the encoder
+        latent_params = [{"params": list(encoder.parameters()), "weight_decay": cfg.train.encoder_weight_decay},
+                         {"params": list(generator.parameters())}]
+    latent_opt = torch.optim.Adam(latent_params, lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay)
     return energy_opt, latent_opt
 
 
@@ -119,7 +122,7 @@ class Trainer:
 
     def _frozen(self, name: str):
         """The unwrapped net `name` called through its detached parameters (no gradient reaches them)."""
-        return functools.partial(objectives.frozen_call, self.unwrapped[name])
+        return objectives.Frozen(self.unwrapped[name])
 
     def _no_sync(self, last: bool, *nets):
         stack = contextlib.ExitStack()
@@ -172,21 +175,32 @@ class Trainer:
 
     def lower_level_step(self, batches, latents, result: StepResult) -> None:
         """Eq. (13) (or (11) in `not_offset`), or a baseline's loss: update encoder + generator,
-        energy net frozen."""
+        energy net frozen; one backward and step per phase of the objective (BiDVL and the VAE:
+        one, both nets; the Divergence triangle: the encoder, then the generator)."""
+        phases = self.objective.lower_level_phases
+        for phase in phases:
+            self._lower_level_phase(phase, batches, latents, result, loss_name="loss_ll" if len(phases) == 1
+                                    else "loss_" + "_".join(phase))
+        if self.ema is not None:
+            self.ema.update(self.unwrapped["generator"])
+
+    def _lower_level_phase(self, phase, batches, latents, result: StepResult, loss_name: str) -> None:
+        """Trains the nets named in `phase` (the other lower-level net frozen)."""
+        nets = {"encoder": self.encoder, "generator": self.generator}
+        trained = [nets[name] for name in phase]
+        called = {name: net if name in phase else self._frozen(name) for name, net in nets.items()}
         frozen = {"energy_net": self._frozen("energy"), "frozen_encoder": self._frozen("encoder")}
         for i, (v, h_p) in enumerate(zip(batches, latents)):
             last = i == len(batches) - 1
-            with self._no_sync(last, self.encoder, self.generator), self.accelerator.autocast():
-                terms = self.objective.lower_level(v, h_p, encoder=self.encoder, generator=self.generator,
-                                                   **frozen)
+            with self._no_sync(last, *trained), self.accelerator.autocast():
+                terms = self.objective.lower_level(v, h_p, phase=phase, **called, **frozen)
                 self._backward(self.latent_engine, terms.loss, len(batches), last)
             result.add({f"loss/{k}": v for k, v in (
-                ("loss_ll", terms.loss), ("recon", terms.recon), ("kl", terms.kl), ("energy_term", terms.energy),
-                ("latent_term", terms.latent), ("ratio", terms.ratio), ("weighted_vae", terms.weighted_vae))})
-        params = [*self.encoder.parameters(), *self.generator.parameters()]
-        self._optimizer_step(self.latent_opt, params, "encoder_generator", result, engine=self.latent_engine)
-        if self.ema is not None:
-            self.ema.update(self.unwrapped["generator"])
+                (loss_name, terms.loss), ("recon", terms.recon), ("kl", terms.kl), ("energy_term", terms.energy),
+                ("latent_term", terms.latent), ("ratio", terms.ratio), ("weighted_vae", terms.weighted_vae))
+                if v is not None})
+        params = [p for net in trained for p in net.parameters()]
+        self._optimizer_step(self.latent_opt, params, "_".join(phase), result, engine=self.latent_engine)
 
     def train_step(self, batches: list[torch.Tensor], latents: list[torch.Tensor] | None = None) -> StepResult:
         """One bi-level iteration on `grad_accum` micro-batches. `latents` (the prior draws h_p,

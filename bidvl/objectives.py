@@ -10,8 +10,8 @@ Notation: v data in [-1,1]; h_p ~ p(h) = N(0, I); v_hat = G(h_p); q(h|v) = N(mu(
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+import contextlib
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -63,10 +63,24 @@ def energy_term(energy_samples: torch.Tensor) -> torch.Tensor:
     return at_least_float32(energy_samples).mean()
 
 
-def latent_term(mu_of_samples: torch.Tensor, h_p: torch.Tensor) -> torch.Tensor:
-    """D_KL(p(v,h) || q(h|v)) of Eq. (13), as the authors run it: sum (mu(v_hat) - h_p)^2 / bs / h_dim."""
-    bs, h_dim = h_p.shape
-    return (at_least_float32(mu_of_samples) - at_least_float32(h_p)).pow(2).sum() / bs / h_dim
+LATENT_REDUCTIONS = ("mean", "sum_over_dims")
+
+
+def latent_term(mu_of_samples: torch.Tensor, h_p: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """D_KL(p(v,h) || q(h|v)) of Eq. (13), as the authors run it: sum (mu(v_hat) - h_p)^2 / bs / h_dim
+    (`mean`, their DCGAN scripts) or sum (mu(v_hat) - h_p)^2 / bs (`sum_over_dims`, their ResNet
+    scripts, which weigh it by 1e-4)."""
+    return _latent_reduce((at_least_float32(mu_of_samples) - at_least_float32(h_p)).pow(2), reduction)
+
+
+def _latent_reduce(per_dim: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(B, h_dim) -> sum / bs / h_dim (`mean`) or sum / bs (`sum_over_dims`)."""
+    bs, h_dim = per_dim.shape
+    if reduction == "mean":
+        return per_dim.sum() / bs / h_dim
+    if reduction == "sum_over_dims":
+        return per_dim.sum() / bs
+    raise ValueError(f"objective.latent_reduction={reduction!r}: expected one of {', '.join(LATENT_REDUCTIONS)}")
 
 
 def upper_level_loss(energy_data: torch.Tensor, energy_samples: torch.Tensor, form: str) -> torch.Tensor:
@@ -80,13 +94,18 @@ def upper_level_loss(energy_data: torch.Tensor, energy_samples: torch.Tensor, fo
     raise ValueError(f"objective.upper_loss={form!r}: expected difference or hinge")
 
 
-def upper_level_encoder_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+def upper_level_encoder_kl(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """`not_offset` only (Sec. 4.4): the encoder minimises KL(q(h|v_hat) || p(h)) in the upper level.
 
-    Normalised like the latent term it stands against (sum / bs / h_dim), so w_latent weighs both.
+    Normalised like the latent term it stands against (`reduction`), so w_latent weighs both.
     """
     bs, h_dim = mu.shape
-    return kl_to_prior(mu, logvar).sum() / bs / h_dim
+    total = kl_to_prior(mu, logvar).sum()
+    if reduction == "mean":
+        return total / bs / h_dim
+    if reduction == "sum_over_dims":
+        return total / bs
+    raise ValueError(f"objective.latent_reduction={reduction!r}: expected one of {', '.join(LATENT_REDUCTIONS)}")
 
 
 def frozen_call(module: nn.Module, *args):
@@ -99,25 +118,59 @@ def frozen_call(module: nn.Module, *args):
     return functional_call(module, params, args, strict=False)
 
 
+class Frozen(nn.Module):
+    """`module` called through `frozen_call`; a module itself, so `running_stats_untouched` can
+    still reach its BatchNorm layers."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args):
+        return frozen_call(self.module, *args)
+
+
+@contextlib.contextmanager
+def running_stats_untouched(module: nn.Module):
+    """Inside, BatchNorm layers of `module` in training mode normalise with the batch statistics as
+    usual but leave their running statistics and counters unchanged: for a forward that repeats
+    one the authors' code ran once and reused (so the running statistics see each batch as often
+    as theirs)."""
+    layers = [m for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # training + no tracking: batch statistics, no update
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
 class LowerLevelTerms(NamedTuple):
+    """A lower-level (phase's) loss and its terms, batch means; None: a term the loss has not."""
+
     loss: torch.Tensor
-    weighted_vae: torch.Tensor
-    recon: torch.Tensor
-    kl: torch.Tensor
-    energy: torch.Tensor
-    latent: torch.Tensor
-    ratio: torch.Tensor
+    weighted_vae: Optional[torch.Tensor]
+    recon: Optional[torch.Tensor]
+    kl: Optional[torch.Tensor]
+    energy: Optional[torch.Tensor]
+    latent: Optional[torch.Tensor]
+    ratio: Optional[torch.Tensor]
 
 
 def lower_level_loss(v, h_p, *, energy_net, encoder, generator, encoder_for_latent,
                      latent_mode: str, w_latent: float, r_basic: float, ratio_bias: str,
-                     energy_data=None) -> LowerLevelTerms:
+                     energy_data=None, latent_reduction: str = "mean",
+                     fresh_latents: bool = False) -> LowerLevelTerms:
     """loss_LL of Eq. (13) (`offset`) or Eq. (11) (`not_offset`); `none` drops the latent term.
 
     energy_net: frozen (its parameters must not require grad); encoder, generator: trained.
     encoder_for_latent: how the latent term calls the encoder — `frozen_call`-wrapped in `offset`
     (only G learns from it), the trainable encoder in `not_offset`.
     energy_data: E(v) without gradient, needed only for the sigmoid ratio bias.
+    latent_reduction: see `latent_term`. fresh_latents: draw a new h_p ~ N(0, I) like `h_p` (the
+    authors' ResNet scripts) after the reparameterisation noise, as they do; else use `h_p`.
     """
     mu, logvar = encoder(v)
     recon = reconstruction_error(generator(reparameterize(mu, logvar)), v)
@@ -129,12 +182,14 @@ def lower_level_loss(v, h_p, *, energy_net, encoder, generator, encoder_for_late
     )
     weighted_vae = weighted_vae_term(recon, kl, ratio)
 
+    if fresh_latents:
+        h_p = torch.randn_like(h_p)
     v_hat = generator(h_p)
     e_term = energy_term(energy_net(v_hat))
     if latent_mode == "none":
         lat = torch.zeros((), device=v.device)
     elif latent_mode in ("offset", "not_offset"):
-        lat = latent_term(encoder_for_latent(v_hat)[0], h_p)
+        lat = latent_term(encoder_for_latent(v_hat)[0], h_p, latent_reduction)
     else:
         raise ValueError(f"objective.latent_term={latent_mode!r}: expected offset, not_offset or none")
     loss = e_term + w_latent * lat + weighted_vae
@@ -142,12 +197,6 @@ def lower_level_loss(v, h_p, *, energy_net, encoder, generator, encoder_for_late
 
 
 # ---------------------------------------------------------------- baselines (objective.name)
-
-
-def gaussian_nll(h: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Per-sample -log N(h; mu, exp(logvar)) summed over latent dims; shape (B,)."""
-    h, mu, logvar = at_least_float32(h), at_least_float32(mu), at_least_float32(logvar)
-    return 0.5 * ((h - mu).pow(2) * torch.exp(-logvar) + logvar + math.log(2 * math.pi)).sum(1)
 
 
 def vae_loss(v, *, encoder, generator) -> LowerLevelTerms:
@@ -164,26 +213,53 @@ def vae_loss(v, *, encoder, generator) -> LowerLevelTerms:
     return LowerLevelTerms(loss, loss, recon.mean(), kl.mean(), zero, zero, torch.ones((), device=v.device))
 
 
-def divergence_triangle_loss(v, h_p, *, energy_net, encoder, generator, w_latent: float) -> LowerLevelTerms:
-    """`divergence_triangle` baseline (Han et al., CVPR 2019), encoder + generator part.
+def triangle_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """The Divergence triangle's KL(q(h|v) || p(h)) as Han et al. compute it (`errKld` in
+    enijkamp/triangle `train_cifar10.py`): -0.5 x the mean over batch *and latent dims* of
+    1 + logvar - mu^2 - exp(logvar), i.e. `kl_to_prior` / h_dim, batch mean."""
+    mu, logvar = at_least_float32(mu), at_least_float32(logvar)
+    return -0.5 * torch.mean(1.0 + logvar - mu.pow(2) - logvar.exp())
 
-    One joint loss  recon(v) + KL(q(h|v) || p(h)) + E(G(h_p)) + w_latent * NLL(h_p | q(h|G(h_p)))
-    whose gradients split exactly as the paper's separate losses: the encoder gets
-    recon + KL + w_latent * NLL (E(G(h_p)) does not depend on it), the generator gets
-    recon + E(G(h_p)) + w_latent * NLL (the KL does not depend on it). Han et al. use w_latent = 0.1.
-    energy_net must be frozen (`frozen_call`); its own loss is `upper_level_loss(..., "difference")`.
-    Terms reported: weighted_vae = recon + KL (batch means), latent = the NLL, ratio = 1.
+
+def triangle_latent_nll(h: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """-log q(h | v) as Han et al.'s `diag_normal_NLL`, batch mean: 0.5 sum logvar + 0.5 sum
+    (h - mu)^2 / (1e-6 + exp(logvar)) over latent dims (no log 2 pi; the 1e-6 is theirs)."""
+    h, mu, logvar = at_least_float32(h), at_least_float32(mu), at_least_float32(logvar)
+    nll = 0.5 * logvar.sum(1) + 0.5 * ((h - mu).pow(2) / (1e-6 + logvar.exp())).sum(1)
+    return nll.mean()
+
+
+def triangle_encoder_loss(v, h_p, *, encoder, generator, w_latent: float) -> LowerLevelTerms:
+    """The Divergence triangle's encoder loss (`errI`): recon(v) + KL + w_latent x NLL(h_p | G(h_p)).
+
+    generator frozen (Han et al. discard its gradient from this loss); G(h_p) without gradient and
+    without touching G's running statistics (they reuse the upper level's samples). Han et al.:
+    w_latent = 0.1. Reported: weighted_vae = recon + KL, latent = the NLL.
     """
     mu, logvar = encoder(v)
-    recon = reconstruction_error(generator(reparameterize(mu, logvar)), v)
-    kl = kl_to_prior(mu, logvar)
-    v_hat = generator(h_p)
+    recon = reconstruction_error(generator(reparameterize(mu, logvar)), v).mean()
+    kl = triangle_kl(mu, logvar)
+    with torch.no_grad(), running_stats_untouched(generator):
+        v_hat = generator(h_p)
+    nll = triangle_latent_nll(h_p, *encoder(v_hat))
+    loss = recon + kl + w_latent * nll
+    return LowerLevelTerms(loss, recon + kl, recon, kl, None, nll, None)
+
+
+def triangle_generator_loss(v, h_p, *, energy_net, encoder, generator, w_latent: float) -> LowerLevelTerms:
+    """The Divergence triangle's generator loss (`errG`): recon(v) + E(G(h_p)) + w_latent x NLL.
+
+    Fresh forwards through the (already updated, now frozen) encoder, as Han et al.; energy net
+    frozen. G(h_p) leaves G's running statistics alone (they reuse the upper level's samples).
+    """
+    mu, logvar = encoder(v)
+    recon = reconstruction_error(generator(reparameterize(mu, logvar)), v).mean()
+    with running_stats_untouched(generator):
+        v_hat = generator(h_p)
     e_term = energy_term(energy_net(v_hat))
-    mu_hat, logvar_hat = encoder(v_hat)
-    nll = gaussian_nll(h_p, mu_hat, logvar_hat).mean()
-    vae = (recon + kl).mean()
-    loss = vae + e_term + w_latent * nll
-    return LowerLevelTerms(loss, vae, recon.mean(), kl.mean(), e_term, nll, torch.ones((), device=v.device))
+    nll = triangle_latent_nll(h_p, *encoder(v_hat))
+    loss = recon + e_term + w_latent * nll
+    return LowerLevelTerms(loss, None, recon, None, e_term, nll, None)
 
 
 # ---------------------------------------------------------------- objectives as objects
@@ -195,20 +271,30 @@ class UpperLevelTerms(NamedTuple):
     energy_samples: torch.Tensor  # E(v_hat), shape (B,)
 
 
+ENCODER_GENERATOR = ("encoder", "generator")
+
+
 class Objective:
     """One `objective.name`: which nets each level trains and the losses it computes.
 
     The engine runs, per batch, `upper_level` (if `has_upper_level`) training the nets named in
-    `upper_level_trains`, and `lower_level` training encoder + generator with the energy net
-    frozen. Trained nets are passed as they are; frozen ones through `frozen_call`.
+    `upper_level_trains`, then, for each phase of `lower_level_phases` in turn, `lower_level`
+    with `phase` = the nets that phase trains (one backward and one optimizer step per phase);
+    the energy net is always frozen there. Trained nets are passed as they are; frozen ones through
+    `frozen_call` (`Frozen`); `frozen_encoder` is always the frozen encoder.
     """
 
     name = ""
     has_upper_level = True
     upper_level_trains: tuple[str, ...] = ("energy",)
+    lower_level_phases: tuple[tuple[str, ...], ...] = (ENCODER_GENERATOR,)
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, arch: str = "dcgan"):
         self.cfg = cfg  # bidvl.config.ObjectiveConfig
+        # `auto` settings resolved for model.arch as the authors' scripts for it (docs/fidelity.md).
+        resnet = arch == "resnet"
+        self.latent_reduction = _resolved(cfg, "latent_reduction", "sum_over_dims" if resnet else "mean")
+        self.fresh_latents = _resolved(cfg, "lower_latents", "fresh" if resnet else "reuse") == "fresh"
 
     def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
         """Eq. (14): E runs once on cat(v, v_hat); v_hat carries no gradient."""
@@ -216,8 +302,14 @@ class Objective:
         e_data, e_samples = energies[: len(v)], energies[len(v):]
         return UpperLevelTerms(upper_level_loss(e_data, e_samples, self.cfg.upper_loss), e_data, e_samples)
 
-    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder) -> LowerLevelTerms:
+    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder,
+                    phase=ENCODER_GENERATOR) -> LowerLevelTerms:
         raise NotImplementedError
+
+
+def _resolved(cfg, key: str, auto: str) -> str:
+    value = getattr(cfg, key, "auto")
+    return auto if value == "auto" else value
 
 
 class BiDVL(Objective):
@@ -226,8 +318,8 @@ class BiDVL(Objective):
 
     name = "bidvl"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, arch: str = "dcgan"):
+        super().__init__(cfg, arch)
         if cfg.latent_term == "not_offset":
             self.upper_level_trains = ("energy", "encoder")
 
@@ -236,9 +328,11 @@ class BiDVL(Objective):
         if self.cfg.latent_term != "not_offset":
             return terms
         mu, logvar = encoder(v_hat)
-        return terms._replace(loss=terms.loss + self.cfg.w_latent * upper_level_encoder_kl(mu, logvar))
+        kl = upper_level_encoder_kl(mu, logvar, self.latent_reduction)
+        return terms._replace(loss=terms.loss + self.cfg.w_latent * kl)
 
-    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder) -> LowerLevelTerms:
+    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder,
+                    phase=ENCODER_GENERATOR) -> LowerLevelTerms:
         o = self.cfg
         energy_data = None
         if o.ratio_bias == "sigmoid":
@@ -249,6 +343,7 @@ class BiDVL(Objective):
             encoder_for_latent=encoder if o.latent_term == "not_offset" else frozen_encoder,
             latent_mode=o.latent_term, w_latent=o.w_latent, r_basic=o.r_basic,
             ratio_bias=o.ratio_bias, energy_data=energy_data,
+            latent_reduction=self.latent_reduction, fresh_latents=self.fresh_latents,
         )
 
 
@@ -262,29 +357,44 @@ class VAE(Objective):
     def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
         raise RuntimeError("the vae objective has no upper level")
 
-    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder) -> LowerLevelTerms:
+    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder,
+                    phase=ENCODER_GENERATOR) -> LowerLevelTerms:
         return vae_loss(v, encoder=encoder, generator=generator)
 
 
 class DivergenceTriangle(Objective):
-    """Baseline (Han et al., CVPR 2019): Eq. (14)'s upper level, `divergence_triangle_loss` below."""
+    """Baseline (Han et al., CVPR 2019), as enijkamp/triangle `train_cifar10.py` runs it: the energy
+    net on Eq. (14)'s `difference` loss, then the encoder on `triangle_encoder_loss`, then the
+    generator on `triangle_generator_loss`, each phase its own backward and optimizer step with
+    fresh forwards (the generator's phase sees the updated encoder). Their nets: model.arch=triangle.
+    """
 
     name = "divergence_triangle"
+    lower_level_phases = (("encoder",), ("generator",))
 
-    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder) -> LowerLevelTerms:
-        return divergence_triangle_loss(v, h_p, energy_net=energy_net, encoder=encoder,
-                                        generator=generator, w_latent=self.cfg.w_latent)
+    def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder,
+                    phase=ENCODER_GENERATOR) -> LowerLevelTerms:
+        if phase == ("encoder",):
+            return triangle_encoder_loss(v, h_p, encoder=encoder, generator=generator,
+                                         w_latent=self.cfg.w_latent)
+        if phase == ("generator",):
+            return triangle_generator_loss(v, h_p, energy_net=energy_net, encoder=frozen_encoder,
+                                           generator=generator, w_latent=self.cfg.w_latent)
+        raise ValueError(f"the divergence_triangle objective has the lower-level phases "
+                         f"{self.lower_level_phases}, not {phase}")
 
 
 OBJECTIVES = {o.name: o for o in (BiDVL, VAE, DivergenceTriangle)}
 
 
 def build(cfg) -> Objective:
-    """The objective object of `cfg.objective` (a Config or its ObjectiveConfig)."""
+    """The objective object of `cfg.objective` (a Config, or its ObjectiveConfig: `auto` settings
+    then resolve as for model.arch=dcgan)."""
     o = getattr(cfg, "objective", cfg)
     if o.name not in OBJECTIVES:
         raise ValueError(f"objective.name={o.name!r}: expected one of {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[o.name](o)
+    model = getattr(cfg, "model", None)
+    return OBJECTIVES[o.name](o, arch=model.arch if model is not None else "dcgan")
 
 
 class NegativeElbo(nn.Module):

@@ -77,8 +77,7 @@ def plain_step(nets, opts, v, cfg, autocast):
     energy_net, encoder, generator = nets
     energy_opt, latent_opt = opts
     objective = objectives.build(cfg)
-    frozen = {"energy_net": partial(objectives.frozen_call, energy_net),
-              "frozen_encoder": partial(objectives.frozen_call, encoder)}
+    frozen = {"energy_net": objectives.Frozen(energy_net), "frozen_encoder": objectives.Frozen(encoder)}
     h_p = torch.randn(len(v), cfg.model.latent_dim, device=v.device)
 
     def upper():
@@ -94,11 +93,14 @@ def plain_step(nets, opts, v, cfg, autocast):
             latent_opt.zero_grad(set_to_none=True)
 
     def lower():
-        with autocast():
-            terms = objective.lower_level(v, h_p, encoder=encoder, generator=generator, **frozen)
-        terms.loss.backward()
-        latent_opt.step()
-        latent_opt.zero_grad(set_to_none=True)
+        lower_nets = {"encoder": encoder, "generator": generator}
+        for phase in objective.lower_level_phases:  # one backward and one step per phase
+            called = {name: net if name in phase else objectives.Frozen(net) for name, net in lower_nets.items()}
+            with autocast():
+                terms = objective.lower_level(v, h_p, phase=phase, **called, **frozen)
+            terms.loss.backward()
+            latent_opt.step()
+            latent_opt.zero_grad(set_to_none=True)
 
     o = cfg.objective
     if objective.has_upper_level and o.order == "upper_first":

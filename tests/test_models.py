@@ -5,6 +5,7 @@ Small widths keep these fast on a CPU; the layouts are the same at full width.
 
 import copy
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ SMALL = {
                            generator_width=8, energy_output="identity"), (32, 64, 128)),
     "timm": (ModelConfig(arch="timm", latent_dim=16, generator_width=8, timm_name="test_resnet"),
              (32,)),
+    "triangle": (ModelConfig(arch="triangle", latent_dim=16, energy_width=8, encoder_width=8,
+                             generator_width=8, energy_output="identity", spectral_norm=False), (16, 32, 64, 128)),
 }
 CASES = [
     (arch, resolution, channels)
@@ -90,9 +93,10 @@ def test_energy_output_softplus_or_identity(arch, resolution):
     torch.testing.assert_close(F.softplus(energies["identity"]), energies["softplus"])
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
-def test_init_normal_002_zero_bias_unit_batchnorm(arch):
-    cfg = dataclasses.replace(SMALL[arch][0], energy_width=16, encoder_width=16, generator_width=16)
+@pytest.mark.parametrize("arch,init", [("dcgan", "auto"), ("resnet", "normal")])
+def test_init_normal_002_zero_bias_unit_batchnorm(arch, init):
+    """model.init=normal (auto for dcgan: the DCGAN scripts' N(0, 0.02))."""
+    cfg = dataclasses.replace(SMALL[arch][0], energy_width=16, encoder_width=16, generator_width=16, init=init)
     torch.manual_seed(0)
     nets = build_nets(cfg, channels=3, resolution=32)
     for net in nets:
@@ -110,6 +114,71 @@ def test_init_normal_002_zero_bias_unit_batchnorm(arch):
                 assert (m.weight == 1).all() and (m.bias == 0).all()
 
 
+def test_resnet_init_is_the_authors_xavier_uniform():
+    """model.init=auto for resnet: Xavier-uniform, gain sqrt(2) on the blocks' 3x3 convs and 1 on
+    shortcuts, linear layers and the last conv; biases and BatchNorm at PyTorch's defaults."""
+    cfg = dataclasses.replace(SMALL["resnet"][0], energy_width=32, encoder_width=32, generator_width=32)
+    torch.manual_seed(0)
+    nets = build_nets(cfg, channels=3, resolution=32)
+    from bidvl.models.resnet import xavier_gains
+
+    for net in nets:
+        gains = xavier_gains(net)
+        assert set(gains.values()) == {1.0, math.sqrt(2.0)}
+        for layer, gain in gains.items():
+            w = weight_of(layer).detach()
+            fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+            bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
+            assert w.abs().max() <= bound
+            if w.numel() >= 1000:  # uniform on [-bound, bound]: std bound / sqrt(3)
+                assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1)
+            if layer.bias is not None:  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), not 0
+                assert (layer.bias != 0).any() and layer.bias.abs().max() <= 1 / math.sqrt(fan_in)
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                assert (m.weight == 1).all() and (m.bias == 0).all()
+    # the generator's last conv and the shortcuts have gain 1, the blocks' 3x3 convs sqrt(2)
+    block = nets.generator.blocks[0]
+    assert gains_of(nets.generator)[block.conv1] == math.sqrt(2.0)
+    assert gains_of(nets.generator)[block.shortcut] == gains_of(nets.generator)[nets.generator.to_image] == 1.0
+
+
+def gains_of(net):
+    from bidvl.models.resnet import xavier_gains
+
+    return xavier_gains(net)
+
+
+@pytest.mark.parametrize("resolution,bias", [(32, True), (64, False), (128, False)])
+def test_resnet_encoder_heads_have_a_bias_only_at_32_px(resolution, bias):
+    """The authors' ResEncoder32 heads have a bias, their ResEncoder128 heads bias=False."""
+    encoder = build_nets(SMALL["resnet"][0], 3, resolution).encoder
+    assert (encoder.mu.bias is not None, encoder.logvar.bias is not None) == (bias, bias)
+    forced = build_nets(dataclasses.replace(SMALL["resnet"][0], encoder_heads="bias"), 3, 128).encoder
+    assert forced.mu.bias is not None
+
+
+def test_triangle_nets_are_han_et_al():
+    """At 32 px: E = 5 convs (3x3 w, 4x4/2 to 2w, 4w, 4w, 4x4 valid to 1; only the last has a bias),
+    LeakyReLU 0.2, no normalisation; the encoder has no BatchNorm; init N(0, 0.02), default biases,
+    BatchNorm weight N(1, 0.02)."""
+    torch.manual_seed(0)
+    nets = build_nets(dataclasses.replace(SMALL["triangle"][0], energy_width=64, generator_width=64), 3, 32)
+    convs = [m for m in nets.energy_net.modules() if isinstance(m, nn.Conv2d)]
+    assert [tuple(c.weight.shape) for c in convs] == [(64, 3, 3, 3), (128, 64, 4, 4), (256, 128, 4, 4),
+                                                      (256, 256, 4, 4), (1, 256, 4, 4)]
+    assert [c.bias is not None for c in convs] == [False] * 4 + [True]
+    assert {m.negative_slope for m in nets.energy_net.modules() if isinstance(m, nn.LeakyReLU)} == {0.2}
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in nets.encoder.modules())
+    weights = torch.cat([c.weight.flatten() for c in convs])
+    assert 0.018 < weights.std() < 0.022
+    assert convs[-1].bias.item() != 0  # PyTorch's default bias
+    bn = [m for m in nets.generator.modules() if isinstance(m, nn.BatchNorm2d)]
+    gammas = torch.cat([m.weight.detach() for m in bn])
+    assert 0.015 < gammas.std() < 0.025 and abs(gammas.mean() - 1) < 0.005
+    assert all((m.bias == 0).all() for m in bn)
+
+
 def test_spectral_norm_is_refreshed_after_init():
     """After init the power iteration belongs to the drawn weight: ||W / sigma||_2 is about 1."""
     nets = build_nets(SMALL["dcgan"][0], channels=3, resolution=32)
@@ -125,7 +194,7 @@ def _spectrally_normalised(net: nn.Module) -> list[bool]:
     ]
 
 
-@pytest.mark.parametrize("arch,resolution", [("dcgan", 32), ("resnet", 32), ("timm", 32)])
+@pytest.mark.parametrize("arch,resolution", [("dcgan", 32), ("resnet", 32), ("timm", 32), ("triangle", 32)])
 def test_spectral_norm_on_energy_net_only_when_asked(arch, resolution):
     cfg = SMALL[arch][0]
     with_sn = build_nets(dataclasses.replace(cfg, spectral_norm=True), 3, resolution)
@@ -278,3 +347,29 @@ def test_upsample_on_cuda_equals_interpolate(dtype):
     assert ((gx - gx_ref).abs() <= 4 * tol * gx_ref.abs().clamp_min(1)).all()
     cl = x.contiguous(memory_format=torch.channels_last)
     assert upsample2x(cl).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_ema_after_k_updates_is_the_closed_form():
+    """ema_k = d^k p_0 + (1 - d) sum_i d^(k-i) p_i for the parameters; buffers are copied; the EMA
+    net is a copy (the trained net is untouched)."""
+    from bidvl.models.ema import EMA
+
+    net = nn.Linear(3, 2)
+    net.register_buffer("seen", torch.zeros(2))
+    start = [p.detach().clone() for p in net.parameters()]
+    decay, values = 0.9, []
+    ema = EMA(net, decay)
+    torch.manual_seed(0)
+    for k in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.copy_(torch.randn_like(p))
+            net.seen.fill_(k)
+        values.append([p.detach().clone() for p in net.parameters()])
+        ema.update(net)
+    for j, ema_p in enumerate(ema.module.parameters()):
+        expected = decay ** 5 * start[j] + sum((1 - decay) * decay ** (4 - i) * values[i][j] for i in range(5))
+        torch.testing.assert_close(ema_p, expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ema.module.seen, torch.full((2,), 4.0))
+    assert all(torch.equal(p, v) for p, v in zip(net.parameters(), values[-1]))
+    assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())

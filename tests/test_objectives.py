@@ -1,5 +1,6 @@
 """The BiDVL terms: values against hand computation, and which parameters each term moves."""
 
+import math
 from functools import partial
 
 import pytest
@@ -130,6 +131,49 @@ def test_reconstruction_and_latent_terms_by_hand():
     assert objectives.latent_term(mu, h).item() == pytest.approx((1 + 4) / 2 / 2)
 
 
+def test_latent_term_reductions_by_hand():
+    mu, h = torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    assert objectives.latent_term(mu, h, "mean").item() == pytest.approx((1 + 4) / 2 / 2)  # DCGAN scripts
+    assert objectives.latent_term(mu, h, "sum_over_dims").item() == pytest.approx((1 + 4) / 2)  # ResNet scripts
+    with pytest.raises(ValueError, match="objective.latent_reduction"):
+        objectives.latent_term(mu, h, "sum")
+
+
+def test_auto_settings_follow_the_arch():
+    """latent_reduction and lower_latents `auto`: the ResNet scripts' choices for model.arch=resnet,
+    the DCGAN scripts' otherwise; explicit values win."""
+    from bidvl.config import load_config
+
+    resnet = objectives.build(load_config(None, ["model.arch=resnet"]))
+    assert (resnet.latent_reduction, resnet.fresh_latents) == ("sum_over_dims", True)
+    dcgan = objectives.build(load_config(None, []))
+    assert (dcgan.latent_reduction, dcgan.fresh_latents) == ("mean", False)
+    explicit = objectives.build(load_config(None, ["model.arch=resnet", "objective.latent_reduction=mean",
+                                                   "objective.lower_latents=reuse"]))
+    assert (explicit.latent_reduction, explicit.fresh_latents) == ("mean", False)
+
+
+def test_fresh_latents_are_drawn_after_the_reparameterisation_noise(nets):
+    """As the authors' ResNet scripts: eps = randn_like(logvar), then h_hat = randn(bs, h_dim)."""
+    energy_net, encoder, generator = nets
+    v, h_p = data()
+    frozen_encoder = partial(objectives.frozen_call, encoder)
+    kwargs = {"energy_net": partial(objectives.frozen_call, energy_net), "encoder": encoder, "generator": generator,
+              "encoder_for_latent": frozen_encoder, "latent_mode": "offset", "w_latent": 1e-4, "r_basic": 0.05,
+              "ratio_bias": "none", "latent_reduction": "sum_over_dims"}
+    torch.manual_seed(5)
+    fresh = objectives.lower_level_loss(v, h_p, fresh_latents=True, **kwargs)
+    torch.manual_seed(5)
+    torch.randn(B, H, dtype=torch.float64)  # eps
+    h_new = torch.randn(B, H, dtype=torch.float64)
+    by_hand = ((frozen_encoder(generator(h_new))[0] - h_new) ** 2).sum() / B
+    torch.testing.assert_close(fresh.latent, by_hand)
+    torch.manual_seed(5)
+    reused = objectives.lower_level_loss(v, h_p, fresh_latents=False, **kwargs)
+    assert not torch.allclose(reused.latent, fresh.latent)
+    torch.testing.assert_close(reused.recon, fresh.recon)  # the same eps
+
+
 def test_importance_ratio():
     e = torch.tensor([0.0, 2.0])
     assert objectives.importance_ratio(e, 0.05, "none").tolist() == pytest.approx([0.05, 0.05])
@@ -215,13 +259,6 @@ def test_frozen_call_matches_forward_and_keeps_spectral_norm_buffers():
 # ---------------------------------------------------------------- baselines
 
 
-def dt_terms(nets, w_latent=0.1):
-    energy_net, encoder, generator = nets
-    v, h_p = data()
-    return objectives.divergence_triangle_loss(v, h_p, energy_net=partial(objectives.frozen_call, energy_net),
-                                        encoder=encoder, generator=generator, w_latent=w_latent)
-
-
 def test_vae_loss_is_negative_elbo_and_moves_encoder_and_generator_only(nets):
     energy_net, encoder, generator = nets
     v, _ = data()
@@ -239,41 +276,75 @@ def test_vae_loss_is_negative_elbo_and_moves_encoder_and_generator_only(nets):
     assert all(g is None for g in grads_of(energy_net))
 
 
-def test_gaussian_nll_matches_torch_distributions():
-    h, mu, logvar = (torch.randn(B, H, dtype=torch.float64) for _ in range(3))
-    expected = -torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(h).sum(1)
-    torch.testing.assert_close(objectives.gaussian_nll(h, mu, logvar), expected)
+class TinyBatchNormGenerator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(H, 8), nn.BatchNorm1d(8), nn.Linear(8, C * R * R))
+
+    def forward(self, h):
+        return torch.tanh(self.net(h)).view(-1, C, R, R)
 
 
-def test_divergence_triangle_loss_is_the_sum_of_its_terms(nets):
-    terms = dt_terms(nets, w_latent=0.1)
-    torch.testing.assert_close(terms.loss, terms.weighted_vae + terms.energy + 0.1 * terms.latent)
-    torch.testing.assert_close(terms.weighted_vae, terms.recon + terms.kl)
+def test_triangle_kl_is_a_mean_over_batch_and_latent_dims():
+    """Han et al.'s KL is kl_to_prior / h_dim (batch mean): h_dim times weaker than BiDVL's."""
+    mu, logvar = torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    torch.testing.assert_close(objectives.triangle_kl(mu, logvar), objectives.kl_to_prior(mu, logvar).mean() / H)
 
 
-def test_divergence_triangle_gradients_split_as_han_et_al(nets):
-    """Encoder: recon + KL + 0.1 NLL; generator: recon + E(G(z)) + 0.1 NLL; energy net: nothing."""
-    energy_net, encoder, generator = nets
-    torch.manual_seed(3)  # the same reparameterisation noise in both evaluations
-    t = dt_terms(nets)
-    enc_sep = torch.autograd.grad(t.recon + t.kl + 0.1 * t.latent, list(encoder.parameters()), retain_graph=True)
-    gen_sep = torch.autograd.grad(t.recon + t.energy + 0.1 * t.latent, list(generator.parameters()))
-    torch.manual_seed(3)
-    t = dt_terms(nets)
-    enc_joint = torch.autograd.grad(t.loss, list(encoder.parameters()), retain_graph=True)
-    gen_joint = torch.autograd.grad(t.loss, list(generator.parameters()))
-    for a, b in zip(enc_joint + gen_joint, enc_sep + gen_sep):
-        torch.testing.assert_close(a, b)
-    assert any(g.abs().sum() > 0 for g in enc_joint) and any(g.abs().sum() > 0 for g in gen_joint)
-    # Which terms reach which net:
-    for name, moves_encoder, moves_generator in (("energy", False, True), ("kl", True, False),
-                                                 ("latent", True, True), ("recon", True, True)):
-        encoder.zero_grad(set_to_none=True)
-        generator.zero_grad(set_to_none=True)
-        getattr(dt_terms(nets), name).backward()
-        assert has_grad(encoder) == moves_encoder, name
-        assert has_grad(generator) == moves_generator, name
-        assert all(g is None for g in grads_of(energy_net)), name
+def test_triangle_latent_nll_is_the_gaussian_nll_without_its_constant():
+    h, mu = torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64)
+    logvar = torch.rand(B, H, dtype=torch.float64) * 4 + 6  # variances >> 1e-6: their epsilon is negligible
+    nll = -torch.distributions.Normal(mu, torch.exp(0.5 * logvar)).log_prob(h).sum(1).mean()
+    expected = nll - 0.5 * H * math.log(2 * math.pi)
+    torch.testing.assert_close(objectives.triangle_latent_nll(h, mu, logvar), expected, rtol=1e-7, atol=0)
+
+
+def test_running_stats_untouched_normalises_with_the_batch_and_keeps_the_statistics():
+    torch.manual_seed(0)
+    generator = TinyBatchNormGenerator().double()
+    h = torch.randn(B, H, dtype=torch.float64)
+    bn = generator.net[1]
+    before = [b.clone() for b in bn.buffers()]
+    with objectives.running_stats_untouched(objectives.Frozen(generator)):
+        inside = generator(h)
+    assert all(torch.equal(a, b) for a, b in zip(before, bn.buffers()))
+    assert bn.track_running_stats
+    torch.testing.assert_close(inside, generator(h))  # batch statistics, as in a training forward
+    assert not torch.equal(before[0], bn.running_mean)  # ... which updates them
+
+
+def test_triangle_phases_train_only_their_net(nets):
+    """Encoder phase: recon + KL + 0.1 NLL moves the encoder only (G frozen, G(h_p) detached);
+    generator phase: recon + E(G(h_p)) + 0.1 NLL moves G only (encoder and energy net frozen)."""
+    from bidvl.config import ObjectiveConfig
+
+    energy_net, encoder, _ = nets
+    generator = TinyBatchNormGenerator().double()
+    objective = objectives.build(ObjectiveConfig(name="divergence_triangle", w_latent=0.1))
+    assert objective.lower_level_phases == (("encoder",), ("generator",))
+    v, h_p = data()
+    frozen = {"energy_net": objectives.Frozen(energy_net), "frozen_encoder": objectives.Frozen(encoder)}
+    statistics = [b.clone() for b in generator.buffers()]
+    terms = objective.lower_level(v, h_p, encoder=encoder, generator=objectives.Frozen(generator),
+                                  phase=("encoder",), **frozen)
+    torch.testing.assert_close(terms.loss, terms.recon + terms.kl + 0.1 * terms.latent)
+    assert terms.energy is None and terms.ratio is None
+    terms.loss.backward()
+    assert has_grad(encoder) and all(g is None for g in grads_of(generator))
+    # one running-statistics update (the reconstruction), none for G(h_p)
+    generator.train()
+    encoder.zero_grad(set_to_none=True)
+    terms = objective.lower_level(v, h_p, encoder=objectives.Frozen(encoder), generator=generator,
+                                  phase=("generator",), **frozen)
+    torch.testing.assert_close(terms.loss, terms.recon + terms.energy + 0.1 * terms.latent)
+    assert terms.kl is None
+    terms.loss.backward()
+    assert has_grad(generator) and all(g is None for g in grads_of(encoder))
+    assert all(g is None for g in grads_of(energy_net))
+    assert generator.net[1].num_batches_tracked.item() == statistics[2].item() + 2  # recon forwards only
+    with pytest.raises(ValueError, match="phases"):
+        objective.lower_level(v, h_p, encoder=encoder, generator=generator, phase=("encoder", "generator"),
+                              **frozen)
 
 
 def test_negative_elbo_scores_like_an_energy(nets):
@@ -289,12 +360,16 @@ def test_negative_elbo_scores_like_an_energy(nets):
 def test_objective_objects_say_what_each_level_trains():
     from bidvl.config import ObjectiveConfig
 
-    cases = {("bidvl", "offset"): (True, ("energy",)), ("bidvl", "not_offset"): (True, ("energy", "encoder")),
-             ("vae", "offset"): (False, ()), ("divergence_triangle", "offset"): (True, ("energy",))}
-    for (name, latent), (has_upper, trains) in cases.items():
+    both = (("encoder", "generator"),)
+    cases = {("bidvl", "offset"): (True, ("energy",), both),
+             ("bidvl", "not_offset"): (True, ("energy", "encoder"), both),
+             ("vae", "offset"): (False, (), both),
+             ("divergence_triangle", "offset"): (True, ("energy",), (("encoder",), ("generator",)))}
+    for (name, latent), (has_upper, trains, phases) in cases.items():
         objective = objectives.build(ObjectiveConfig(name=name, latent_term=latent))
         assert objective.name == name
         assert (objective.has_upper_level, objective.upper_level_trains) == (has_upper, trains)
+        assert objective.lower_level_phases == phases
     with pytest.raises(ValueError, match="objective.name='gan'"):
         objectives.build(ObjectiveConfig(name="gan"))
 

@@ -180,7 +180,10 @@ def test_every_config_loads_builds_and_steps(tmp_path, name):
     trainer = Trainer(cfg)
     v = torch.rand(2, cfg.data.channels, cfg.data.resolution, cfg.data.resolution) * 2 - 1
     metrics = trainer.train_step([v])
-    assert torch.isfinite(metrics["loss/loss_ll"]) and torch.isfinite(metrics["loss/loss_ul"])
+    lower = ["loss/loss_ll"] if len(trainer.objective.lower_level_phases) == 1 else [
+        "loss/loss_" + "_".join(phase) for phase in trainer.objective.lower_level_phases]  # triangle
+    for key in ["loss/loss_ul", *lower]:
+        assert torch.isfinite(metrics[key]), key
     assert trainer.state.skipped_steps == 0
     trainer.close()
 
@@ -515,3 +518,46 @@ def test_export_writes_a_model_card_with_samples(tmp_path, digits16):
 
     grid = Image.open(run / "model" / "samples.png")
     assert grid.size == (8 * 16 + 9 * 2, 8 * 16 + 9 * 2)  # 8 x 8 samples of 16 px, 2 px padding
+
+
+def test_the_learning_rates_decay_once_per_epoch_through_fit_and_resume(tmp_path, digits16):
+    """lr = base_lr x lr_decay ** (step // steps_per_epoch) at every step fit() takes, for both
+    optimizers and every parameter group (the encoder's own with train.encoder_weight_decay),
+    and after a resume mid-epoch. steps_per_epoch = ceil(batches_per_epoch / grad_accum) = 3."""
+    overrides = ["train.energy_optim.lr_decay=0.5", "train.latent_optim.lr_decay=0.8", "train.grad_accum=2",
+                 "train.encoder_weight_decay=0", "checkpoint.every=1000", "log.every=1000",
+                 "log.images_every=1000"]
+
+    class Random:  # 6 micro-batches per epoch
+        batches_per_epoch = 6
+
+        def open(self, start_batch):
+            generator = torch.Generator().manual_seed(start_batch)
+            while True:
+                yield torch.rand(16, 1, 16, 16, generator=generator) * 2 - 1, None, 0
+
+    def rates(max_steps):
+        trainer = make_trainer(tmp_path, digits16, f"train.max_steps={max_steps}", *overrides)
+        seen, step = [], trainer.train_step
+
+        def spy(batches, latents=None):
+            seen.append((trainer.state.step, [g["lr"] for g in trainer.energy_opt.param_groups],
+                         [g["lr"] for g in trainer.latent_opt.param_groups]))
+            return step(batches, latents)
+
+        trainer.train_step = spy
+        trainer.fit(Random())
+        base = trainer.cfg.train
+        trainer.close()
+        return seen, base
+
+    seen, base = rates(8)
+    assert [s for s, _, _ in seen] == list(range(8))
+    for s, energy, latent in seen:
+        assert energy == [pytest.approx(base.energy_optim.lr * 0.5 ** (s // 3))]
+        assert latent == [pytest.approx(base.latent_optim.lr * 0.8 ** (s // 3))] * 2  # encoder, generator
+    resumed, _ = rates(11)  # from the final checkpoint at step 8 (epoch 2, mid-epoch)
+    assert [s for s, _, _ in resumed] == [8, 9, 10]
+    for s, energy, latent in resumed:
+        assert energy == [pytest.approx(base.energy_optim.lr * 0.5 ** (s // 3))]
+        assert latent == [pytest.approx(base.latent_optim.lr * 0.8 ** (s // 3))] * 2

@@ -1,12 +1,21 @@
 """Test reconstruction RMSE and OOD AUROC (Tables 3 and 4 of the paper).
 
-Reconstruction uses the encoder mean, not a sample: v_rec = G(mu(v)), nets in eval mode. With
-SSE_n = sum over all C*H*W pixel values of image n of (v_rec - v)^2 on the [-1, 1] scale and
-N images of P = C*H*W values each, we report
+Reconstruction uses the encoder mean, not a sample: v_rec = G(mu(v)). With SSE_n = sum over all
+C*H*W pixel values of image n of (v_rec - v)^2 on the [-1, 1] scale and N images of P = C*H*W
+values each, we report
 
     rmse          = sqrt(sum_n SSE_n / (N * P))     root mean squared error per pixel value, [-1, 1]
     rmse_01       = rmse / 2                        the same on the [0, 1] scale (x01 = (x + 1) / 2)
     sse_per_image = sum_n SSE_n / N                 the authors' summed squared error per image
+
+in two BatchNorm modes. The headline (`rmse`, `eval/rmse`) is the authors' metric
+(`metrics/reconstruction_metric.py` calls the nets without `.eval()`): encoder and generator in
+*train* mode, i.e. BatchNorm with the statistics of each test batch, the test images taken in index
+order in batches of the evaluation batch size, as their unshuffled DataLoader (our running
+statistics and spectral-norm vectors are restored afterwards; theirs were updated). Beside it,
+`rmse_running_stats` (`eval/rmse_running_stats`): both nets in eval mode, BatchNorm with its running
+statistics. The two differ for nets with BatchNorm (DCGAN encoder, both generators); in BiDVL about
+half of what the encoder's running statistics saw were generated images.
 
 OOD detection scores an image by -E(v) (higher = more in-distribution; energy net in eval mode) and
 reports sklearn's roc_auc_score with the in-distribution test images as positives (label 1) and one
@@ -31,10 +40,12 @@ from .sampling import dealt_batches, forward_in_mode, index_of, uniform_noise
 
 
 @torch.no_grad()
-def reconstruction_sse(encoder: nn.Module, generator: nn.Module, v: torch.Tensor) -> torch.Tensor:
-    """(B,) float64: per image, the sum over pixel values of (G(mu(v)) - v)^2 (eval mode)."""
-    mu, _ = forward_in_mode(encoder, "eval", v)
-    recon = forward_in_mode(generator, "eval", mu).float()
+def reconstruction_sse(encoder: nn.Module, generator: nn.Module, v: torch.Tensor,
+                       bn_mode: str = "eval") -> torch.Tensor:
+    """(B,) float64: per image, the sum over pixel values of (G(mu(v)) - v)^2, both nets in
+    `bn_mode` (train: batch statistics of `v`; buffers restored)."""
+    mu, _ = forward_in_mode(encoder, bn_mode, v)
+    recon = forward_in_mode(generator, bn_mode, mu).float()
     return (recon - v.float()).double().pow(2).flatten(1).sum(1)
 
 
@@ -89,6 +100,31 @@ def heldout_pass(accelerator, nets, folder: str, split: str, batch_size: int, *,
             values["energy"] = energies(nets.energy_net, v)
         rows.add(index, **values)
     return rows.result()
+
+
+def batch_statistics_pass(accelerator, nets, folder: str, split: str, batch_size: int, *,
+                          max_count: int = 0, num_workers: int = 0) -> np.ndarray:
+    """The authors' reconstruction SSE per image (nets in train mode: BatchNorm normalises with
+    each batch's statistics), gathered in index order; the first `max_count` images when > 0.
+
+    The batches must not depend on the number of processes: every rank reads the whole split as
+    one process would (index order, `batch_size` images a batch) and reconstructs the batches
+    b with b % world_size == rank."""
+    device, rank, world, _ = process_layout(accelerator)
+    rows = IndexedRows(accelerator)
+    stream = eval_stream(folder, split, batch_size, rank=0, world_size=1, num_workers=num_workers)
+    for b, (images, _, index) in enumerate(progress(stream, accelerator, f"{Path(folder).name}/{split} "
+                                                    "(batch statistics)", len(stream))):
+        keep = (index >= 0) & (index < max_count) if max_count > 0 else index >= 0  # no padding rows:
+        images, index = images[keep], index[keep]  # they would enter the batch statistics
+        if b % world != rank or len(index) == 0:
+            rows.add_padding(batch_size, torch.float64, sse=())
+            continue
+        sse = reconstruction_sse(nets.encoder, nets.generator, images.to(device), "train")
+        pad = batch_size - len(index)  # same row count on every rank for the gather
+        rows.add(torch.cat([index, torch.full((pad,), -1, dtype=index.dtype)]),
+                 sse=torch.cat([sse, torch.zeros(pad, dtype=sse.dtype, device=sse.device)]))
+    return rows.result()["sse"]
 
 
 def uniform_pass(accelerator, energy_net: nn.Module, count: int, shape: tuple[int, int, int],

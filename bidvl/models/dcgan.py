@@ -84,17 +84,19 @@ class DCGANEncoder(nn.Module):
 
     A 3x3 conv, then per stage a 4x4 stride-2 conv doubling the width; BatchNorm and LeakyReLU 0.2
     after each (convs without bias before BatchNorm). Two 4x4 valid convs (with bias) give mu and
-    logvar; logvar is unconstrained, as in the authors' code.
+    logvar; logvar is unconstrained, as in the authors' code. `batchnorm=False` drops the
+    BatchNorm layers (the convs stay bias-free): the Divergence triangle's encoder `_netI`.
     """
 
-    def __init__(self, channels: int, resolution: int, latent_dim: int, width: int = 48):
+    def __init__(self, channels: int, resolution: int, latent_dim: int, width: int = 48,
+                 batchnorm: bool = True):
         super().__init__()
         stages = num_stages(resolution)
 
         def conv_bn_lrelu(c_in, c_out, kernel, stride, padding):
             return [
                 nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
-                nn.BatchNorm2d(c_out),
+                *([nn.BatchNorm2d(c_out)] if batchnorm else []),
                 nn.LeakyReLU(0.2, inplace=True),
             ]
 
@@ -142,3 +144,36 @@ class DCGANGenerator(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.net(h.reshape(h.shape[0], -1, 1, 1))
+
+
+class TriangleEnergyNet(nn.Module):
+    """E(v) of the Divergence triangle (Han et al. 2019, enijkamp/triangle `train_cifar10.py`
+    `_netE`). v (B, C, R, R) -> energies (B,).
+
+    A 3x3 conv to `width`, then per stage a 4x4 stride-2 conv (widths 2w, 4w, 4w, ...: doubling,
+    capped at 4w), LeakyReLU 0.2 after each, no normalisation; a 4x4 valid conv (with bias) to one
+    output. The other convs have no bias. At 32 px: their five convs. Spectral norm only if asked
+    (they have none); their energy is the identity of the output.
+    """
+
+    def __init__(self, channels: int, resolution: int, width: int = 64, spectral_norm: bool = False,
+                 energy_output: str = "identity"):
+        super().__init__()
+        stages = num_stages(resolution)
+
+        def conv(c_in, c_out, kernel, stride, padding, bias=False):
+            layer = nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias)
+            return _spectral_norm(layer) if spectral_norm else layer
+
+        layers: list[nn.Module] = [conv(channels, width, 3, 1, 1), nn.LeakyReLU(0.2)]
+        c = width
+        for stage in range(stages):  # R -> 4
+            c_out = width * min(2 ** (stage + 1), 4)
+            layers += [conv(c, c_out, 4, 2, 1), nn.LeakyReLU(0.2)]
+            c = c_out
+        layers.append(conv(c, 1, 4, 1, 0, bias=True))  # 4x4 -> 1x1
+        self.net = nn.Sequential(*layers)
+        self.output = energy_output_layer(energy_output)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.output(self.net(v).reshape(-1))

@@ -60,9 +60,54 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _initialised(nets: Nets) -> Nets:
+def _redrawn(module: nn.Module, draw: Callable[[torch.Tensor], None]) -> None:
+    """Draws `module.weight` with `draw`; under spectral norm the trained `original`, with the
+    parametrization put back so that its power iteration starts from the new weight."""
+    if parametrize.is_parametrized(module, "weight"):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+        draw(module.weight)
+        spectral_norm(module)
+    else:
+        draw(module.weight)
+
+
+def xavier_init(net: nn.Module) -> None:
+    """The authors' ResNet init (`model.init=xavier`): Xavier-uniform weights with the gains of
+    `resnet.xavier_gains`; biases and BatchNorm keep PyTorch's defaults."""
+    with torch.no_grad():
+        for module, gain in resnet.xavier_gains(net).items():
+            _redrawn(module, lambda w, gain=gain: nn.init.xavier_uniform_(w, gain))
+
+
+def triangle_init(net: nn.Module) -> None:
+    """Han et al.'s `weights_init` (`model.init=triangle`): conv and transposed-conv weights
+    N(0, 0.02), biases at PyTorch's default, BatchNorm weight N(1, 0.02) and bias 0."""
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                _redrawn(module, lambda w: nn.init.normal_(w, 0.0, 0.02))
+            elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                nn.init.normal_(module.weight, 1.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+
+INITS = {"normal": lambda net: net.apply(init_weights), "xavier": xavier_init, "triangle": triangle_init}
+# model.init=auto: what the authors' scripts for each arch do (docs/fidelity.md).
+AUTO_INIT = {"resnet": "xavier", "triangle": "triangle"}
+
+
+def resolved_init(cfg) -> str:
+    """model.init with `auto` replaced by the arch's authors' choice (normal for dcgan and timm)."""
+    init = getattr(cfg, "init", "auto")
+    return AUTO_INIT.get(cfg.arch, "normal") if init == "auto" else init
+
+
+def _initialised(nets: Nets, cfg) -> Nets:
+    init = resolved_init(cfg)
+    if init not in INITS:
+        raise ValueError(f"model.init={init!r}: expected auto or one of {', '.join(INITS)}")
     for net in nets:
-        net.apply(init_weights)
+        INITS[init](net)
     return nets
 
 
@@ -74,7 +119,16 @@ def build_dcgan(cfg, channels: int, resolution: int) -> Nets:
         ),
         encoder=dcgan.DCGANEncoder(channels, resolution, cfg.latent_dim, cfg.encoder_width),
         generator=dcgan.DCGANGenerator(cfg.latent_dim, channels, resolution, cfg.generator_width),
-    ))
+    ), cfg)
+
+
+def encoder_head_bias(cfg, resolution: int) -> bool:
+    """model.encoder_heads, `auto` resolved as the authors: no bias on the ResNet encoder's heads
+    from 64 px up (their ResEncoder128; our 64 px encoder mirrors it), a bias at 32 px."""
+    heads = getattr(cfg, "encoder_heads", "auto")
+    if heads != "auto":
+        return heads == "bias"
+    return not (cfg.arch == "resnet" and resolution >= 64)
 
 
 def build_resnet(cfg, channels: int, resolution: int) -> Nets:
@@ -84,9 +138,24 @@ def build_resnet(cfg, channels: int, resolution: int) -> Nets:
         energy_net=resnet.ResNetEnergyNet(
             channels, resolution, cfg.energy_width, cfg.spectral_norm, cfg.energy_output
         ),
-        encoder=resnet.ResNetEncoder(channels, resolution, cfg.latent_dim, cfg.encoder_width),
+        encoder=resnet.ResNetEncoder(channels, resolution, cfg.latent_dim, cfg.encoder_width,
+                                     head_bias=encoder_head_bias(cfg, resolution)),
         generator=resnet.ResNetGenerator(cfg.latent_dim, channels, resolution, cfg.generator_width),
-    ))
+    ), cfg)
+
+
+def build_triangle(cfg, channels: int, resolution: int) -> Nets:
+    """The Divergence triangle's nets (Han et al. 2019, enijkamp/triangle `train_cifar10.py`):
+    their 5-conv energy net `_netE`, the encoder `_netI` (our DCGAN encoder without BatchNorm) and
+    the DCGAN generator `_netG` (the same layout as ours). Their widths: 64 / 64 / 64, latent 100;
+    they use model.spectral_norm=false and model.energy_output=identity."""
+    return _initialised(Nets(
+        energy_net=dcgan.TriangleEnergyNet(
+            channels, resolution, cfg.energy_width, cfg.spectral_norm, cfg.energy_output
+        ),
+        encoder=dcgan.DCGANEncoder(channels, resolution, cfg.latent_dim, cfg.encoder_width, batchnorm=False),
+        generator=dcgan.DCGANGenerator(cfg.latent_dim, channels, resolution, cfg.generator_width),
+    ), cfg)
 
 
 def build_timm(cfg, channels: int, resolution: int) -> Nets:
@@ -98,9 +167,10 @@ def build_timm(cfg, channels: int, resolution: int) -> Nets:
         encoder=timm_nets.TimmEncoder(cfg.timm_name, channels, cfg.latent_dim),
         generator=dcgan.DCGANGenerator(cfg.latent_dim, channels, resolution, cfg.generator_width),
     )
-    nets.energy_net.head.apply(init_weights)  # the backbones keep timm's own init
-    nets.encoder.head.apply(init_weights)
-    nets.generator.apply(init_weights)
+    init = INITS[resolved_init(cfg)]
+    init(nets.energy_net.head)  # the backbones keep timm's own init
+    init(nets.encoder.head)
+    init(nets.generator)
     return nets
 
 
@@ -108,11 +178,13 @@ BUILDERS: dict[str, Callable[..., Nets]] = {
     "dcgan": build_dcgan,
     "resnet": build_resnet,
     "timm": build_timm,
+    "triangle": build_triangle,
 }
 RESOLUTIONS = {
     "dcgan": dcgan.RESOLUTIONS,
     "resnet": resnet.RESOLUTIONS,
     "timm": dcgan.RESOLUTIONS,  # set by its DCGAN generator
+    "triangle": dcgan.RESOLUTIONS,
 }
 
 

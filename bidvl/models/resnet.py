@@ -22,12 +22,13 @@ Two behaviours are the authors' (Mimicry's) code rather than the SNGAN paper, ke
 The encoder uses the energy net's trunk with spectral norm always on (the authors' encoder is built
 from the same spectrally normalised D-blocks; it has no BatchNorm), spectrally normalised linear
 layers to mu and logvar, and logvar = -softplus(.) <= 0 as in their code. The generator has no
-spectral norm. Initialisation is not done here: `registry.init_weights` sets it for all three nets
-(the authors' ResNet code used Mimicry's Xavier init instead; with spectral norm the scale matters
-little).
+spectral norm. Initialisation is not done here: the registry applies `model.init` (for this arch
+by default `xavier_gains`' Xavier-uniform init, the authors'; docs/fidelity.md).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -194,11 +195,13 @@ class ResNetEnergyNet(nn.Module):
 class ResNetEncoder(nn.Module):
     """q(h|v): the authors' ResEncoder32/128. v (B, C, R, R) -> mu, logvar <= 0 (B, latent)."""
 
-    def __init__(self, channels: int, resolution: int, latent_dim: int, width: int = 128):
+    def __init__(self, channels: int, resolution: int, latent_dim: int, width: int = 128,
+                 head_bias: bool = True):
         super().__init__()
         self.trunk = DiscriminatorTrunk(channels, resolution, width, spectral_norm=True)
-        self.mu = _spectral_norm(nn.Linear(self.trunk.width_out, latent_dim))
-        self.logvar = _spectral_norm(nn.Linear(self.trunk.width_out, latent_dim))
+        # The authors' ResEncoder128 has bias=False on both heads, their ResEncoder32 a bias.
+        self.mu = _spectral_norm(nn.Linear(self.trunk.width_out, latent_dim, bias=head_bias))
+        self.logvar = _spectral_norm(nn.Linear(self.trunk.width_out, latent_dim, bias=head_bias))
 
     def forward(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.trunk(v)
@@ -231,3 +234,16 @@ class ResNetGenerator(nn.Module):
         x = self.linear(h.reshape(h.shape[0], -1)).view(h.shape[0], self.top_width, 4, 4)
         x = F.relu(self.bn(self.blocks(x)))
         return torch.tanh(self.to_image(x))
+
+
+def xavier_gains(net: nn.Module) -> dict[nn.Module, float]:
+    """The gain of the authors' (Mimicry's) Xavier-uniform init for each conv/linear layer of a
+    ResNet net: sqrt(2) for the 3x3 convs inside the residual blocks (`resblocks.py`: c1, c2), 1
+    for the 1x1 shortcuts, the linear layers and the generator's last conv (`res_ebm.py` l5/l7,
+    `res_inf_gen.py` mu/var layers, l1, c5/c7). Biases and BatchNorm keep PyTorch's defaults."""
+    inner = set()
+    for block in net.modules():
+        if isinstance(block, (OptimizedDisBlock, DisBlock, GenBlock)):
+            inner.update((block.conv1, block.conv2))
+    return {m: math.sqrt(2.0) if m in inner else 1.0
+            for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
