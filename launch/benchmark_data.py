@@ -1,7 +1,9 @@
 """Decode throughput of the shard reader: images/s for one in-process reader (one core) and with
-DataLoader workers, at 32 and 128 px. Prints one JSON object.
+DataLoader workers, at 32 and 128 px, from the local folder (memory map) and over HTTP (the same
+folder served by `python -m http.server` in a separate process on 127.0.0.1). Prints one JSON
+object; `*_per_core` divides by the reader processes (1, or --workers).
 
-    python launch/benchmark_data.py [--images 4000] [--batch-size 100] [--workers 2]
+    python launch/benchmark_data.py [--images 4000] [--batch-size 100] [--workers 2] [--no-http]
 
 Shards are built in a temp folder: 32 px from FashionMNIST when its IDX files are installed
 (else scikit-learn's digits), 128 px from random crops of scikit-learn's two sample photos (real
@@ -13,8 +15,12 @@ import itertools
 import json
 import os
 import platform
+import socket
+import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from bidvl.benchmarking import photo_folder
@@ -33,11 +39,30 @@ def throughput(folder: Path, batch_size: int, workers: int, images: int) -> floa
     return batches * batch_size / (time.perf_counter() - t0)
 
 
+def serve(folder: Path) -> tuple[subprocess.Popen, str]:
+    """`python -m http.server` over `folder` on a free port; (process, base URL) once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(base + "/", timeout=1).close()
+            return proc, base
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"http.server on port {port} did not start")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=4000, help="images timed per measurement")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--no-http", action="store_true", help="local folder only")
     args = p.parse_args()
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "batch_size": args.batch_size}
@@ -52,12 +77,29 @@ def main():
         photos = photo_folder(tmp / "photos", 1000, 160)
         build_shards("imagefolder", out=str(tmp / "s128"), src=str(photos), resolution=128)
         results["source_128px"] = "1000 crops of scikit-learn sample photos"
-        for res in (32, 128):
-            folder = tmp / f"s{res}"
-            n = args.images if res == 32 else max(args.batch_size, args.images // 4)
-            results[f"{res}px_images_per_s_1_core"] = round(throughput(folder, args.batch_size, 0, n))
-            results[f"{res}px_images_per_s_{args.workers}_workers"] = round(
-                throughput(folder, args.batch_size, args.workers, n))
+        server, base = (None, None) if args.no_http else serve(tmp)
+        try:
+            for res in (32, 128):
+                n = args.images if res == 32 else max(args.batch_size, args.images // 4)
+                sources = {"local": tmp / f"s{res}"}
+                if base:
+                    sources["http"] = f"{base}/s{res}"
+                for name, source in sources.items():
+                    one = throughput(source, args.batch_size, 0, n)
+                    many = throughput(source, args.batch_size, args.workers, n)
+                    results[f"{res}px_{name}_images_per_s_1_core"] = round(one)
+                    results[f"{res}px_{name}_images_per_s_{args.workers}_workers"] = round(many)
+                    results[f"{res}px_{name}_images_per_s_per_core_{args.workers}_workers"] = round(
+                        many / args.workers)
+                if base:
+                    for label in ("1_core", f"{args.workers}_workers"):
+                        results[f"{res}px_http_vs_local_{label}"] = round(
+                            results[f"{res}px_http_images_per_s_{label}"]
+                            / results[f"{res}px_local_images_per_s_{label}"], 2)
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
     print(json.dumps(results, indent=1))
 
 

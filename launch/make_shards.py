@@ -6,8 +6,13 @@
     python launch/make_shards.py svhn --src SVHN/ --out shards/svhn
     python launch/make_shards.py celeba --src CelebA/ --resolution 64 --out shards/celeba64
     python launch/make_shards.py imagefolder --src photos/ --resolution 64 --holdout 0.1
+    python launch/make_shards.py digits --out /srv/www/shards/digits      # any folder, e.g. one
+                                                                          # a web server serves
+    python launch/make_shards.py digits --out shards/digits \
+        --publish 'pipe:aws s3 cp - s3://bucket/shards/digits/{}'         # then copied to S3
 
-See shards/README.md for where to get each dataset and what to expect.
+See shards/README.md for where to get each dataset and what to expect, and docs/data.md for
+training from shards on a web server or in object storage.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import sys
 import time
 
 from bidvl.data.build import DATASETS, build_shards
+from bidvl.data.remote import publish
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards already in --out (once the new ones are complete)")
     parser.add_argument("--limit", type=int, help="only the first N samples of each split")
+    parser.add_argument("--publish", metavar="DEST",
+                        help="then copy the shards and meta.json (last) to DEST: a folder, a "
+                             "'pipe:' command template with {} for the file name (e.g. 'pipe:aws "
+                             "s3 cp - s3://bucket/shards/digits/{}') or a URL webdataset can write")
     fit = parser.add_mutually_exclusive_group()
     fit.add_argument("--pad", dest="fit", action="store_const", const="pad",
                      help="fashion-mnist: pad 28 px with background to the resolution (default)")
@@ -71,6 +81,13 @@ def main(argv=None) -> int:
     shards = sum(len(info["shards"]) for info in meta["splits"].values())
     print(f"wrote {shards} shards to {out} in {time.perf_counter() - start:.1f} s: "
           f"{json.dumps(counts)}")
+    if args.publish:
+        try:
+            written = publish(out, args.publish)
+        except (ValueError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"published {len(written)} files to {args.publish}")
     return 0
 
 

@@ -47,9 +47,20 @@ def num_shards(count: int) -> int:
     return max(math.ceil(count / MAX_PER_SHARD), min(MIN_SHARDS, count))
 
 
-def read_meta(folder: str | os.PathLike) -> dict:
-    """Loads and checks `folder/meta.json`; every problem names the file and what was expected."""
-    folder = Path(folder)
+def read_meta(folder: str | os.PathLike, net=None) -> dict:
+    """Loads and checks `folder/meta.json`; every problem names the file and what was expected.
+    `folder` may also be a remote source (bidvl.data.remote: a URL or a pipe: template)."""
+    from . import remote
+
+    if remote.is_remote(folder):
+        url = remote.member(str(folder), "meta.json")
+        try:
+            text = remote.read_bytes(url, net or remote.DEFAULT, what="meta.json")
+        except remote.NotFound as exc:
+            raise ShardError(f"{exc}: {folder} is not a shards folder written by "
+                             f"launch/make_shards.py (no meta.json)") from None
+        return check_meta(_json(text, url), url)
+    folder = Path(remote.local_path(str(folder)))
     path = folder / "meta.json"
     if not folder.is_dir():
         raise ShardError(f"shards folder {folder} does not exist (build it with launch/make_shards.py)")
@@ -58,9 +69,23 @@ def read_meta(folder: str | os.PathLike) -> dict:
             f"{path} is missing: {folder} is not a shards folder written by launch/make_shards.py"
         )
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        text = path.read_bytes()
+    except OSError as exc:
         raise ShardError(f"{path}: not readable JSON ({exc})") from None
+    return check_meta(_json(text, path), path)
+
+
+def _json(text: bytes, where) -> dict:
+    try:
+        meta = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShardError(f"{where}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise ShardError(f"{where}: not a JSON object")
+    return meta
+
+
+def check_meta(meta: dict, path) -> dict:
     for key in ("format", "resolution", "channels", "splits"):
         if key not in meta:
             raise ShardError(f"{path}: key {key!r} missing")
@@ -71,31 +96,100 @@ def read_meta(folder: str | os.PathLike) -> dict:
             raise ShardError(f"{path}: splits.{split} needs 'count' and 'shards'")
         if sum(s["count"] for s in info["shards"]) != info["count"]:
             raise ShardError(f"{path}: splits.{split}: shard counts do not add up to 'count'")
+        for s in info["shards"]:
+            name = s.get("name", "")
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
+                # meta.json may only name files inside its own folder: no paths, no "..".
+                raise ShardError(f"{path}: shard name {name!r} is not a plain file name")
     return meta
 
 
-def split_info(folder: str | os.PathLike, split: str) -> tuple[dict, list[Path], list[int]]:
-    """(meta, shard paths, per-shard counts) for one split; errors name the folder and split."""
-    meta = read_meta(folder)
+def split_info(folder: str | os.PathLike, split: str, net=None, count: int = 0, resolution: int = 0,
+               channels: int = 0) -> tuple[dict, list, list[int] | None]:
+    """(meta, shards, per-shard counts) for one split; errors name the source and split.
+
+    `folder` is a shards folder (local path, URL or pipe: template: its meta.json lists the
+    shards) or an explicit shard list `.../train-{000000..000003}.tar`, whose counts come from the
+    meta.json beside the shards, or, given `count` > 0 (data.train_count), from the caller, with
+    `resolution` and `channels` (per-shard counts are then None: training needs only the total).
+    Local shards are Paths (memory-mapped), remote ones URL or command strings. http(s) shards are
+    checked to exist (HEAD) here, so a missing one fails before training starts."""
+    from . import remote
+
+    net = net or remote.DEFAULT
+    source = str(folder)
+    if remote.is_list(source):
+        return _list_info(source, split, net, count, resolution, channels)
+    meta = read_meta(folder, net)
+    where = remote.member(source, "meta.json") if remote.is_remote(source) else \
+        Path(remote.local_path(source)) / "meta.json"
     if split not in meta["splits"]:
-        raise ShardError(
-            f"{Path(folder) / 'meta.json'}: no split {split!r} (has {', '.join(meta['splits'])})"
-        )
+        raise ShardError(f"{where}: no split {split!r} (has {', '.join(meta['splits'])})")
     info = meta["splits"][split]
     if not info["shards"]:
-        raise ShardError(f"{Path(folder) / 'meta.json'}: split {split!r} lists no shards")
-    for s in info["shards"]:
-        name = s.get("name", "")
-        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name.startswith("."):
-            # meta.json may only name files inside its own folder: no paths, no "..".
-            raise ShardError(f"{Path(folder) / 'meta.json'}: shard name {name!r} is not a plain file name")
-    paths = [Path(folder) / s["name"] for s in info["shards"]]
+        raise ShardError(f"{where}: split {split!r} lists no shards")
+    names = [s["name"] for s in info["shards"]]
+    if remote.is_remote(source):
+        shards = [remote.member(source, name) for name in names]
+        for url in shards:
+            try:
+                remote.check_exists(url, net)
+            except remote.NotFound as exc:
+                raise ShardError(f"shard {exc} (listed in {where})") from None
+    else:
+        shards = [Path(remote.local_path(source)) / name for name in names]
+        _check_local(shards, "listed in meta.json")
+    return meta, shards, [s["count"] for s in info["shards"]]
+
+
+def _check_local(paths, why: str) -> None:
     for p in paths:
         if not p.exists():
-            raise ShardError(f"shard {p} listed in meta.json is missing")
+            raise ShardError(f"shard {p} {why} is missing")
         if not p.is_file():
-            raise ShardError(f"shard {p} listed in meta.json is not a regular file")
-    return meta, paths, [s["count"] for s in info["shards"]]
+            raise ShardError(f"shard {p} {why} is not a regular file")
+
+
+def _list_info(source: str, split: str, net, count: int, resolution: int, channels: int):
+    from . import remote
+
+    urls = remote.expand(source)
+    if len(set(urls)) != len(urls):
+        raise ShardError(f"{source}: names the same shard twice")
+    remote_list = remote.is_remote(urls[0])
+    shards = urls if remote_list else [Path(remote.local_path(u)) for u in urls]
+    if count > 0:
+        meta = {"format": FORMAT, "resolution": resolution, "channels": channels,
+                "splits": {split: {"count": count, "shards": [{"name": u} for u in urls]}}}
+        counts = None
+    else:
+        folders = {remote.parent(u) for u in urls}
+        if remote.is_pipe(source) or len(folders) != 1:
+            raise ShardError(f"{source}: an explicit shard list needs its sample count: set "
+                             f"data.train_count, or list shards of one folder that has a meta.json")
+        folder = folders.pop()
+        meta = read_meta(folder, net)
+        where = remote.member(folder, "meta.json") if remote_list else Path(folder) / "meta.json"
+        if split not in meta["splits"]:
+            raise ShardError(f"{where}: no split {split!r} (has {', '.join(meta['splits'])})")
+        known = {s["name"]: s["count"] for s in meta["splits"][split]["shards"]}
+        missing = [u for u in urls if remote.basename(u) not in known]
+        if missing:
+            raise ShardError(f"shard {missing[0]} of {source} is not listed in {where} "
+                             f"(split {split!r})")
+        counts = [known[remote.basename(u)] for u in urls]
+        meta = {**meta, "splits": {split: {"count": sum(counts),
+                                            "shards": [{"name": remote.basename(u), "count": c}
+                                                       for u, c in zip(urls, counts)]}}}
+    if remote_list:
+        for url in urls:
+            try:
+                remote.check_exists(url, net)
+            except remote.NotFound as exc:
+                raise ShardError(f"shard {exc} (listed in {source})") from None
+    else:
+        _check_local(shards, f"of {source}")
+    return meta, shards, counts
 
 
 def write_meta(folder: str | os.PathLike, meta: dict) -> None:

@@ -21,6 +21,10 @@ sample and carries index -1) and every rank yields the same number of batches (r
 samples add all-padding batches), so `gather` never hangs and never sees ragged shapes; callers
 drop rows with index -1 after gathering.
 
+Sources (bidvl.data.remote): a local folder (memory-mapped), a folder URL (http(s), or any scheme
+webdataset.gopen handles), a `pipe:` command template, or an explicit brace-expanded shard list.
+The same strict checks apply to every source and errors name the URL or command.
+
 Decoding is restricted: a sample may hold `png` (or another image extension), `cls` and `json`.
 Any other member (e.g. `.pyd`, `.pickle`) is an error naming the shard and member; nothing is
 ever unpickled.
@@ -38,8 +42,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.filters import _shuffle
 
+from . import remote
 from .meta import ShardError, split_info
 from .tarstream import tar_samples
 from . import workers as loader_workers
@@ -110,6 +114,35 @@ class SampleDecoder:
         return image, label
 
 
+def shuffled(samples: Iterator, bufsize: int, initial: int, rng: random.Random) -> Iterator:
+    """A shuffle buffer: fills to `initial` items, then yields a random one for each item read
+    (while below `bufsize` it reads two per yield, so it grows to `bufsize`), and empties itself
+    at the end. It makes exactly the `rng` calls webdataset's shuffle filter (webdataset 0.2-1.0)
+    makes, so data orders, and weights trained before this was our own, stay the same."""
+    initial = min(initial, bufsize)
+    buf = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            try:
+                buf.append(next(samples))
+            except StopIteration:
+                pass
+        if len(buf) >= initial:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list, rng: random.Random):
+    """Removes and returns a random item (the last one takes its place)."""
+    k = rng.randint(0, len(buf) - 1)
+    item = buf[k]
+    buf[k] = buf[-1]
+    buf.pop()
+    return item
+
+
 def _own_generator() -> torch.Generator:
     """For the DataLoader's per-iterator base seed, which it would otherwise draw from torch's
     global RNG. That RNG also draws the training noise and is checkpointed: a resumed run (or a
@@ -132,15 +165,16 @@ def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.T
 # ---------------------------------------------------------------- training
 
 
-def _shard_samples(shards, report=None) -> Iterator[dict]:
+def _shard_samples(shards, report=None, net=None) -> Iterator[dict]:
     """Samples of the shards one after the other. A shard that fails to read (truncated, corrupt,
     unreadable) or holds no sample at all is a ShardError; given `report`, it is reported instead
     and the stream goes on with the next shard (`report` raises once the budget is spent, so a
-    stream of nothing but bad shards ends)."""
+    stream of nothing but bad shards ends). A remote shard that still fails after its retries
+    (`net`) is a bad shard like any other."""
     for shard in shards:
         try:
             empty = True
-            for sample in tar_samples(shard):
+            for sample in tar_samples(shard, net):
                 empty = False
                 yield sample
             if empty:
@@ -153,7 +187,8 @@ def _shard_samples(shards, report=None) -> Iterator[dict]:
 
 class _TrainRoles(IterableDataset):
     def __init__(self, shards, decoder, batch_size, per_role, roles, seed, rank, start_batch, buffer,
-                 on_error="raise", max_skipped=100):
+                 on_error="raise", max_skipped=100, net=None):
+        self.net = net or remote.DEFAULT
         self.on_error = on_error
         self.max_skipped = max_skipped
         self.skipped = 0  # bad samples/shards skipped since the last batch (on_error="skip")
@@ -177,8 +212,9 @@ class _TrainRoles(IterableDataset):
             while True:
                 yield rng.choice(self.shards)
 
-        samples = _shard_samples(resampled_shards(), self._report if self.on_error == "skip" else None)
-        return _shuffle(samples, bufsize=self.buffer, initial=min(self.buffer, 100), rng=rng)
+        samples = _shard_samples(resampled_shards(), self._report if self.on_error == "skip" else None,
+                                 self.net)
+        return shuffled(samples, self.buffer, min(self.buffer, 100), rng)
 
     def _report(self, exc: Exception) -> None:
         """Counts a skipped sample or shard and warns (rate-limited). The engine holds the budget
@@ -244,10 +280,13 @@ class TrainStream:
     """
 
     def __init__(self, folder, split, batch_size, *, seed, rank=0, world_size=1, num_workers=0,
-                 start_batch=0, shuffle_buffer=2000, on_error="raise", max_skipped=100):
+                 start_batch=0, shuffle_buffer=2000, on_error="raise", max_skipped=100, net=None,
+                 count=0, resolution=0, channels=0):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}: expected raise or skip")
-        self.meta, shards, _ = split_info(folder, split)
+        # `folder`: any source of bidvl.data.remote; `count`, `resolution`, `channels`: for an
+        # explicit shard list without meta.json (data.train_count, data.resolution, data.channels).
+        self.meta, shards, _ = split_info(folder, split, net, count, resolution, channels)
         count = self.meta["splits"][split]["count"]
         roles = max(1, num_workers)
         per_role = math.ceil(count / (batch_size * world_size * roles))
@@ -258,7 +297,7 @@ class TrainStream:
         buffer = max(1, min(shuffle_buffer, per_role * batch_size // 4))
         self.dataset = _TrainRoles(
             shards, SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size,
-            per_role, roles, seed, rank, start_batch, buffer, on_error, max_skipped,
+            per_role, roles, seed, rank, start_batch, buffer, on_error, max_skipped, net,
         )
 
     def __iter__(self):
@@ -283,7 +322,8 @@ class _EvalShards(IterableDataset):
     """One rank's evaluation samples: the shards `mine` (indices into `shards`), keeping only
     samples whose global index % world_size == `modulo` when samples (not shards) are dealt."""
 
-    def __init__(self, shards, counts, mine, modulo, decoder, batch_size, world_size):
+    def __init__(self, shards, counts, mine, modulo, decoder, batch_size, world_size, net=None):
+        self.net = net
         self.shards = [str(p) for p in shards]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self.mine = mine
@@ -297,7 +337,7 @@ class _EvalShards(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         batch = []
         for k in self.mine[worker::workers]:
-            samples = tar_samples(self.shards[k])
+            samples = tar_samples(self.shards[k], self.net)
             for j, sample in enumerate(samples):
                 index = self.offsets[k] + j
                 if self.modulo is not None and index % self.world_size != self.modulo:
@@ -322,8 +362,8 @@ def _pad(batch, batch_size):
 class EvalStream:
     """Finite iterable of (images, labels, index) padded batches; same batch count on every rank."""
 
-    def __init__(self, folder, split, batch_size, *, rank=0, world_size=1, num_workers=0):
-        self.meta, shards, counts = split_info(folder, split)
+    def __init__(self, folder, split, batch_size, *, rank=0, world_size=1, num_workers=0, net=None):
+        self.meta, shards, counts = split_info(folder, split, net)
         # Whole shards are dealt to ranks when there are enough of them; otherwise every rank reads
         # every shard and keeps the samples i with i % world_size == rank (in one worker).
         by_sample = len(counts) < world_size
@@ -341,7 +381,7 @@ class EvalStream:
         self.batch_size = batch_size
         self.dataset = _EvalShards(
             shards, counts, shards_of[rank], rank if by_sample else None,
-            SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size, world_size,
+            SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size, world_size, net,
         )
 
     def __len__(self):

@@ -11,32 +11,51 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import Config, ConfigError
-from .meta import read_meta
+from . import remote
+from .meta import read_meta, split_info
 from .reader import train_stream
 
 
 class ShardStream:
-    """data.train's shards as this rank's training stream; built there first (main process) when
-    the folder has no meta.json and data.auto_build names a dataset. Checks meta.json against
-    data.resolution, data.channels and data.train_split (ConfigError naming the key)."""
+    """data.train's shards as this rank's training stream. data.train is any source of
+    bidvl.data.remote (local folder, folder URL, pipe: template, explicit shard list); a local
+    folder without meta.json is built there first (main process) when data.auto_build names a
+    dataset. Checks meta.json against data.resolution, data.channels and data.train_split
+    (ConfigError naming the key); a missing meta.json or shard (HTTP 404) is a ShardError naming
+    the URL, here, before the first step."""
 
     def __init__(self, cfg: Config, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
-        folder = Path(cfg.data.train)
-        if not (folder / "meta.json").is_file() and cfg.data.auto_build:
+        source = cfg.data.train
+        if cfg.data.train_count and not remote.is_list(source):
+            raise ConfigError(f"data.train_count={cfg.data.train_count}: only for an explicit shard "
+                              f"list (e.g. .../train-{{000000..000063}}.tar); {source} is a shards "
+                              f"folder whose meta.json gives the counts")
+        folder = Path(remote.local_path(source))
+        local_folder = not remote.is_remote(source) and not remote.is_list(source)
+        if cfg.data.auto_build and not (local_folder and (folder / "meta.json").is_file()):
+            if not local_folder:
+                raise ConfigError(f"data.auto_build={cfg.data.auto_build!r} builds into a local "
+                                  f"folder, but data.train={source} is not one (set "
+                                  f"data.auto_build='' or publish the shards there first)")
             if accelerator.is_main_process:
                 from .build import build_shards
 
                 accelerator.print(f"building {cfg.data.auto_build} shards in {folder} (first use)")
                 build_shards(cfg.data.auto_build, out=str(folder), resolution=cfg.data.resolution)
             accelerator.wait_for_everyone()
-        meta = read_meta(folder)
+        self.net = remote.NetOptions.of(cfg.data)
+        if not remote.is_list(source):
+            splits = read_meta(source, self.net)["splits"]
+            if cfg.data.train_split not in splits:
+                raise ConfigError(f"data.train_split={cfg.data.train_split!r}: "
+                                  f"{remote.member(source, 'meta.json')} has splits {', '.join(splits)}")
+        meta, _, _ = split_info(source, cfg.data.train_split, self.net, cfg.data.train_count,
+                                cfg.data.resolution, cfg.data.channels)
+        where = remote.member(source, "meta.json") if not remote.is_list(source) else source
         for key, value in (("resolution", cfg.data.resolution), ("channels", cfg.data.channels)):
             if meta[key] != value:
-                raise ConfigError(f"data.{key}={value} but {folder / 'meta.json'} says {key}={meta[key]}")
-        if cfg.data.train_split not in meta["splits"]:
-            raise ConfigError(f"data.train_split={cfg.data.train_split!r}: {folder / 'meta.json'} has "
-                              f"splits {', '.join(meta['splits'])}")
+                raise ConfigError(f"data.{key}={value} but {where} says {key}={meta[key]}")
         self.batches_per_epoch = self._stream(0).batches_per_epoch
 
     def _stream(self, start_batch: int):
@@ -45,7 +64,8 @@ class ShardStream:
             cfg.data.train, cfg.data.train_split, cfg.train.batch_size, seed=cfg.run.seed,
             rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
             start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
-            max_skipped=cfg.data.max_skipped,
+            max_skipped=cfg.data.max_skipped, net=self.net, count=cfg.data.train_count,
+            resolution=cfg.data.resolution, channels=cfg.data.channels,
         )
 
     def open(self, start_batch: int):

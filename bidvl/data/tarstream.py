@@ -10,6 +10,9 @@ parser either moves forward or raises ShardError (tests/test_data_faults.py fuzz
 fields must be octal digits or positive base-256, pax records must be well formed, and long names
 and pax headers are at most MAX_EXTENDED_HEADER bytes.
 
+Remote shards (bidvl.data.remote) are read whole into memory and parsed by the same code, so every
+check and every error message is the same for every source; the error names the URL or command.
+
 Samples follow the WebDataset convention: consecutive members whose names share the part before
 the first '.' of the basename form one sample {"__key__", "__url__", ext: bytes, ...}.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import mmap
 from typing import Iterator
 
+from . import remote
 from .meta import ShardError
 
 BLOCK = 512
@@ -66,8 +70,16 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
-def tar_members(shard: str) -> Iterator[tuple[str, bytes]]:
-    """(member name, content) of every regular file of one tar shard, in order."""
+def tar_members(shard: str, net=None) -> Iterator[tuple[str, bytes]]:
+    """(member name, content) of every regular file of one tar shard, in order. A remote shard
+    (URL or pipe: command, see bidvl.data.remote) is read whole, with retries (`net`), then parsed
+    the same way."""
+    if remote.is_remote(shard):
+        data = remote.read_bytes(str(shard), net or remote.DEFAULT)
+        if not data:
+            raise ShardError(f"shard {shard}: empty file, expected a tar archive")
+        yield from _parse(data, str(shard))
+        return
     try:
         f = open(shard, "rb")
     except OSError as exc:
@@ -158,10 +170,10 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def tar_samples(shard: str) -> Iterator[dict]:
+def tar_samples(shard: str, net=None) -> Iterator[dict]:
     """Samples of one shard: {"__key__", "__url__", ext: bytes}."""
     sample = None
-    for name, content in tar_members(shard):
+    for name, content in tar_members(shard, net):
         key, ext = split_name(name)
         if sample is None or key != sample["__key__"]:
             if sample is not None:

@@ -18,6 +18,7 @@ one `Split` per split, each an ordered stream of `(key, image, cls)` at the fina
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
@@ -143,7 +144,9 @@ def write_split_to_temp(folder: Path, split: Split, resolution: int, channels: i
                         temps: list[tuple[Path, Path]]) -> dict:
     """Writes one split's shards to temp files (recorded in `temps` as (temp, final) pairs).
 
-    Returns the split's meta.json entry: {"count": N, "shards": [{"name": ..., "count": ...}]}.
+    Returns the split's meta.json entry: {"count": N, "shards": [{"name": ..., "count": ...,
+    "sha256": ...}]}. The digests let a reader of a remote copy know what it holds without reading
+    it (the FID reference statistics' cache key, bidvl.evaluation.fid.reference_key).
     """
     if split.count <= 0:
         raise ShardError(f"split {split.name!r} has no samples")
@@ -156,10 +159,18 @@ def write_split_to_temp(folder: Path, split: Split, resolution: int, channels: i
             temp = folder / f".{final.name}.tmp"
             temps.append((temp, final))
             write_shard(temp, samples, size, resolution, channels, state, progress)
-            shards.append({"name": final.name, "count": size})
+            shards.append({"name": final.name, "count": size, "sha256": _sha256(temp)})
     if next(samples, None) is not None:
         raise ShardError(f"split {split.name!r}: the source has more than {split.count} samples")
     return {"count": split.count, "shards": shards}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def existing_shards(folder: Path) -> list[Path]:

@@ -11,7 +11,10 @@ The extractors and their file formats, the reference cache and the distance: doc
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -271,21 +274,48 @@ def feature_extractor(features: str = "", inception_weights: str = "", device="c
 
 
 def reference_key(extractor: Features, folder: str | os.PathLike, split: str) -> str:
-    """sha256 of the extractor identity, meta.json and the bytes of every shard of the split."""
-    _, shards, counts = split_info(folder, split)
+    """sha256 of the extractor identity, the split's meta.json and its shards' contents.
+
+    Local shards: the bytes of meta.json and of every shard (a rewritten shard is a new key).
+    Remote sources (a URL, a `pipe:` template, a shard list; docs/data.md) are not read here:
+    the key covers the source string and the split's meta.json entry, whose per-shard sha256
+    launch/make_shards.py writes, so a rewritten dataset is a new key without downloading it.
+    Shards written before make_shards recorded digests are keyed by name and count only; their
+    cached statistics are reused until the cache file is deleted (a warning says so)."""
+    from bidvl.data import remote
+
+    meta, shards, counts = split_info(folder, split)
     h = hashlib.sha256()
     h.update(f"{CACHE_VERSION}\n{extractor.identity}\n{split}\n".encode())
-    h.update((Path(folder) / "meta.json").read_bytes())
-    for shard, count in zip(shards, counts):
-        h.update(f"{shard.name}:{count}:{file_sha256(shard)}\n".encode())
+    if not remote.is_remote(str(folder)) and not remote.is_list(str(folder)):
+        h.update((Path(remote.local_path(str(folder))) / "meta.json").read_bytes())
+        for shard, count in zip(shards, counts):
+            h.update(f"{shard.name}:{count}:{file_sha256(shard)}\n".encode())
+        return h.hexdigest()
+    h.update(f"{folder}\n".encode())
+    entries = meta["splits"][split]["shards"]
+    h.update(json.dumps(entries, sort_keys=True).encode())
+    if not all("sha256" in e for e in entries):
+        warnings.warn(f"reference statistics of {folder} (split {split}): its meta.json records no shard "
+             "digests (written by an older launch/make_shards.py), so the cache is keyed by shard "
+             "names and counts only; delete the cached .npz if the shards change")
     return h.hexdigest()
 
 
 def _cache_paths(folder, split, key, fallback_dir) -> list[Path]:
+    """The shards folder's fid_stats/ (local folders), then `fallback_dir` (the run's eval/cache);
+    remote sources are cached in `fallback_dir` only."""
+    from bidvl.data import remote
+
     name = f"{split}-{key[:20]}.npz"
-    paths = [Path(folder) / "fid_stats" / name]
+    source = str(folder)
+    if remote.is_remote(source) or remote.is_list(source):
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", remote.basename(source.rstrip("/"))).strip("._") or "remote"
+        return [Path(fallback_dir) / f"{slug}-{name}"] if fallback_dir else []
+    folder = Path(remote.local_path(source))
+    paths = [folder / "fid_stats" / name]
     if fallback_dir:
-        paths.append(Path(fallback_dir) / f"{Path(folder).resolve().name}-{name}")
+        paths.append(Path(fallback_dir) / f"{folder.resolve().name}-{name}")
     return paths
 
 

@@ -1,0 +1,262 @@
+"""Where shards come from: a local folder, a URL of a shards folder, a `pipe:` command template or
+an explicit brace-expanded shard list, read with bounded retries.
+
+`data.train` / `data.test` (and evaluate.py's `--ood`) take any of these *sources*:
+
+    shards/digits                                   local folder (memory-mapped, the fast path)
+    https://host/shards/digits                      folder URL: URL/meta.json, URL/train-000000.tar, ...
+    s3://bucket/shards/digits  gs://...  hf://...   the same through webdataset.gopen's handlers
+    pipe:aws s3 cp s3://bucket/shards/digits/{} -  a command template; {} becomes a file name
+                                                    (meta.json, train-000000.tar, ...)
+    https://host/shards/digits/train-{000000..000063}.tar   an explicit shard list (braceexpand, as
+                                                    webdataset expands its URLs); counts come from
+                                                    meta.json beside the shards or data.train_count
+
+http(s) is read with the standard library's urllib rather than webdataset's curl handler: that
+handler retries for up to a minute on its own and reports a 404 and a 503 with the same exit
+status, while we need a 404 to fail at once and a 5xx or a dropped connection to be retried within
+data.net_retries. Every other scheme, and `pipe:`, goes through `webdataset.gopen`.
+
+A remote shard is read whole into memory (one shard per loader worker at a time, at most
+meta.MAX_PER_SHARD samples) before any of its samples is used, then parsed by the same strict tar
+parser as a local one: a fault mid-shard is retried by fetching the shard again, so a retry can
+never yield a sample twice or half a sample, and the data order stays a pure function of
+(seed, rank, batch index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import os
+import re
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlparse
+
+import braceexpand
+import webdataset
+
+from .meta import ShardError
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+HTTP_SCHEMES = ("http", "https")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class NetOptions:
+    """Retries of remote reads (data.net_retries, data.net_backoff, data.net_timeout): a failed
+    read is tried again `retries` times, waiting backoff, 2 x backoff, 4 x backoff, ... seconds
+    (each wait at most MAX_WAIT); `timeout` bounds each http(s) connect and read."""
+
+    retries: int = 5
+    backoff: float = 1.0
+    timeout: float = 60.0
+
+    @classmethod
+    def of(cls, data_cfg) -> "NetOptions":
+        return cls(data_cfg.net_retries, data_cfg.net_backoff, data_cfg.net_timeout)
+
+    def waits(self) -> list[float]:
+        return [min(MAX_WAIT, self.backoff * 2**i) for i in range(self.retries)]
+
+
+MAX_WAIT = 60.0
+DEFAULT = NetOptions()
+
+
+class NotFound(ShardError):
+    """The source answered that the file does not exist (HTTP 404/410): never retried."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying: dropped connection, timeout, 5xx, a pipe command that failed."""
+
+
+def is_pipe(source: str) -> bool:
+    return str(source).startswith("pipe:")
+
+
+def is_url(source: str) -> bool:
+    return bool(_SCHEME.match(str(source)))
+
+
+def is_remote(source) -> bool:
+    """True for anything not read from the local file system by path."""
+    source = str(source)
+    return is_pipe(source) or (is_url(source) and not source.startswith("file://"))
+
+
+def local_path(source: str) -> str:
+    """file:///a/b -> /a/b; anything else unchanged."""
+    source = str(source)
+    return urlparse(source).path if source.startswith("file://") else source
+
+
+def expand(source: str) -> list[str]:
+    """An explicit shard list's members (braceexpand, as webdataset expands its URLs), or [source]
+    when it has no {a..b} or {a,b} group (a pipe template's `{}` is not a group)."""
+    try:
+        return list(braceexpand.braceexpand(str(source)))
+    except braceexpand.UnbalancedBracesError as exc:
+        raise ShardError(f"{source}: {exc}") from None
+
+
+def is_list(source: str) -> bool:
+    return expand(source) != [str(source)]
+
+
+def member(folder: str, name: str) -> str:
+    """The source of one file of a shards folder: `{}` of a pipe template replaced by the name, or
+    the name appended to the folder's path or URL."""
+    folder = str(folder)
+    if is_pipe(folder):
+        if "{}" not in folder:
+            raise ShardError(f"{folder}: a pipe: source needs {{}} where the file name goes, e.g. "
+                             f"'pipe:aws s3 cp s3://bucket/shards/{{}} -'")
+        if not _SAFE_NAME.match(name):  # it goes into a shell command line
+            raise ShardError(f"{folder}: file name {name!r} (from meta.json) is not safe to put in a "
+                             f"command (letters, digits, '_', '-', '+', '.' only)")
+        return folder.replace("{}", name)
+    return folder.rstrip("/") + "/" + name
+
+
+def parent(url: str) -> str:
+    """The folder of a shard URL or path (where its meta.json is); '' for a pipe command."""
+    return "" if is_pipe(url) else url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def basename(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _http_read(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            data = response.read()
+            announced = response.headers.get("Content-Length")
+            if announced is not None and len(data) != int(announced):
+                raise _Transient(f"connection ended after {len(data)} of {announced} bytes")
+            return data
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise NotFound(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
+        raise ShardError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError,
+            TimeoutError) as exc:
+        raise _Transient(_why(exc)) from None
+
+
+def _http_check(url: str, timeout: float) -> None:
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise NotFound(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
+        raise ShardError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError,
+            TimeoutError) as exc:
+        raise _Transient(_why(exc)) from None
+
+
+def _gopen_read(url: str) -> bytes:
+    try:
+        stream = webdataset.gopen(url, "rb")
+    except ValueError as exc:  # no handler for the scheme
+        raise ShardError(f"{url}: cannot open ({exc})") from None
+    except OSError as exc:
+        raise _Transient(_why(exc)) from None
+    try:
+        data = stream.read()
+        stream.close()  # a pipe's exit status is checked here
+    except OSError as exc:
+        raise _Transient(_why(exc)) from None
+    return data
+
+
+def _why(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    text = str(reason if reason is not None else exc) or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def _with_retries(url: str, what: str, action, net: NetOptions):
+    waits = net.waits()
+    for attempt in range(len(waits) + 1):
+        try:
+            return action()
+        except _Transient as exc:
+            if attempt == len(waits):
+                tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+                raise ShardError(f"{what} {url}: could not be read after {tries} "
+                                 f"(data.net_retries={net.retries}): {exc}") from None
+            print(f"warning: {what} {url}: {exc}; retrying in {waits[attempt]:g} s "
+                  f"({attempt + 1}/{net.retries})", file=sys.stderr, flush=True)
+            time.sleep(waits[attempt])
+
+
+def read_bytes(url: str, net: NetOptions = DEFAULT, what: str = "shard") -> bytes:
+    """The whole content of a remote file; transient failures retried (NetOptions), then a
+    ShardError naming the URL; a 404 is a NotFound (a ShardError) at once."""
+    if urlparse(url).scheme in HTTP_SCHEMES:
+        return _with_retries(url, what, lambda: _http_read(url, net.timeout), net)
+    return _with_retries(url, what, lambda: _gopen_read(url), net)
+
+
+def check_exists(url: str, net: NetOptions = DEFAULT, what: str = "shard") -> None:
+    """Fails (NotFound naming the URL) when an http(s) file is missing; other schemes and pipe
+    commands cannot be asked cheaply and are checked by their first read."""
+    if urlparse(url).scheme in HTTP_SCHEMES:
+        _with_retries(url, what, lambda: _http_check(url, net.timeout), net)
+
+
+
+# ---------------------------------------------------------------- publishing
+
+
+def publish(folder, dest: str) -> list[str]:
+    """Copies a shards folder (its meta.json's shards, then meta.json itself, so that a reader
+    never sees a meta.json naming a shard not yet there) to `dest`: a local folder, a pipe:
+    template with {} for the file name (`pipe:aws s3 cp - s3://bucket/shards/digits/{}`), or a
+    URL webdataset.gopen can write. Returns the destinations written, in order."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    folder = Path(folder)
+    meta = json.loads((folder / "meta.json").read_text())
+    names = [s["name"] for info in meta["splits"].values() for s in info["shards"]] + ["meta.json"]
+    written = []
+    if not is_remote(dest):
+        out = Path(local_path(dest))
+        out.mkdir(parents=True, exist_ok=True)
+        if out.resolve() == folder.resolve():
+            return []
+        for name in names:
+            tmp = out / f".{name}.tmp"
+            shutil.copyfile(folder / name, tmp)
+            os.replace(tmp, out / name)
+            written.append(str(out / name))
+        return written
+    for name in names:
+        target = member(dest, name)
+        try:
+            stream = webdataset.gopen(target, "wb")
+            stream.write((folder / name).read_bytes())
+            stream.close()  # a pipe's exit status is checked here
+        except (OSError, ValueError) as exc:
+            raise ShardError(f"publishing {folder / name} to {target} failed: {_why(exc)}") from None
+        written.append(target)
+    return written
