@@ -2,9 +2,9 @@
 how it scored, how to load it) and RUN_DIR/model/samples.png beside it.
 
 Written by the engine into the export folder before it is renamed into place, so a card always
-describes the weights next to it. The evaluation table is the newest RUN_DIR/eval/step_*.md at
-export time: run `launch/evaluate.py` before the end of training (eval.every) or re-export to
-include a later one.
+describes the weights next to it. The evaluation table is RUN_DIR/eval/step_*.md of the exported
+step (else the newest one) at export time; `launch/evaluate.py` refreshes it after evaluating the
+export.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .config import Config
 
 NUM_SAMPLES = 64
 SEED = 0
+EVALUATION, SAMPLES = "## Evaluation\n\n", "\n\n## Samples\n"  # the section refresh_evaluation rewrites
 
 
 def _objective_line(cfg: Config) -> str:
@@ -35,16 +36,39 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
 
 
-def latest_evaluation(run_dir: Path) -> str:
+def latest_evaluation(run_dir: Path, step: int | None = None) -> str:
+    """The evaluation table for the card: the report of `step` (the exported weights' step) when
+    there is one, else the newest report (its step is in its name and its first lines)."""
+    from .checkpoint import step_name
+
     reports = sorted(Path(run_dir, "eval").glob("step_*.md"))
-    if not reports:
+    own = Path(run_dir, "eval", f"{step_name(step)}.md") if step is not None else None
+    report = own if own is not None and own.is_file() else (reports[-1] if reports else None)
+    if report is None:
         return (f"None yet: `python launch/evaluate.py --run {run_dir}` writes "
-                f"`{run_dir}/eval/step_XXXXXXXX.md`.")
-    return f"From `{reports[-1].relative_to(run_dir)}`:\n\n" + reports[-1].read_text().strip()
+                f"`{run_dir}/eval/step_XXXXXXXX.md` and refreshes this section.")
+    return f"From `{report.relative_to(run_dir)}`:\n\n" + report.read_text().strip()
+
+
+def refresh_evaluation(run_dir: Path, step: int) -> Path | None:
+    """Rewrites the Evaluation section of RUN_DIR/model/README.md (launch/evaluate.py calls this
+    after evaluating the export). The card is replaced atomically; no card, nothing is done."""
+    card = Path(run_dir, "model", "README.md")
+    if not card.is_file():
+        return None
+    text = card.read_text()
+    head, sep, rest = text.partition(EVALUATION)
+    _, sep2, tail = rest.partition(SAMPLES)
+    if not sep or not sep2:  # not a card of ours (edited by hand): left alone
+        return None
+    tmp = card.with_suffix(".md.tmp")
+    tmp.write_text(head + EVALUATION + latest_evaluation(Path(run_dir), step) + SAMPLES + tail)
+    tmp.replace(card)
+    return card
 
 
 def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: torch.Tensor,
-                     ema: bool) -> None:
+                     ema: bool, world: int = 1) -> None:
     """README.md + samples.png (a grid of `samples`, in [-1, 1]) into `folder`."""
     from torchvision.utils import save_image
 
@@ -52,7 +76,6 @@ def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: to
     save_image(samples, folder / "samples.png", nrow=max(1, round(len(samples) ** 0.5)),
                normalize=True, value_range=(-1, 1))
     t, m, d = cfg.train, cfg.model, cfg.data
-    world = state.world_size or 1
     images = state.step * t.batch_size * t.grad_accum * world
     rows = [
         ("objective", _objective_line(cfg)),
@@ -81,12 +104,7 @@ Kan et al., CVPR 2022): an energy net E(v), a Gaussian encoder q(h|v) and a gene
 |---|---|
 {table}
 
-## Evaluation
-
-{latest_evaluation(run_dir)}
-
-## Samples
-
+{EVALUATION}{latest_evaluation(run_dir, state.step)}{SAMPLES}
 ![{NUM_SAMPLES} samples](samples.png)
 
 {len(samples)} samples G(h), h ~ N(0, I) with seed {SEED}, BatchNorm with batch statistics as the
@@ -118,7 +136,7 @@ def model_card_writer(accelerator, cfg: Config, state, generator, autocast, ema:
         with autocast:
             samples = sample_images(generator, NUM_SAMPLES, cfg.model.latent_dim, SEED, device=accelerator.device)
         kind = "cuda" if accelerator.device.type == "cuda" else "cpu"
-        state.world_size = accelerator.num_processes
-        write_model_card(folder, cfg, state, f"{accelerator.num_processes} x {device_name(kind)}", samples, ema)
+        world = accelerator.num_processes
+        write_model_card(folder, cfg, state, f"{world} x {device_name(kind)}", samples, ema, world)
 
     return write

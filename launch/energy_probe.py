@@ -4,7 +4,8 @@
 
 Prints one JSON object: for the test images (the first --num of the config's test split), the
 same images with Gaussian noise of standard deviation 0.05 / 0.1 / 0.3 added (clamped to [-1, 1]),
-the same images blurred (3x3 box filter), uniform noise U[-1, 1], and generated samples G(h): the
+the same images blurred (3x3 box filter), uniform noise U[-1, 1], and generated samples G(h) (from
+the generator's EMA when the run has one, unless --no-ema; "generator" says which): the
 mean and standard deviation of E(v) (energy net in eval mode), and the AUROC of -E(v) between the
 test images (positives) and each set. A net that ranks noise *below* data in energy (AUROC < 0.5)
 and whose energy drops as noise is added to data has learned "sharp, high-frequency = data".
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=None, help="latest | final | STEP | checkpoint folder")
     p.add_argument("--num", type=int, default=1000, help="test images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true",
+                   help="sample from the trained generator even when the run has an EMA of it")
     args = p.parse_args(argv)
 
     from bidvl.evaluation import EvalError, load_run, sample_images
@@ -34,7 +37,7 @@ def main(argv=None) -> int:
     from bidvl.evaluation.sampling import first_test_images
 
     try:
-        run = load_run(args.run, args.checkpoint)
+        run = load_run(args.run, args.checkpoint, ema=False if args.no_ema else None)
         v = first_test_images(run.cfg, args.num, 500)
     except (EvalError, ShardError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -46,7 +49,8 @@ def main(argv=None) -> int:
     sets["test_blurred"] = F.avg_pool2d(F.pad(v, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     sets["uniform"] = torch.rand(v.shape, generator=g) * 2 - 1
     sets["samples"] = sample_images(run.nets.generator, len(v), run.cfg.model.latent_dim, args.seed)
-    result = {"run": args.run, "step": run.step, "weights": run.kind, "num": len(v), "sets": {}}
+    result = {"run": args.run, "step": run.step, "weights": run.kind, "generator": run.generator, "num": len(v),
+              "sets": {}}
     e_test = None
     for name, images in sets.items():
         e = torch.cat([energies(run.nets.energy_net, images[i:i + 500]) for i in range(0, len(images), 500)])

@@ -8,7 +8,8 @@ latest|final|STEP|PATH picks one). The generator (FID samples, reconstructions) 
 (generator_ema.safetensors, written with train.ema > 0) when the weights folder has one; --no-ema
 uses the trained generator; the report's "generator" says which ("ema" | "trained"). Writes
 RUN_DIR/eval/step_XXXXXXXX.json and .md (merged with an earlier evaluation of the same step) and logs eval/fid, eval/rmse, eval/auroc_<name> to
-RUN_DIR/tensorboard at that step. Under `accelerate launch` every process evaluates its share; the
+RUN_DIR/tensorboard at that step; evaluating the export also refreshes the Evaluation section of
+its model card (RUN_DIR/model/README.md). Under `accelerate launch` every process evaluates its share; the
 figures do not depend on the number of processes. FID weights are never downloaded: give
 --inception-weights or BIDVL_INCEPTION_WEIGHTS (torch-fidelity's
 weights-inception-2015-12-05-6726825d.pth), or --features for an FID-style figure.
@@ -65,6 +66,7 @@ def main(argv=None):
 
     from bidvl.evaluation import EvalError, EvalOptions, load_run
     from bidvl.evaluation.evaluator import evaluate_run, parse_metrics
+    from bidvl.model_card import refresh_evaluation
 
     try:
         check_args(args)
@@ -88,6 +90,10 @@ def main(argv=None):
     if path is not None:
         print(json.dumps(report["scalars"], indent=2))
         print(f"wrote {path} and {path.with_suffix('.md')}")
+        if run.kind == "export":  # the card beside the exported weights shows this evaluation
+            card = refresh_evaluation(Path(args.run), run.step)
+            if card is not None:
+                print(f"refreshed the evaluation in {card}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

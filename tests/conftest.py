@@ -22,6 +22,17 @@ TINY = [
 NETS = ("energy", "encoder", "generator")
 
 
+def train_tiny(run, shards, *overrides) -> Path:
+    """launch/train.py on the tiny nets in a subprocess (as users run it); fails the test on error."""
+    import subprocess
+
+    args = [*TINY, f"run.dir={run}", f"data.train={shards}", *overrides]
+    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), *args], env=ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(run)
+
+
 def weights(run) -> dict:
     """The three nets a run exported (run/model/*.safetensors), as float32, keyed `net.tensor`."""
     from safetensors.torch import load_file
@@ -35,3 +46,21 @@ def digits16(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "digits16"
     build_shards("digits", out=str(out), resolution=16)
     return out
+
+
+@pytest.fixture(scope="session")
+def small_features(tmp_path_factory):
+    """A tiny TorchScript feature extractor (images in [-1, 1] -> 8-d vectors)."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.Tanh(), nn.Conv2d(8, 8, 3, 2, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    path = tmp_path_factory.mktemp("features") / "small.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch 2.x
+        torch.jit.script(net).save(str(path))
+    return path

@@ -15,19 +15,14 @@ from safetensors.torch import load_file
 import bidvl
 from bidvl.evaluation import EvalError, EvalOptions, evaluate_run, load_run
 
-from conftest import ENV, REPO, TINY
+from conftest import ENV, REPO, train_tiny
 
 
 @pytest.fixture(scope="module")
 def ema_run(tmp_path_factory, digits16):
     """2 training steps on digits at 16 px with a generator EMA (train.ema=0.9): a checkpoint at
     step 2, then the export; both hold generator_ema.safetensors."""
-    run = tmp_path_factory.mktemp("runs") / "ema"
-    args = [*TINY, f"run.dir={run}", f"data.train={digits16}", "train.max_steps=2", "train.ema=0.9"]
-    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), *args], env=ENV, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
+    return train_tiny(tmp_path_factory.mktemp("runs") / "ema", digits16, "train.max_steps=2", "train.ema=0.9")
 
 
 def script(name, *args):
@@ -143,3 +138,13 @@ def test_save_pretrained_round_trip(ema_run, tmp_path):
     trained = bidvl.BiDVLModel.from_pretrained(folder, ema=False)
     assert same(state(trained.generator), state(bidvl.load(ema_run, checkpoint="latest", ema=False).generator))
     assert torch.equal(again.sample(4), m.sample(4))
+
+
+def test_energy_probe_samples_from_the_ema_unless_no_ema(ema_run):
+    def probe(*extra):
+        return json.loads(script("energy_probe.py", "--run", ema_run, "--num", "32", *extra))
+
+    ema, trained = probe(), probe("--no-ema")
+    assert (ema["generator"], trained["generator"]) == ("ema", "trained")
+    assert ema["sets"]["test"] == trained["sets"]["test"]  # the energy net and the data are the same
+    assert ema["sets"]["samples"]["mean_energy"] != trained["sets"]["samples"]["mean_energy"]

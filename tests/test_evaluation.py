@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import BIN, ENV, REPO, TINY
+from conftest import BIN, ENV, REPO, TINY, train_tiny
 from bidvl.config import load_config, to_yaml
 from bidvl.data.meta import shard_name, write_meta
 from bidvl.evaluation import EvalError, EvalOptions, evaluate_nets, frechet_distance, load_run
@@ -78,25 +78,7 @@ def random_images(n, resolution=16, channels=1, seed=0):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, digits16):
     """4 training steps on digits at 16 px: checkpoints at steps 2 and 4, then the export."""
-    run = tmp_path_factory.mktemp("runs") / "run"
-    args = [*TINY, f"run.dir={run}", f"data.train={digits16}", "train.max_steps=4", "checkpoint.every=2"]
-    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), *args], env=ENV, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
-
-
-@pytest.fixture(scope="session")
-def small_features(tmp_path_factory):
-    """A tiny TorchScript feature extractor (images in [-1, 1] -> 8-d vectors)."""
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 8, 3, 2, 1), nn.Tanh(), nn.Conv2d(8, 8, 3, 2, 1),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    path = tmp_path_factory.mktemp("features") / "small.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in torch 2.x
-        torch.jit.script(net).save(str(path))
-    return path
+    return train_tiny(tmp_path_factory.mktemp("runs") / "run", digits16, "train.max_steps=4", "checkpoint.every=2")
 
 
 def read_report(run, step=4):
@@ -417,7 +399,8 @@ def test_periodic_evaluation(tiny_run, small_features, monkeypatch):
     state = [{k: v.clone() for k, v in net.state_dict().items()} for net in run.nets]
     rng = torch.get_rng_state()
     figures = evaluate_during_training(accelerator, cfg, *run.nets, step=4)
-    assert set(figures) == {"eval/fid", "eval/rmse", "eval/rmse_01", "eval/sse_per_image", "eval/auroc_uniform"}
+    assert set(figures) == {"eval/fid", "eval/rmse", "eval/rmse_running_stats", "eval/rmse_01", "eval/sse_per_image",
+                            "eval/auroc_uniform"}
     assert all(np.isfinite(v) for v in figures.values())
     assert all(net.training for net in run.nets)
     for net, saved in zip(run.nets, state):  # weights and buffers untouched
@@ -509,6 +492,7 @@ def test_progress_bars_only_on_a_terminal_and_on_the_main_process(monkeypatch):
         images = sample_images(generator, 10, 4, seed=0, batch_size=3)
         assert images.shape == (10, 1, 4, 4)
         assert ("samples:" in stderr.getvalue() and "/4 " in stderr.getvalue()) == shown  # 4 batches of 3
+        assert stderr.getvalue().rstrip().splitlines()[-1].startswith("samples: 4 batches in ")  # both
 
     class OtherRank:
         device, process_index, num_processes, is_main_process = torch.device("cpu"), 1, 2, False
@@ -517,3 +501,20 @@ def test_progress_bars_only_on_a_terminal_and_on_the_main_process(monkeypatch):
     monkeypatch.setattr(sys, "stderr", Terminal())
     assert progress(batches, OtherRank(), "x", rounds(10, 3, 2)) is batches
     assert sys.stderr.getvalue() == ""
+
+
+def test_evaluating_the_export_refreshes_its_model_card(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    card = run / "model" / "README.md"
+    assert "None yet:" in card.read_text()
+    # A checkpoint's evaluation is not the export's: the card keeps what it says.
+    assert evaluate_cli.main(["--run", str(run), "--checkpoint", "2", "--metrics", "rmse", "--max-test", "40"]) == 0
+    assert "None yet:" in card.read_text()
+    assert evaluate_cli.main(["--run", str(run), "--metrics", "rmse", "--max-test", "40"]) == 0
+    assert f"refreshed the evaluation in {card}" in capsys.readouterr().out
+    text = card.read_text()
+    report = (run / "eval" / "step_00000004.md").read_text().strip()
+    assert f"## Evaluation\n\nFrom `eval/step_00000004.md`:\n\n{report}\n\n## Samples\n" in text
+    assert "| steps | 4 (max_steps 4) |" in text and "![64 samples](samples.png)" in text  # the rest kept
+    assert not list(card.parent.glob("*.tmp"))

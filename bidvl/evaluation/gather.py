@@ -15,6 +15,9 @@ whatever the world size; a repeated index is an error (a sample counted twice).
 
 from __future__ import annotations
 
+import sys
+import time
+
 from typing import NamedTuple
 
 import numpy as np
@@ -39,12 +42,24 @@ def process_layout(accelerator) -> ProcessLayout:
 
 def progress(iterable, accelerator, desc: str, total: int | None = None):
     """`iterable` with a tqdm bar on the main process when stderr is a terminal (tqdm's
-    disable=None), left off in logs, pipes and on the other ranks; the bar is removed when done."""
+    disable=None), left off in logs, pipes and on the other ranks; the bar is removed when done
+    and the main process prints one summary line, `desc: N batches in T s`, terminal or not
+    (for passes of more than one batch)."""
     if not process_layout(accelerator).is_main:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, disable=None, leave=False, dynamic_ncols=True)
+    return _summarised(tqdm(iterable, desc=desc, total=total, disable=None, leave=False, dynamic_ncols=True), desc)
+
+
+def _summarised(bar, desc: str):
+    t0, count = time.perf_counter(), 0
+    with bar:
+        for item in bar:
+            count += 1
+            yield item
+    if count > 1:  # a pass of one batch (the model card's samples) is not worth a line
+        print(f"{desc}: {count} batches in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
 
 def rounds(count: int, batch_size: int, world: int) -> int:
