@@ -16,16 +16,6 @@ from bidvl.evaluation.loading import EvalError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
 
-def one_line(exc: Exception) -> str:
-    """The message; for an error raised in a DataLoader worker, which arrives with the worker's
-    traceback in its message, the original error's message (its last line)."""
-    text = str(exc).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        return last.split(": ", 1)[1] if ": " in last else last
-    return text
-
-
 def main(argv=None):
     sections = "\n".join(f"  {name:<11} {text}" for name, text in SECTIONS.items())
     parser = argparse.ArgumentParser(
@@ -49,7 +39,7 @@ def main(argv=None):
         return 130
     except (ConfigError, ShardError, EvalError, FloatingPointError) as exc:
         # Bad input or a diverged run: one clear line, no traceback.
-        print(f"error: {one_line(exc)}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     # Ctrl-C: checkpointed, then 130 as for any interrupted command; SIGTERM/SIGUSR1 (SLURM's
     # time limit, requeue): checkpointed, 0.

@@ -32,13 +32,53 @@ _registered = False
 def start(loader):
     """iter(loader), its workers forked with the stop signals blocked: a Ctrl-C or SIGTERM that
     arrives while they start stays pending for the main process instead of killing a worker
-    before `worker_init` made it ignore them (the loader would then fail with a traceback)."""
+    before `worker_init` made it ignore them (the loader would then fail with a traceback).
+    Errors raised in a worker come out as the worker raised them (`Unwrapped`)."""
     end_workers_at_exit()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        return iter(loader)
+        return Unwrapped(iter(loader))
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class Unwrapped:
+    """A DataLoader iterator whose worker errors read as in the main process.
+
+    torch re-raises a worker's exception as the same type with the worker's whole traceback as
+    its message ("Caught ShardError in DataLoader worker process 0. Original Traceback ...").
+    Here it is raised again with the original message (the traceback's last line), chained to the
+    torch one (`__cause__`), so a ShardError's one line names the shard and nothing else."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._iterator)
+        except Exception as exc:
+            original = original_error(exc)
+            if original is exc:
+                raise
+            raise original from exc
+
+
+def original_error(exc: Exception) -> Exception:
+    """`exc` as the DataLoader worker raised it (see `Unwrapped`); `exc` itself otherwise."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return exc
+    last = text.rstrip().splitlines()[-1]
+    name, sep, message = last.partition(": ")
+    if not sep or name.rsplit(".", 1)[-1] != type(exc).__name__:
+        return exc
+    try:
+        return type(exc)(message)
+    except Exception:  # a type whose constructor takes other arguments: keep torch's error
+        return exc
 
 
 def worker_init(_worker_id: int) -> None:
