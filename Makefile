@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test
+.PHONY: setup train test mutation
 
 setup: $(STAMP)
 
@@ -20,3 +20,21 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# Mutation testing (docs/testing.md; not part of CI): the functions MUTANTS names (fnmatch patterns
+# of mutmut's mutant names) against the fast tests listed in pyproject.toml's [tool.mutmut].
+# One thread per process: mutmut forks its workers, and a fork after torch's OpenMP pool started
+# can hang (every such mutant then reads as a timeout).
+MUTANTS ?= bidvl.objectives.* bidvl.engine.x_build_optimizers__* bidvl.engine.*_frozen__* \
+	bidvl.engine.*_backward__* bidvl.engine.*_optimizer_step__* bidvl.engine.*upper_level_step__* \
+	bidvl.engine.*lower_level_step__* bidvl.engine.*_lower_level_phase__* bidvl.engine.*train_step__* \
+	bidvl.engine.*set_learning_rates__* bidvl.engine.*apply_nonfinite_policy__* \
+	bidvl.distributed.x_step_optimizer__* bidvl.models.ema.* bidvl.checkpoint.* \
+	bidvl.data.reader.x__seed__* bidvl.data.reader.x_shuffled__* bidvl.data.reader.x__pick__* \
+	bidvl.data.reader.*_TrainRoles* bidvl.data.reader.*TrainStream* bidvl.data.reader.*_EvalShards* \
+	bidvl.data.reader.*EvalStream*
+
+mutation: $(STAMP)
+	$(BIN)/pip install -q 'mutmut==3.8.1'
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(foreach m,$(MUTANTS),'$(m)')
+	$(BIN)/python launch/mutation_report.py $(foreach m,$(MUTANTS),'$(m)')

@@ -401,3 +401,106 @@ def test_bidvl_object_computes_the_functions(latent_mode):
     if latent_mode == "not_offset":
         expected = expected + 0.7 * objectives.upper_level_encoder_kl(*encoder(v_hat))
     torch.testing.assert_close(upper.loss, expected)
+
+
+# ------------------------------------------------------------------ pinned by mutation testing (docs/testing.md)
+
+
+def test_upper_level_encoder_kl_by_hand_and_per_arch():
+    """`not_offset`'s upper-level KL is normalised like the latent term: sum / bs / h_dim (`mean`)
+    or sum / bs (`sum_over_dims`, what the ResNet arch resolves to)."""
+    from bidvl.config import ObjectiveConfig
+
+    mu, logvar = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.0, 0.0]])
+    total = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum()
+    assert objectives.upper_level_encoder_kl(mu, logvar, "mean").item() == pytest.approx(total.item() / 2 / 3)
+    assert objectives.upper_level_encoder_kl(mu, logvar, "sum_over_dims").item() == pytest.approx(total.item() / 2)
+    with pytest.raises(ValueError, match=r"^objective.latent_reduction='bogus': expected one of mean, sum_over_dims$"):
+        objectives.upper_level_encoder_kl(mu, logvar, "bogus")
+    with pytest.raises(ValueError, match=r"^objective.latent_reduction='bogus': expected one of mean, sum_over_dims$"):
+        objectives.latent_term(mu, mu, "bogus")
+
+    torch.manual_seed(0)
+    energy_net, encoder = TinyEnergy(), TinyEncoder()
+    v, v_hat = torch.rand(B, C, R, R) * 2 - 1, torch.rand(B, C, R, R) * 2 - 1
+    cfg = ObjectiveConfig(latent_term="not_offset", w_latent=0.7)
+    for arch, reduction in (("dcgan", "mean"), ("resnet", "sum_over_dims")):
+        upper = objectives.OBJECTIVES["bidvl"](cfg, arch=arch).upper_level(v, v_hat, energy_net=energy_net,
+                                                                           encoder=encoder)
+        expected = (objectives.upper_level_loss(energy_net(v), energy_net(v_hat), "difference")
+                    + 0.7 * objectives.upper_level_encoder_kl(*encoder(v_hat), reduction))
+        torch.testing.assert_close(upper.loss, expected)
+
+
+@pytest.mark.parametrize("latent_mode", ["offset", "not_offset"])
+def test_the_bidvl_object_lets_the_latent_term_reach_the_encoder_only_in_not_offset(latent_mode):
+    from bidvl.config import ObjectiveConfig
+
+    torch.manual_seed(0)
+    energy_net, encoder, generator = TinyEnergy(), TinyEncoder(), TinyGenerator()
+    v, h_p = torch.rand(B, C, R, R) * 2 - 1, torch.randn(B, H)
+    objective = objectives.build(ObjectiveConfig(latent_term=latent_mode))
+    terms = objective.lower_level(v, h_p, energy_net=objectives.Frozen(energy_net), encoder=encoder,
+                                  generator=generator, frozen_encoder=objectives.Frozen(encoder))
+    terms.latent.backward()
+    assert has_grad(generator)
+    assert has_grad(encoder) == (latent_mode == "not_offset")
+
+
+def test_the_sigmoid_ratio_is_computed_from_the_data_energy(nets):
+    energy_net, _, _ = nets
+    v, _ = data()
+    terms = lower(nets, ratio_bias="sigmoid", r_basic=0.5)
+    expected = objectives.importance_ratio(energy_net(v).detach(), 0.5, "sigmoid").mean()
+    torch.testing.assert_close(terms.ratio, expected)
+
+
+def test_lower_level_errors_say_what_is_missing(nets):
+    energy_net, encoder, generator = nets
+    v, h_p = data()
+    kwargs = dict(energy_net=partial(objectives.frozen_call, energy_net), encoder=encoder, generator=generator,
+                  encoder_for_latent=encoder, w_latent=1.0, r_basic=0.05)
+    with pytest.raises(ValueError, match=r"^the sigmoid ratio bias needs energy_data = E\(v\)$"):
+        objectives.lower_level_loss(v, h_p, latent_mode="offset", ratio_bias="sigmoid", **kwargs)
+    with pytest.raises(ValueError, match=r"^objective.latent_term='bogus': expected offset, not_offset or none$"):
+        objectives.lower_level_loss(v, h_p, latent_mode="bogus", ratio_bias="none", **kwargs)
+    from bidvl.config import ObjectiveConfig
+
+    with pytest.raises(ValueError, match=r"expected one of bidvl, vae, divergence_triangle$"):
+        objectives.build(ObjectiveConfig(name="gan"))
+    with pytest.raises(RuntimeError, match="^the vae objective has no upper level$"):
+        objectives.build(ObjectiveConfig(name="vae")).upper_level(v, v, energy_net=energy_net, encoder=encoder)
+
+
+def test_losses_are_summed_in_at_least_float32():
+    for dtype in (torch.float16, torch.bfloat16):
+        assert objectives.at_least_float32(torch.ones(2, dtype=dtype)).dtype == torch.float32
+    assert objectives.at_least_float32(torch.ones(2, dtype=torch.float64)).dtype == torch.float64
+    ratio = objectives.importance_ratio(torch.zeros(3, dtype=torch.bfloat16), 0.05, "none")
+    assert ratio.dtype == torch.float32 and ratio[0].item() == torch.tensor(0.05).item()  # not bf16's 0.05
+
+
+def test_the_vae_object_reports_its_terms(nets):
+    """The VAE's terms as logged: weighted_vae = loss = recon + KL, energy and latent 0, ratio 1."""
+    from bidvl.config import ObjectiveConfig
+
+    energy_net, encoder, generator = nets
+    v, h_p = data()
+    torch.manual_seed(3)
+    terms = objectives.build(ObjectiveConfig(name="vae")).lower_level(
+        v, h_p, energy_net=energy_net, encoder=encoder, generator=generator, frozen_encoder=encoder)
+    torch.manual_seed(3)
+    want = objectives.vae_loss(v, encoder=encoder, generator=generator)
+    for a, b in zip(terms, want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(terms.loss, terms.recon + terms.kl)
+    assert terms.weighted_vae is terms.loss
+    assert (terms.energy.item(), terms.latent.item(), terms.ratio.item()) == (0.0, 0.0, 1.0)
+
+
+def test_the_triangle_encoder_phase_reports_recon_plus_kl(nets):
+    _, encoder, generator = nets
+    v, h_p = data()
+    terms = objectives.triangle_encoder_loss(v, h_p, encoder=encoder, generator=generator, w_latent=0.1)
+    torch.testing.assert_close(terms.weighted_vae, terms.recon + terms.kl)
+    torch.testing.assert_close(terms.loss, terms.recon + terms.kl + 0.1 * terms.latent)

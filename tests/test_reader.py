@@ -176,3 +176,26 @@ def test_truncated_and_corrupt_shards_are_named(tmp_path):
     shard.write_bytes(bytes(corrupt))
     with pytest.raises(ShardError, match=r"train-000000\.tar.*(checksum|corrupt)"):
         list(eval_stream(folder, "train", batch_size=4))
+
+
+# Batches 0, 1, 6, 7, 8, 9 of make_shards(count=53), batch 4, seed 3, 2 ranks, shuffle buffer 10
+# (epochs of 7 batches with no workers, 2 roles x 4 with two): recorded 2026-12-06. The data order
+# is part of what a run is (resumes and reruns depend on it); a change to it must be deliberate.
+GOLDEN_ORDER = {
+    (0, 0): [[35, 40, 36, 38], [37, 39, 41, 41], [36, 5, 0, 3], [19, 14, 20, 15], [17, 14, 18, 20], [18, 17, 15, 45]],
+    (0, 1): [[36, 39, 41, 38], [40, 30, 32, 34], [42, 44, 37, 45], [40, 37, 36, 30], [28, 38, 32, 39], [31, 35, 33, 34]],
+    (2, 0): [[35, 37, 36, 41], [44, 46, 42, 45], [41, 38, 0, 3], [48, 8, 9, 10], [15, 17, 14, 19], [8, 9, 10, 7]],
+    (2, 1): [[36, 37, 38, 41], [15, 14, 16, 17], [50, 51, 35, 42], [18, 28, 31, 19], [37, 38, 36, 39], [28, 31, 30, 29]],
+}
+
+
+@pytest.mark.parametrize("workers, rank", sorted(GOLDEN_ORDER))
+def test_the_data_order_is_pinned(tmp_path, workers, rank):
+    """The order is a pure function of (seed, rank, role, epoch): pinned here across an epoch
+    boundary, so a change to the seeding, the roles or the shuffle buffer shows."""
+    folder = make_shards(tmp_path / "s", count=53)
+    stream = train_stream(folder, "train", batch_size=4, seed=3, rank=rank, world_size=2, num_workers=workers,
+                          shuffle_buffer=10)
+    assert stream.batches_per_epoch == (7 if workers == 0 else 8)
+    batches = [sample_ids(b[0]) for b in itertools.islice(iter(stream), 10)]
+    assert [batches[i] for i in (0, 1, 6, 7, 8, 9)] == GOLDEN_ORDER[(workers, rank)]

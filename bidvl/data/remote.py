@@ -137,38 +137,39 @@ def basename(url: str) -> str:
 # ---------------------------------------------------------------- reading
 
 
-def _http_read(url: str, timeout: float) -> bytes:
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError, TimeoutError)
+
+
+def _http(url: str, action):
+    """action() with urllib's errors as ours: 404/410 NotFound, 5xx/408/429 and network errors
+    _Transient (retried), any other HTTP status a ShardError naming the URL."""
     try:
+        return action()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise NotFound(f"{url}: HTTP {exc.code} {exc.reason}") from None
+        if exc.code >= 500 or exc.code in (408, 429):
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
+        raise ShardError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+    except _NETWORK_ERRORS as exc:  # HTTPError is a URLError: handled above first
+        raise _Transient(_why(exc)) from None
+
+
+def _http_read(url: str, timeout: float) -> bytes:
+    def read():
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
             announced = response.headers.get("Content-Length")
             if announced is not None and len(data) != int(announced):
                 raise _Transient(f"connection ended after {len(data)} of {announced} bytes")
             return data
-    except urllib.error.HTTPError as exc:
-        if exc.code in (404, 410):
-            raise NotFound(f"{url}: HTTP {exc.code} {exc.reason}") from None
-        if exc.code >= 500 or exc.code in (408, 429):
-            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
-        raise ShardError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError,
-            TimeoutError) as exc:
-        raise _Transient(_why(exc)) from None
+
+    return _http(url, read)
 
 
 def _http_check(url: str, timeout: float) -> None:
     request = urllib.request.Request(url, method="HEAD")
-    try:
-        urllib.request.urlopen(request, timeout=timeout).close()
-    except urllib.error.HTTPError as exc:
-        if exc.code in (404, 410):
-            raise NotFound(f"{url}: HTTP {exc.code} {exc.reason}") from None
-        if exc.code >= 500 or exc.code in (408, 429):
-            raise _Transient(f"HTTP {exc.code} {exc.reason}") from None
-        raise ShardError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, http.client.HTTPException, socket.timeout, ConnectionError,
-            TimeoutError) as exc:
-        raise _Transient(_why(exc)) from None
+    _http(url, lambda: urllib.request.urlopen(request, timeout=timeout).close())
 
 
 def _gopen_read(url: str) -> bytes:

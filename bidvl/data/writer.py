@@ -18,7 +18,6 @@ one `Split` per split, each an ordered stream of `(key, image, cls)` at the fina
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..checkpoint import file_sha256 as _sha256
 from .meta import ShardError, num_shards, read_meta, shard_name, write_meta
 
 PNG_COMPRESS_LEVEL = 6
@@ -163,14 +163,6 @@ def write_split_to_temp(folder: Path, split: Split, resolution: int, channels: i
     if next(samples, None) is not None:
         raise ShardError(f"split {split.name!r}: the source has more than {split.count} samples")
     return {"count": split.count, "shards": shards}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def existing_shards(folder: Path) -> list[Path]:
