@@ -140,7 +140,8 @@ class TrainConfig:
     budget_clock: str = "wall"  # wall | process
     # Non-finite loss/gradients skip the optimizer step (always). After `nonfinite_patience`
     # consecutive steps with a skip: `skip` goes on, `stop` ends the run with an error, `rollback`
-    # reloads the last complete checkpoint with the LRs scaled by `rollback_lr_scale` (at most
+    # reloads the last complete checkpoint with the LRs scaled by `rollback_lr_scale` once more per
+    # rollback (at most
     # `max_rollbacks` times, then stops).
     on_nonfinite: str = "rollback"
     nonfinite_patience: int = 10

@@ -257,12 +257,15 @@ class Trainer:
             raise FloatingPointError(f"{what} at step {self.state.step}, after {self.state.rollbacks} "
                                      f"rollbacks (train.max_rollbacks={cfg.max_rollbacks})")
         rollbacks = self.state.rollbacks + 1
+        # Scaled from the current rates, not the checkpoint's: a second rollback to the same
+        # checkpoint lowers them again (it would otherwise replay the same rates).
+        lr_scale = self.state.lr_scale * cfg.rollback_lr_scale
         loaded = self.checkpointer.rollback(self.unwrapped, self.ema)
         if loaded is None:
             raise FloatingPointError(f"{what} at step {self.state.step} and no checkpoint to roll back to")
         latest, self.state = loaded
         self.state.rollbacks = rollbacks
-        self.state.lr_scale *= cfg.rollback_lr_scale
+        self.state.lr_scale = lr_scale
         self.set_learning_rates()
         self.accelerator.print(f"{what}: rolled back to {latest.name}, learning rates x{self.state.lr_scale:g}")
         return True

@@ -6,7 +6,9 @@ Reads `mutmut results --all true` in the repository root, keeps the mutants the 
 (fnmatch, as `mutmut run` selects them), and counts killed, survived, timeout, no tests and
 equivalent per module (`not checked`: a run stopped before them). Equivalent mutants are listed in tests/mutation_equivalents.txt, one
 `pattern  reason` per line: a survivor that matches one changes nothing a user can observe (the
-reason says why); it is left out of the score, killed / (checked mutants - equivalent). Survivors that
+reason says why); it is left out of the score, killed / (checked mutants - equivalent). A reason
+starting `subprocess:` marks a mutant only multi-process runs can show (counted apart, also outside
+the score). Survivors that
 are not equivalent are printed with `mutmut show NAME` to read them.
 """
 
@@ -67,21 +69,25 @@ def main(argv=None) -> int:
     for name, state in sorted(status.items()):
         row = counts[module_of(name)]
         row["mutants"] += 1
-        if state != "killed" and any(fnmatch.fnmatch(name, p) for p, _ in known):
-            row["equivalent"] += 1
+        reason = next((r for p, r in known if fnmatch.fnmatch(name, p)), None)
+        if state != "killed" and reason is not None:
+            row["subprocess only" if reason.startswith("subprocess:") else "equivalent"] += 1
             continue
         row[state] += 1
         if state not in ("killed", "not checked"):
             open_survivors.append((name, state))
-    columns = ["mutants", "killed", "survived", "timeout", "no tests", "not checked", "equivalent"]
+    columns = ["mutants", "killed", "survived", "timeout", "no tests", "not checked", "equivalent",
+               "subprocess only"]
     print("| module | " + " | ".join(columns) + " | killed of checked non-equivalent |")
     print("|---|" + "---|" * (len(columns) + 1))
     total = Counter()
     for module, row in sorted(counts.items()):
         total.update(row)
-        score = row["killed"] / max(1, row["mutants"] - row["equivalent"] - row["not checked"])
+        score = row["killed"] / max(1, row["mutants"] - row["equivalent"] - row["not checked"]
+                                     - row["subprocess only"])
         print(f"| {module} | " + " | ".join(str(row[c]) for c in columns) + f" | {score:.1%} |")
-    score = total["killed"] / max(1, total["mutants"] - total["equivalent"] - total["not checked"])
+    score = total["killed"] / max(1, total["mutants"] - total["equivalent"] - total["not checked"]
+                                         - total["subprocess only"])
     print("| all | " + " | ".join(str(total[c]) for c in columns) + f" | {score:.1%} |")
     other = set(status.values()) - {"killed", "survived", "timeout", "no tests", "not checked"}
     if other:

@@ -294,6 +294,52 @@ def test_repeated_nan_rolls_back_with_lower_lr_then_stops(tmp_path, digits16):
     trainer.close()
 
 
+def test_only_consecutive_nonfinite_steps_count_and_skip_never_stops(tmp_path, digits16):
+    good = [torch.rand(16, 1, 16, 16) * 2 - 1]
+    nan = [torch.full((16, 1, 16, 16), float("nan"))]
+    trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=2", "train.on_nonfinite=stop")
+    assert not trainer.apply_nonfinite_policy(trainer.train_step(nan))
+    assert not trainer.apply_nonfinite_policy(trainer.train_step(good))
+    assert trainer.state.skipped_in_a_row == 0  # a finite step ends the run of non-finite ones
+    assert not trainer.apply_nonfinite_policy(trainer.train_step(nan))
+    with pytest.raises(FloatingPointError, match=r"^2 consecutive steps with non-finite loss or gradients at "
+                                                 r"step 0 \(train.on_nonfinite=stop\)$"):
+        trainer.apply_nonfinite_policy(trainer.train_step(nan))
+    trainer.close()
+    trainer = tiny_trainer(tmp_path / "skip", digits16, "train.nonfinite_patience=1", "train.on_nonfinite=skip")
+    for _ in range(3):
+        assert not trainer.apply_nonfinite_policy(trainer.train_step(nan))
+    assert trainer.state.skipped_in_a_row == 3 and trainer.state.rollbacks == 0
+    trainer.close()
+    trainer = tiny_trainer(tmp_path / "none", digits16, "train.nonfinite_patience=1", "train.on_nonfinite=rollback")
+    with pytest.raises(FloatingPointError, match=r"^1 consecutive steps with non-finite loss or gradients at "
+                                                 r"step 0 and no checkpoint to roll back to$"):
+        trainer.apply_nonfinite_policy(trainer.train_step(nan))
+    trainer.close()
+
+
+def test_each_rollback_scales_the_learning_rates_again_and_restores_the_ema(tmp_path, digits16, capsys):
+    trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=1", "train.max_rollbacks=2",
+                           "train.on_nonfinite=rollback", "train.rollback_lr_scale=0.5", "train.ema=0.5")
+    good = [torch.rand(16, 1, 16, 16) * 2 - 1]
+    nan = [torch.full((16, 1, 16, 16), float("nan"))]
+    trainer.steps_per_epoch = 1000
+    trainer.train_step(good)
+    trainer.state.step = 1
+    trainer.save_checkpoint()
+    saved_ema = [p.detach().clone() for p in trainer.ema.module.parameters()]
+    trainer.train_step(good)  # moves the EMA past the checkpoint's
+    assert any(not torch.equal(a, b) for a, b in zip(saved_ema, trainer.ema.module.parameters()))
+    base = trainer.cfg.train.energy_optim.lr
+    for scale in (0.5, 0.25):
+        assert trainer.apply_nonfinite_policy(trainer.train_step(nan))
+        assert trainer.state.lr_scale == scale
+        assert trainer.energy_opt.param_groups[0]["lr"] == pytest.approx(base * scale)
+        assert all(torch.equal(a, b) for a, b in zip(saved_ema, trainer.ema.module.parameters()))
+    assert "rolled back to step_00000001, learning rates x0.25" in capsys.readouterr().out
+    trainer.close()
+
+
 def test_nan_stop_policy(tmp_path, digits16):
     trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=1", "train.on_nonfinite=stop")
     with pytest.raises(FloatingPointError, match="train.on_nonfinite=stop"):

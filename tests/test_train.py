@@ -561,3 +561,65 @@ def test_the_learning_rates_decay_once_per_epoch_through_fit_and_resume(tmp_path
     for s, energy, latent in resumed:
         assert energy == [pytest.approx(base.energy_optim.lr * 0.5 ** (s // 3))]
         assert latent == [pytest.approx(base.latent_optim.lr * 0.8 ** (s // 3))] * 2
+
+
+@pytest.mark.parametrize("objective", ["bidvl", "not_offset", "divergence_triangle"])
+def test_a_step_reports_every_term_and_moves_the_ema(tmp_path, digits16, objective):
+    """What a step logs (the names TensorBoard shows) and the EMA update after the lower level:
+    ema = decay x ema + (1 - decay) x generator, once per step."""
+    name = "bidvl" if objective == "not_offset" else objective
+    latent = "not_offset" if objective == "not_offset" else "offset"
+    trainer = make_trainer(tmp_path, digits16, f"objective.name={name}", f"objective.latent_term={latent}",
+                           "train.ema=0.5")
+    generator = trainer.unwrapped["generator"]
+    before = [p.detach().clone() for p in trainer.ema.module.parameters()]
+    assert all(torch.equal(a, p) for a, p in zip(before, generator.parameters()))
+    result = trainer.train_step([torch.rand(16, 1, 16, 16) * 2 - 1])
+    losses = {k for k in result.sums if k.startswith("loss/")}
+    norms = {k for k in result.sums if k.startswith("grad_norm/")}
+    if name == "bidvl":
+        assert losses == {"loss/loss_ul", "loss/loss_ll", "loss/recon", "loss/kl", "loss/energy_term",
+                          "loss/latent_term", "loss/ratio", "loss/weighted_vae"}
+        assert norms == {"grad_norm/energy_net", "grad_norm/encoder_generator"} | (
+            {"grad_norm/encoder_ul"} if latent == "not_offset" else set())
+    else:  # one loss per phase: the encoder's, then the generator's
+        assert losses == {"loss/loss_ul", "loss/loss_encoder", "loss/loss_generator", "loss/recon", "loss/kl",
+                          "loss/energy_term", "loss/latent_term", "loss/weighted_vae"}
+        assert norms == {"grad_norm/energy_net", "grad_norm/encoder", "grad_norm/generator"}
+    assert {"energy/data", "energy/samples"} <= set(result.sums)
+    for ema, start, now in zip(trainer.ema.module.parameters(), before, generator.parameters()):
+        torch.testing.assert_close(ema, 0.5 * start + 0.5 * now.detach())
+    assert any(not torch.equal(a, p) for a, p in zip(before, generator.parameters()))
+    trainer.close()
+
+
+def test_the_optimizers_take_every_setting_from_the_config(tmp_path, digits16):
+    """Adam's betas and weight decay (torch's defaults differ: (0.9, 0.999), 0), per net: the
+    encoder has its own group when train.encoder_weight_decay is set."""
+    trainer = make_trainer(tmp_path, digits16, "train.energy_optim.betas=[0.1,0.9]", "train.energy_optim.weight_decay=0.01",
+                           "train.latent_optim.betas=[0.2,0.8]", "train.latent_optim.weight_decay=0.02",
+                           "train.encoder_weight_decay=0.03")
+    [energy] = trainer.energy_opt.param_groups
+    assert (energy["betas"], energy["weight_decay"]) == ((0.1, 0.9), 0.01)
+    groups = trainer.latent_opt.param_groups
+    assert [(g["betas"], g["weight_decay"]) for g in groups] == [((0.2, 0.8), 0.03), ((0.2, 0.8), 0.02)]
+    assert [p for g in groups for p in g["params"]] == [*trainer.encoder.parameters(), *trainer.generator.parameters()]
+    trainer.close()
+
+
+def test_a_nonfinite_gradient_in_one_optimizer_step_marks_the_whole_step(tmp_path, digits16):
+    """An upper-level skip is not undone by a finite lower-level step after it."""
+    from bidvl.tracking import StepResult
+
+    trainer = make_trainer(tmp_path, digits16)
+    result = StepResult()
+    for p in trainer.energy_net.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    trainer._optimizer_step(trainer.energy_opt, list(trainer.energy_net.parameters()), "energy_net", result)
+    assert result.nonfinite
+    params = [*trainer.encoder.parameters(), *trainer.generator.parameters()]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    trainer._optimizer_step(trainer.latent_opt, params, "encoder_generator", result)
+    assert result.nonfinite and trainer.state.skipped_steps == 1
+    trainer.close()
