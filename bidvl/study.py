@@ -119,12 +119,12 @@ def _run_stage(stage: str, args: list[str], log: Path, env: dict) -> None:
 
 
 def ensure_ood_shards(study: dict) -> None:
-    from bidvl.data import build_shards
+    from bidvl.data.build import build_once
 
     for folder, (dataset, resolution) in (study["eval"].get("auto_build_ood") or {}).items():
         if not (Path(folder) / "meta.json").is_file():
             print(f"building {dataset} shards at {resolution} px in {folder} (OOD set)", flush=True)
-            build_shards(dataset, out=str(folder), resolution=int(resolution))
+            build_once(dataset, folder, int(resolution))
 
 
 def run_one(study: dict, entry: dict) -> dict:

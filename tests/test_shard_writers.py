@@ -480,3 +480,37 @@ def test_overwrite_removes_stale_shards(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == [
         s["name"] for s in meta["splits"]["train"]["shards"]]
     assert len(meta["splits"]["train"]["shards"]) == 5
+
+
+BUILD_ONCE = """
+import sys, time
+from pathlib import Path
+from bidvl.data.build import build_once
+go = Path(sys.argv[2])
+while not go.exists():
+    time.sleep(0.01)
+print("built" if build_once("digits", sys.argv[1], 16) else "found", flush=True)
+"""
+
+
+def test_build_once_from_processes_started_at_once(tmp_path):
+    """launch/study.py starts its runs at once on a fresh clone, each auto-building the same
+    folder: one process builds, the others wait on the lock and read its shards (before the
+    lock, two writers shared the temp names and one died on the rename)."""
+    folder, go = tmp_path / "digits16", tmp_path / "go"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_ONCE, str(folder), str(go)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    import time
+
+    time.sleep(4.0)  # past the imports, so the three reach build_once together
+    go.touch()
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert sorted(o.strip().splitlines()[-1] for o in outs) == ["built", "found", "found"], outs
+    assert not list(folder.glob(".*.tmp"))
+    reference = tmp_path / "reference"
+    build_shards("digits", out=reference, resolution=16)
+    ours, theirs = (json.loads((f / "meta.json").read_text()) for f in (folder, reference))
+    assert ours["splits"] == theirs["splits"]  # counts and every shard's sha256
+    assert sum(len(records) for records in read_shards(folder).values()) == 1797

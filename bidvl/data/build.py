@@ -72,3 +72,25 @@ def build_shards(dataset: str, out: str | os.PathLike, src: str | os.PathLike | 
         recorded["limit"] = limit
     source.options = {**recorded, **source.options}
     return write_dataset(out, source, overwrite=overwrite)
+
+
+def build_once(dataset: str, out: str | os.PathLike, resolution: int | None = None) -> bool:
+    """Builds `dataset` into `out` unless `out/meta.json` exists; returns whether it built.
+
+    Safe for processes that start at once on one machine (launch/study.py's parallel runs, two
+    jobs sharing a first-use folder): the build holds an exclusive lock on `out/.build.lock` and
+    re-checks meta.json under it, so one process builds and the others wait, then read its
+    shards. Without the lock they would write the same temp names and one rename would fail.
+    """
+    import fcntl
+
+    folder = Path(out)
+    if (folder / "meta.json").is_file():
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        if (folder / "meta.json").is_file():
+            return False
+        build_shards(dataset, out=str(folder), resolution=resolution)
+        return True

@@ -39,10 +39,11 @@ class ShardStream:
                                   f"folder, but data.train={source} is not one (set "
                                   f"data.auto_build='' or publish the shards there first)")
             if accelerator.is_main_process:
-                from .build import build_shards
+                from .build import build_once
 
-                accelerator.print(f"building {cfg.data.auto_build} shards in {folder} (first use)")
-                build_shards(cfg.data.auto_build, out=str(folder), resolution=cfg.data.resolution)
+                if not (folder / "meta.json").is_file():
+                    accelerator.print(f"building {cfg.data.auto_build} shards in {folder} (first use)")
+                build_once(cfg.data.auto_build, folder, cfg.data.resolution)
             accelerator.wait_for_everyone()
         self.net = remote.NetOptions.of(cfg.data)
         if not remote.is_list(source):
