@@ -30,14 +30,25 @@ At the end it writes the report (`report`, Markdown) with the table, the grids, 
 evaluation curves (PNG, matplotlib, from the runs' TensorBoard logs), steps and time per run, and
 the machine. Text after the line `<!-- end of generated part -->` of an existing report is kept.
 
+Compute scaling (`budgets: [10, 30, 90]` instead of budget_minutes): each run trains to the
+first budget, is evaluated, then resumes in the same folder to the next budget (checkpoint.resume
+exact: the data order, RNG and optimizer state carry on), and so on. Its point at 30 min is thus
+the run a 30-minute budget would give, and the three cost 90 minutes, not 130. Each budget leaves
+OUT/NAME/study_result_<B>min.json and samples_<B>min.png / reconstructions_<B>min.png. A run may
+list its own `budgets` (e.g. extra seeds at the first budget only) and a `method` (runs of one
+method, e.g. several seeds, are one line in the plot and one mean +- sd in the table). The report
+plots the FID-style score, RMSE and noise AUROC against training minutes, and for each method
+against `vae` (when there is one), the gap per budget and where a straight line in log-minutes
+through the gaps would reach zero.
+
 Fair budgets on a shared machine: with budget_clock `process` and one thread per run (`threads`,
 data.num_workers=0 in `common`), each run gets the same CPU time whatever else the machine does,
 and `parallel` runs can go side by side. Wall-clock time is reported too.
 
-Study file keys: base (config file), out, report, budget_minutes, budget_clock, threads, parallel,
-common (list of overrides), eval {num_samples, features, fid_ref, ood (list of shards folders),
-batch_size, auto_build_ood (map folder -> [dataset, resolution])}, runs (list of {name, label,
-overrides}).
+Study file keys: base (config file), out, report, budget_minutes or budgets, budget_clock, threads,
+parallel, common (list of overrides), eval {num_samples, features, fid_ref, ood (list of shards
+folders), batch_size, auto_build_ood (map folder -> [dataset, resolution])}, runs (list of {name,
+label, overrides, budgets, method}).
 """
 
 from __future__ import annotations
@@ -59,8 +70,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent  # the stages' working folder (see the docstring)
 MARKER = "<!-- end of generated part -->"
-KEYS = {"base", "out", "report", "budget_minutes", "budget_clock", "threads", "parallel", "common",
-        "eval", "runs", "title", "notes"}
+KEYS = {"base", "out", "report", "budget_minutes", "budgets", "budget_clock", "threads", "parallel",
+        "common", "eval", "runs", "title", "notes"}
+RUN_KEYS = {"name", "label", "overrides", "budgets", "method"}
 EVAL_KEYS = {"num_samples", "features", "fid_ref", "ood", "batch_size", "auto_build_ood"}
 CURVES = [("loss/recon", "reconstruction error (summed over pixels)"),
           ("energy/gap", "E(samples) - E(data)"),
@@ -86,17 +98,31 @@ def load_study(path: Path, budget_override: float | None = None) -> dict:
     unknown = set(study.get("eval", {})) - EVAL_KEYS
     if unknown:
         raise StudyError(f"{path}: eval: unknown key(s) {', '.join(sorted(unknown))}")
+    for i, entry in enumerate(study["runs"]):
+        unknown = set(entry) - RUN_KEYS
+        if unknown:
+            raise StudyError(f"{path}: runs[{i}]: unknown key(s) {', '.join(sorted(unknown))}; "
+                             f"expected {', '.join(sorted(RUN_KEYS))}")
     names = [r.get("name", "") for r in study["runs"]]
     for i, name in enumerate(names):
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
             raise StudyError(f"{path}: runs[{i}].name={name!r}: expected letters, digits, _ . -")
     if len(set(names)) != len(names):
         raise StudyError(f"{path}: run names repeat: {', '.join(sorted({n for n in names if names.count(n) > 1}))}")
-    study.setdefault("budget_minutes", 10.0)
+    if "budgets" in study and "budget_minutes" in study:
+        raise StudyError(f"{path}: budget_minutes and budgets both given: expected one")
+    study["scaling"] = "budgets" in study and budget_override is None
     if budget_override is not None:
         study["budget_minutes"] = budget_override
-    if not float(study["budget_minutes"]) > 0:
-        raise StudyError(f"{path}: budget_minutes={study['budget_minutes']}: expected > 0")
+    study.setdefault("budget_minutes", 10.0)
+    study["budgets"] = _budgets(study.get("budgets", [study["budget_minutes"]]), f"{path}: budgets")
+    if not study["scaling"]:
+        study["budget_minutes"] = study["budgets"][0]
+    for i, entry in enumerate(study["runs"]):
+        if "budgets" in entry:
+            if not study["scaling"]:
+                raise StudyError(f"{path}: runs[{i}].budgets: only in a study with `budgets`")
+            entry["budgets"] = _budgets(entry["budgets"], f"{path}: runs[{i}].budgets")
     study.setdefault("budget_clock", "process")
     study.setdefault("threads", 1)
     study.setdefault("parallel", 1)
@@ -104,6 +130,28 @@ def load_study(path: Path, budget_override: float | None = None) -> dict:
     study.setdefault("eval", {})
     study["path"] = str(path)
     return study
+
+
+def _budgets(value, where: str) -> list[float]:
+    """A list of training budgets in minutes: numbers > 0, strictly increasing."""
+    if not isinstance(value, list) or not value:
+        raise StudyError(f"{where}={value!r}: expected a list of minutes, e.g. [10, 30, 90]")
+    try:
+        budgets = [float(b) for b in value]
+    except (TypeError, ValueError):
+        raise StudyError(f"{where}={value!r}: expected numbers (minutes)") from None
+    if not all(b > 0 for b in budgets) or any(a >= b for a, b in zip(budgets, budgets[1:])):
+        raise StudyError(f"{where}={value!r}: expected minutes > 0 in increasing order")
+    return budgets
+
+
+def result_name(study: dict, budget: float) -> str:
+    """The result file of one run at one budget (see the module docstring)."""
+    return f"study_result_{budget:g}min.json" if study["scaling"] else "study_result.json"
+
+
+def run_budgets(study: dict, entry: dict) -> list[float]:
+    return entry.get("budgets", study["budgets"])
 
 
 def _run_stage(stage: str, args: list[str], log: Path, env: dict) -> None:
@@ -127,21 +175,26 @@ def ensure_ood_shards(study: dict) -> None:
             build_once(dataset, folder, int(resolution))
 
 
-def run_one(study: dict, entry: dict) -> dict:
+def run_one(study: dict, entry: dict) -> list[dict]:
+    """Trains, evaluates and draws one run at each of its budgets (resuming from one to the next)."""
+    return [run_budget(study, entry, budget) for budget in run_budgets(study, entry)]
+
+
+def run_budget(study: dict, entry: dict, budget: float) -> dict:
     from bidvl.checkpoint import TRAIN_STATE_FILE, TrainState, complete_checkpoints
 
     out = Path(study["out"]) / entry["name"]
-    result_path = out / "study_result.json"
+    result_path = out / result_name(study, budget)
+    tag = f"{entry['name']} {budget:g} min" if study["scaling"] else entry["name"]
     if result_path.is_file():
-        print(f"[{entry['name']}] finished earlier: skipped", flush=True)
+        print(f"[{tag}] finished earlier: skipped", flush=True)
         return json.loads(result_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
     log = out / "study.log"
     env = {**os.environ, "OMP_NUM_THREADS": str(study["threads"]), "MKL_NUM_THREADS": str(study["threads"])}
     overrides = [*study["common"], *entry.get("overrides", []), f"run.dir={out}",
-                 f"train.time_budget_min={study['budget_minutes']}",
-                 f"train.budget_clock={study['budget_clock']}"]
-    print(f"[{entry['name']}] training ({study['budget_minutes']:g} min, {study['budget_clock']} clock)", flush=True)
+                 f"train.time_budget_min={budget}", f"train.budget_clock={study['budget_clock']}"]
+    print(f"[{tag}] training ({budget:g} min, {study['budget_clock']} clock)", flush=True)
     t0 = time.time()
     _run_stage("train", [study["base"], *overrides], log, env)
     train_wall = time.time() - t0
@@ -150,15 +203,19 @@ def run_one(study: dict, entry: dict) -> dict:
                "fid_ref": ev.get("fid_ref", "test"), "batch_size": int(ev.get("batch_size", 500)),
                "features": ev.get("features") or "", "ood": [str(f) for f in ev.get("ood") or ()],
                "cache_dir": f"{out}/eval/cache"}
-    print(f"[{entry['name']}] evaluating", flush=True)
+    print(f"[{tag}] evaluating", flush=True)
     t1 = time.time()
     _run_stage("evaluate", [str(out), json.dumps(options)], log, env)
     eval_wall = time.time() - t1
     _run_stage("grids", [str(out)], log, env)
+    if study["scaling"]:
+        for kind in ("samples", "reconstructions"):
+            (out / f"{kind}_{budget:g}min.png").write_bytes((out / f"{kind}.png").read_bytes())
     state = dataclasses.asdict(TrainState.read(complete_checkpoints(out)[-1] / TRAIN_STATE_FILE))
     report = json.loads(max((out / "eval").glob("step_*.json")).read_text())
     result = {
         "name": entry["name"], "label": entry.get("label", entry["name"]), "overrides": entry.get("overrides", []),
+        "method": entry.get("method", entry["name"]), "budget_min": budget,
         "steps": state["step"], "budget_used_min": state["budget_used_s"] / 60.0,
         "train_wall_min": train_wall / 60.0, "eval_wall_min": eval_wall / 60.0,
         "scalars": report["scalars"], "fid_label": report.get("fid", {}).get("label", ""),
@@ -168,7 +225,7 @@ def run_one(study: dict, entry: dict) -> dict:
     tmp = result_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, result_path)
-    print(f"[{entry['name']}] done: {result['steps']} steps, " +
+    print(f"[{tag}] done: {result['steps']} steps, " +
           ", ".join(f"{k}={v:.4g}" for k, v in result["scalars"].items()), flush=True)
     return result
 
@@ -297,23 +354,15 @@ def fmt(x, digits=4) -> str:
     return "—" if x is None else f"{x:.{digits}g}"
 
 
-def write_report(study: dict, results: list[dict]) -> Path:
-    report = Path(study["report"])
-    images = report.parent / "images" / report.stem
-    images.mkdir(parents=True, exist_ok=True)
-    plot_curves(study, results, images / "curves.png")
-    vae = next((r for r in results if r["name"] == "vae"), None)
-    vae_fid = vae["scalars"].get("eval/fid") if vae else None
-    vae_rmse = vae["scalars"].get("eval/rmse") if vae else None
-    ood_names = sorted({k[len("eval/auroc_"):] for r in results for k in r["scalars"] if k.startswith("eval/auroc_")},
-                       key=lambda n: (n != "uniform", n))
+def report_header(study: dict, budget_text: str) -> list[str]:
+    """The report's title, how it was made (command, date, machine, settings of every run with
+    `budget_text`), the feature extractor and the study's notes: Markdown lines."""
     lines = [f"# {study.get('title', 'Study')}", "",
              f"Generated by `python launch/study.py --config {study['path']}` on "
              f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine()}.", "",
              f"Every run: `{study['base']}` with {' '.join(f'`{c}`' for c in study['common'])}, its own "
-             f"overrides below, and a training budget of **{study['budget_minutes']:g} min** "
-             f"({study['budget_clock']} clock, {study['threads']} thread(s) per run, {study['parallel']} "
-             f"run(s) side by side).", ""]
+             f"overrides below, and {budget_text} ({study['budget_clock']} clock, {study['threads']} "
+             f"thread(s) per run, {study['parallel']} run(s) side by side).", ""]
     features = study["eval"].get("features")
     if features and Path(features).suffix == ".safetensors" and Path(features).is_file():
         from bidvl.evaluation.fid import read_safetensors
@@ -327,9 +376,49 @@ def write_report(study: dict, results: list[dict]) -> Path:
                       f"test images.", ""]
     if study.get("notes"):
         lines += [study["notes"].strip(), ""]
+    return lines
+
+
+def write_keeping_findings(report: Path, lines: list[str]) -> Path:
+    """Writes `lines` to `report`, keeping what an existing report holds after MARKER."""
+    kept = ""
+    if report.is_file() and MARKER in report.read_text():
+        kept = report.read_text().split(MARKER, 1)[1]
+    text = "\n".join(lines) + f"\n\n{MARKER}\n" + (kept.lstrip("\n") if kept else "")
+    tmp = report.with_name(report.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, report)
+    return report
+
+
+def metrics_note(results: list[dict]) -> str:
+    """What the report's figures are (Markdown paragraph)."""
+    return (f"FID-style score: {results[0]['fid_label'] if results else ''}. RMSE: per pixel value on "
+            "the [-1, 1] scale, G(mu(v)) on the whole test split; `batch stats`: encoder and generator in "
+            "train mode, BatchNorm with each test batch's statistics (the authors' metric, the headline), "
+            "`running stats`: nets in eval mode (docs/fidelity.md). AUROC: in-distribution test images "
+            "against each OOD set, score -E(v) (the VAE: its ELBO at h = mu(v)).")
+
+
+def ood_names(results: list[dict]) -> list[str]:
+    """The OOD sets the results have an AUROC for, `uniform` (noise) first."""
+    return sorted({k[len("eval/auroc_"):] for r in results for k in r["scalars"] if k.startswith("eval/auroc_")},
+                  key=lambda n: (n != "uniform", n))
+
+
+def write_report(study: dict, results: list[dict]) -> Path:
+    report = Path(study["report"])
+    images = report.parent / "images" / report.stem
+    images.mkdir(parents=True, exist_ok=True)
+    plot_curves(study, results, images / "curves.png")
+    vae = next((r for r in results if r["name"] == "vae"), None)
+    vae_fid = vae["scalars"].get("eval/fid") if vae else None
+    vae_rmse = vae["scalars"].get("eval/rmse") if vae else None
+    oods = ood_names(results)
+    lines = report_header(study, f"a training budget of **{study['budget_minutes']:g} min**")
     head = ["run", "overrides", "steps", "train min (budget clock / wall)", results[0]["fid_label"].split(" (")[0]
             if results else "FID", "x VAE", "test RMSE (batch stats)", "x VAE",
-            "test RMSE (running stats)"] + [f"AUROC {n}" for n in ood_names]
+            "test RMSE (running stats)"] + [f"AUROC {n}" for n in oods]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s = r["scalars"]
@@ -339,13 +428,9 @@ def write_report(study: dict, results: list[dict]) -> Path:
                fmt(fid / vae_fid if fid is not None and vae_fid else None, 3), fmt(rmse),
                fmt(rmse / vae_rmse if rmse is not None and vae_rmse else None, 3),
                fmt(s.get("eval/rmse_running_stats"))]
-        row += [fmt(s.get(f"eval/auroc_{n}")) for n in ood_names]
+        row += [fmt(s.get(f"eval/auroc_{n}")) for n in oods]
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", f"FID-style score: {results[0]['fid_label'] if results else ''}. RMSE: per pixel value on "
-              "the [-1, 1] scale, G(mu(v)) on the whole test split; `batch stats`: encoder and generator in "
-              "train mode, BatchNorm with each test batch's statistics (the authors' metric, the headline), "
-              "`running stats`: nets in eval mode (docs/fidelity.md). AUROC: in-distribution test images "
-              "against each OOD set, score -E(v) (the VAE: its ELBO at h = mu(v)).", "",
+    lines += ["", metrics_note(results), "",
               f"![loss and evaluation curves]({images.name}/curves.png)", "",
               "| run | samples | test images and reconstructions (pairs) |", "|---|---|---|"]
     for r in results:
@@ -355,14 +440,7 @@ def write_report(study: dict, results: list[dict]) -> Path:
                 (images / f"{r['name']}_{kind}.png").write_bytes(src.read_bytes())
         lines.append(f"| {r['name']} | ![]({images.name}/{r['name']}_samples.png) | "
                      f"![]({images.name}/{r['name']}_reconstructions.png) |")
-    kept = ""
-    if report.is_file() and MARKER in report.read_text():
-        kept = report.read_text().split(MARKER, 1)[1]
-    text = "\n".join(lines) + f"\n\n{MARKER}\n" + (kept.lstrip("\n") if kept else "")
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, report)
-    return report
+    return write_keeping_findings(report, lines)
 
 
 def run_study(study: dict, only: list[str] | None = None, report_only: bool = False) -> Path:
@@ -379,11 +457,19 @@ def run_study(study: dict, only: list[str] | None = None, report_only: bool = Fa
             list(pool.map(lambda e: run_one(study, e), entries))
     results = []
     for e in study["runs"]:
-        path = Path(study["out"]) / e["name"] / "study_result.json"
-        if path.is_file():
-            results.append(json.loads(path.read_text()))
+        for budget in run_budgets(study, e):
+            path = Path(study["out"]) / e["name"] / result_name(study, budget)
+            if path.is_file():
+                result = json.loads(path.read_text())
+                result.setdefault("method", e.get("method", e["name"]))
+                result.setdefault("budget_min", budget)
+                results.append(result)
     if not results:
         raise StudyError(f"no finished runs under {study['out']}: nothing to report")
+    if study["scaling"]:
+        from bidvl.study_scaling import write_scaling_report
+
+        return write_scaling_report(study, results)
     return write_report(study, results)
 
 

@@ -1,6 +1,7 @@
 """The study runner (launch/study.py) and the feature classifier script, on tiny digits runs."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -89,3 +90,70 @@ def test_study_file_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump({"base": "x", "out": "o", "report": "r.md", "runs": [], "budget": 3}))
     p = run(["launch/study.py", "--config", str(path)])
     assert p.returncode == 2 and "unknown key(s) budget" in p.stderr
+    path.write_text(yaml.safe_dump({"base": "x", "out": "o", "report": "r.md", "runs": [], "budgets": [30, 10]}))
+    p = run(["launch/study.py", "--config", str(path)])
+    assert p.returncode == 2 and "budgets=[30, 10]: expected minutes > 0 in increasing order" in p.stderr
+    path.write_text(yaml.safe_dump({"base": "x", "out": "o", "report": "r.md", "runs": [],
+                                    "budgets": [10], "budget_minutes": 10}))
+    p = run(["launch/study.py", "--config", str(path)])
+    assert p.returncode == 2 and "budget_minutes and budgets both given" in p.stderr
+    path.write_text(yaml.safe_dump({"base": "x", "out": "o", "report": "r.md",
+                                    "runs": [{"name": "a", "budgets": [5]}]}))
+    p = run(["launch/study.py", "--config", str(path)])
+    assert p.returncode == 2 and "runs[0].budgets: only in a study with `budgets`" in p.stderr
+    path.write_text(yaml.safe_dump({"base": "x", "out": "o", "report": "r.md", "runs": [{"name": "a", "seed": 1}]}))
+    p = run(["launch/study.py", "--config", str(path)])
+    assert p.returncode == 2 and "runs[0]: unknown key(s) seed" in p.stderr
+
+
+def test_gap_trend_finds_where_a_closing_gap_reaches_zero():
+    from bidvl.study_scaling import gap_trend, trend_text
+
+    a, b, cross = gap_trend([(10, 4.0), (30, 2.0), (90, 0.5)])
+    assert b < 0 < a and cross == pytest.approx(math.exp(-a / b))
+    assert 90 < cross < 200  # 4 -> 2 -> 0.5 per factor 3: zero a little after 90
+    assert gap_trend([(10, 1.0), (100, 1.0 + 2 * math.log(10))])[:2] == pytest.approx((1 - 2 * math.log(10), 2.0))
+    assert gap_trend([(10, 1.0), (100, 3.0)])[2] is None  # widening: no crossing
+    assert gap_trend([(10, 1.0)]) is None
+    assert trend_text([(10, 1.0), (100, 3.0)]).startswith("not closing")
+    assert trend_text([(10, 1.0), (100, -0.5)]) == "the method is ahead at 100 min"
+    assert "zero at ~" in trend_text([(10, 4.0), (30, 2.0), (90, 0.5)])
+
+
+@pytest.mark.slow
+def test_scaling_study_resumes_each_run_from_budget_to_budget(tmp_path, digits16, features):
+    """`budgets`: each run trains to the first budget, is evaluated, then resumes in its folder to
+    the next; extra seeds at the first budget only are one method with their seed-0 run."""
+    budgets = [0.01, 0.03]
+    study = {
+        "title": "tiny scaling", "base": str(REPO / "configs/digits.yaml"), "out": str(tmp_path / "runs"),
+        "report": str(tmp_path / "docs" / "scaling.md"), "budgets": budgets, "parallel": 2,
+        "common": [*TINY, f"data.train={digits16}", "train.max_steps=100000", "eval.every=0",
+                   "checkpoint.every=5"],
+        "eval": {"num_samples": 200, "features": str(features), "batch_size": 100},
+        "runs": [{"name": "bidvl_offset", "overrides": []},
+                 {"name": "vae", "overrides": ["objective.name=vae"]},
+                 {"name": "vae_seed1", "method": "vae", "budgets": budgets[:1],
+                  "overrides": ["objective.name=vae", "run.seed=1"]}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    p = run(["launch/study.py", "--config", str(path)])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for name in ("bidvl_offset", "vae"):
+        first, second = (json.loads((tmp_path / "runs" / name / f"study_result_{b:g}min.json").read_text())
+                         for b in budgets)
+        assert first["budget_used_min"] >= 0.01 and second["budget_used_min"] >= 0.03
+        assert second["steps"] > first["steps"] and second["budget_min"] == 0.03
+        assert {"eval/fid", "eval/rmse", "eval/auroc_uniform"} <= set(second["scalars"])
+        log = (tmp_path / "runs" / name / "study.log").read_text()
+        assert f"resumed from" in log and f"at step {first['steps']}" in log  # not retrained from step 0
+        assert (tmp_path / "runs" / name / "samples_0.01min.png").is_file()
+    assert not (tmp_path / "runs/vae_seed1/study_result_0.03min.json").exists()
+    assert json.loads((tmp_path / "runs/vae_seed1/study_result_0.01min.json").read_text())["method"] == "vae"
+    report = (tmp_path / "docs" / "scaling.md").read_text()
+    assert "| vae | 0.01 | 2 |" in report  # two seeds of the VAE at the first budget: mean ± sd
+    assert "| bidvl_offset | FID-style score |" in report and "gap at 0.03 min" in report
+    assert (tmp_path / "docs/images/scaling/scaling.png").stat().st_size > 10_000
+    p = run(["launch/study.py", "--config", str(path)])
+    assert p.returncode == 0 and p.stdout.count("finished earlier: skipped") == 5

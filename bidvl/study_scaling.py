@@ -1,0 +1,177 @@
+"""The report of a compute-scaling study: `launch/study.py` with `budgets` (see bidvl/study.py).
+
+Every (run, budget) point in one table; the mean and spread of each method at each budget (runs of
+one method are its seeds); against the method named `vae`, the gap per budget and its trend; and
+one figure of the FID-style score, the test RMSE and the noise AUROC against training minutes.
+
+The trend: the gap g (how much worse the method is than the VAE: FID or RMSE minus the VAE's,
+the VAE's AUROC minus the method's) fitted by least squares as g = a + b ln(minutes) through the
+budgets' mean gaps. With b < 0 < a it reaches zero at exp(-a / b) minutes: where the method would
+catch up if the trend held. Three budgets make a crude line; the report says so next to it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from bidvl.study import fmt, metrics_note, ood_names, report_header, write_keeping_findings
+
+REFERENCE = "vae"
+# (scalar, label, lower is better)
+METRICS = [("eval/fid", "FID-style score", True), ("eval/rmse", "test RMSE (batch stats)", True),
+           ("eval/auroc_uniform", "AUROC vs uniform noise", False)]
+
+
+def by_method(results: list[dict]) -> dict[str, dict[float, list[dict]]]:
+    """{method: {budget: [results]}} in the study's order."""
+    groups: dict[str, dict[float, list[dict]]] = {}
+    for r in results:
+        groups.setdefault(r["method"], {}).setdefault(float(r["budget_min"]), []).append(r)
+    return {m: dict(sorted(b.items())) for m, b in groups.items()}
+
+
+def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (None with fewer than two values)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def values(runs: list[dict], key: str) -> list[float]:
+    return [r["scalars"][key] for r in runs if r["scalars"].get(key) is not None]
+
+
+def gap_trend(points: list[tuple[float, float]]) -> tuple[float, float, float | None] | None:
+    """Least-squares g = a + b ln(t) through (t, g) points; returns (a, b, t where g = 0 or None).
+    The gap is positive where the method is behind, so it closes when b < 0; only then is a
+    crossing given."""
+    if len(points) < 2:
+        return None
+    xs, gs = [math.log(t) for t, _ in points], [g for _, g in points]
+    mx, mg = statistics.fmean(xs), statistics.fmean(gs)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    b = sum((x - mx) * (g - mg) for x, g in zip(xs, gs)) / sxx
+    a = mg - b * mx
+    cross = math.exp(-a / b) if b < 0 and -a / b < 700 else None
+    return a, b, cross
+
+
+def trend_text(points: list[tuple[float, float]]) -> str:
+    fit = gap_trend(points)
+    if fit is None:
+        return "—"
+    a, b, cross = fit
+    last = points[-1][1]
+    if last <= 0:
+        return f"the method is ahead at {points[-1][0]:g} min"
+    per = f"{b:+.3g} per e-fold of minutes"
+    if cross is None:
+        return f"not closing ({per})"
+    return f"closing ({per}); zero at ~{cross:,.0f} min"
+
+
+def plot_scaling(groups: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.2))
+    for (key, label, lower), ax in zip(METRICS, axes):
+        for i, (method, budgets) in enumerate(groups.items()):
+            color = f"C{i}"
+            xs, means, sds = [], [], []
+            for runs in budgets.values():
+                vals = values(runs, key)
+                if not vals:
+                    continue
+                minutes = statistics.fmean(r["budget_used_min"] for r in runs)
+                mean, sd = mean_sd(vals)
+                xs.append(minutes), means.append(mean), sds.append(sd or 0.0)
+                ax.scatter([r["budget_used_min"] for r in runs if r["scalars"].get(key) is not None], vals,
+                           color=color, alpha=0.35, s=14)
+            if xs:
+                ax.errorbar(xs, means, yerr=sds, color=color, marker="o", capsize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("training minutes (budget clock)")
+        ax.set_title(f"{label} ({'lower' if lower else 'higher'} is better)", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_scaling_report(study: dict, results: list[dict]) -> Path:
+    report = Path(study["report"])
+    images = report.parent / "images" / report.stem
+    images.mkdir(parents=True, exist_ok=True)
+    groups = by_method(results)
+    plot_scaling(groups, images / "scaling.png")
+    oods = ood_names(results)
+    budgets = ", ".join(f"{b:g}" for b in study["budgets"])
+    lines = report_header(study, f"training budgets of **{budgets} min** (each run resumed from one budget "
+                                 "to the next: its earlier points are the shorter runs)")
+    lines += ["## Every run at every budget", ""]
+    head = ["method", "run", "budget (min)", "steps", "train min (budget clock / wall)",
+            results[0]["fid_label"].split(" (")[0] or "FID", "test RMSE (batch stats)",
+            "test RMSE (running stats)"] + [f"AUROC {n}" for n in oods]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, by_budget in groups.items():
+        for budget, runs in by_budget.items():
+            for r in runs:
+                s = r["scalars"]
+                row = [method, r["name"], f"{budget:g}", str(r["steps"]),
+                       f"{r['budget_used_min']:.1f} / {r['train_wall_min']:.1f}", fmt(s.get("eval/fid")),
+                       fmt(s.get("eval/rmse")), fmt(s.get("eval/rmse_running_stats"))]
+                lines.append("| " + " | ".join(row + [fmt(s.get(f"eval/auroc_{n}")) for n in oods]) + " |")
+    lines += ["", "## Mean and spread per method and budget", "",
+              "Mean ± sample standard deviation over the method's runs (seeds) at that budget; n runs.", "",
+              "| method | budget (min) | n | " + " | ".join(label for _, label, _ in METRICS) + " |",
+              "|---|---|---|" + "---|" * len(METRICS)]
+    for method, by_budget in groups.items():
+        for budget, runs in by_budget.items():
+            cells = []
+            for key, _, _ in METRICS:
+                mean, sd = mean_sd(values(runs, key))
+                cells.append(fmt(mean) + ("" if sd is None else f" ± {sd:.2g}"))
+            lines.append(f"| {method} | {budget:g} | {len(runs)} | " + " | ".join(cells) + " |")
+    if REFERENCE in groups and len(groups) > 1:
+        lines += ["", f"## Against the VAE: the gap per budget and its trend", "",
+                  "Gap: how much worse than the VAE (FID-style and RMSE: the method's minus the VAE's; "
+                  "AUROC: the VAE's minus the method's), from the means above. Trend: least squares "
+                  "gap = a + b ln(minutes); where it is closing, the minutes at which the line reaches zero "
+                  "(an extrapolation through few points, not a prediction).", "",
+                  "| method | figure | " + " | ".join(f"gap at {b:g} min" for b in study["budgets"]) + " | trend |",
+                  "|---|---|" + "---|" * len(study["budgets"]) + "---|"]
+        ref = groups[REFERENCE]
+        for method, by_budget in groups.items():
+            if method == REFERENCE:
+                continue
+            for key, label, lower in METRICS:
+                points, cells = [], []
+                for budget in study["budgets"]:
+                    ours, theirs = (mean_sd(values(g.get(budget, []), key))[0] for g in (by_budget, ref))
+                    if ours is None or theirs is None:
+                        cells.append("—")
+                        continue
+                    gap = ours - theirs if lower else theirs - ours
+                    points.append((budget, gap))
+                    cells.append(f"{gap:+.4g}")
+                lines.append(f"| {method} | {label} | " + " | ".join(cells) + f" | {trend_text(points)} |")
+    lines += ["", f"![figures against training minutes]({images.name}/scaling.png)", "", metrics_note(results), ""]
+    lines += ["| run | budget (min) | samples | test images and reconstructions (pairs) |", "|---|---|---|---|"]
+    for r in results:
+        name = f"{r['name']}_{float(r['budget_min']):g}min"
+        for kind in ("samples", "reconstructions"):
+            src = Path(study["out"]) / r["name"] / f"{kind}_{float(r['budget_min']):g}min.png"
+            if src.is_file():
+                (images / f"{name}_{kind}.png").write_bytes(src.read_bytes())
+        lines.append(f"| {r['name']} | {float(r['budget_min']):g} | ![]({images.name}/{name}_samples.png) | "
+                     f"![]({images.name}/{name}_reconstructions.png) |")
+    return write_keeping_findings(report, lines)
