@@ -1,6 +1,8 @@
 """Shared by the test files: the tiny-run overrides and the 16 px digits shards (built once)."""
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +33,25 @@ def train_tiny(run, shards, *overrides) -> Path:
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Path(run)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> tuple[int, str, str]:
+    """Waits for `proc` (started with start_new_session=True); on timeout kills its whole session
+    and fails the test: (returncode, stdout, stderr)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"hung for more than {timeout} s; stderr tail:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def run_bounded(cmd, timeout: float, env=ENV) -> tuple[int, str, str]:
+    """Runs `cmd` in its own session, bounded by `timeout` (see `finish`)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    return finish(proc, timeout)
 
 
 def weights(run) -> dict:

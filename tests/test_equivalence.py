@@ -307,13 +307,16 @@ def reference_triangle_step(netE, netI, netG, v, h, names):
     def reparametrize(mu, log_sigma):
         return torch.randn_like(mu).mul(torch.exp(log_sigma.mul(0.5))).add_(mu)
 
+    def update(net, opt, loss):  # each net: backward, clip at 100, step
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 100)
+        recorded_step(opt, names(net), grads)
+
     netE.zero_grad()
     E_T = torch.mean(netE(v))
     samples = netG(noise)
     errE = E_T - torch.mean(netE(samples.detach()))
-    errE.backward()
-    torch.nn.utils.clip_grad_norm_(netE.parameters(), 100)
-    recorded_step(optE, names(netE), grads)
+    update(netE, optE, errE)
 
     netI.zero_grad()
     mu, log_sigma = netI(v)
@@ -321,9 +324,7 @@ def reference_triangle_step(netE, netI, netG, v, h, names):
     errKld = -0.5 * torch.mean(1 + log_sigma - mu.pow(2) - log_sigma.exp())
     mu_gen, log_sigma_gen = netI(samples.detach())
     errI = 1.0 * (errRecon + errKld) + 0.1 * torch.mean(nll(noise, mu_gen, log_sigma_gen))
-    errI.backward()
-    torch.nn.utils.clip_grad_norm_(netI.parameters(), 100)
-    recorded_step(optI, names(netI), grads)
+    update(netI, optI, errI)
 
     netG.zero_grad()
     mu, log_sigma = netI(v)
@@ -331,9 +332,7 @@ def reference_triangle_step(netE, netI, netG, v, h, names):
     E_F = torch.mean(netE(samples))
     mu_gen, log_sigma_gen = netI(samples)
     errG = 1.0 * errRecon + E_F + 0.1 * torch.mean(nll(noise, mu_gen, log_sigma_gen))
-    errG.backward()
-    torch.nn.utils.clip_grad_norm_(netG.parameters(), 100)
-    recorded_step(optG, names(netG), grads)
+    update(netG, optG, errG)
     return grads
 
 

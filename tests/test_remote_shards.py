@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, ENV, REPO, TINY, weights
+from conftest import BIN, ENV, REPO, TINY, finish, weights
 from bidvl.checkpoint import complete_checkpoints, step_of, verify
 from bidvl.config import ConfigError, load_config
 from bidvl.data import ShardError, ShardStream, eval_stream, split_info, train_stream
@@ -398,16 +398,6 @@ def start(cmd, env=TWO):
                             start_new_session=True)
 
 
-def finish(proc, timeout=240):
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"hung for more than {timeout} s; stderr tail:\n{err[-3000:]}")
-    return proc.returncode, out, err
-
-
 def same_weights(a, b):
     a, b = weights(a), weights(b)
     assert a.keys() == b.keys()
@@ -418,7 +408,7 @@ def same_weights(a, b):
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, digits16):
     run = tmp_path_factory.mktemp("local") / "run"
-    code, _, err = finish(start(two_ranks(run, digits16)))
+    code, _, err = finish(start(two_ranks(run, digits16)), 240)
     assert code == 0, err[-3000:]
     return run
 
@@ -430,7 +420,7 @@ def test_two_ranks_from_a_url_through_a_server_restart_equal_the_local_folder(tm
     run = tmp_path / "run"
     proc = start(two_ranks(run, server.url("digits16"), "data.net_backoff=0.5"))
     server.stop_after(20, restart_after=2.0)
-    code, _, err = finish(proc)
+    code, _, err = finish(proc, 240)
     assert code == 0, err[-3000:]
     assert "retrying in" in err and server.url("digits16/train-") in err, err[-3000:]
     same_weights(local_run, run)
@@ -462,7 +452,7 @@ def test_a_run_killed_while_reading_from_a_url_resumes_bit_exactly_from_a_pipe_t
     killed_at = step_of(complete_checkpoints(run)[-1])
     assert 0 < killed_at < STEPS and not (run / "model").exists()
     server.release()
-    code, out, err = finish(start(two_ranks(run, f"pipe:cat {digits16}/{{}}")))
+    code, out, err = finish(start(two_ranks(run, f"pipe:cat {digits16}/{{}}")), 240)
     assert code == 0, err[-3000:]
     assert f"at step {killed_at}" in out + err
     same_weights(local_run, run)

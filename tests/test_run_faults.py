@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, ENV, REPO, TINY
+from conftest import BIN, ENV, REPO, TINY, run_bounded
 from bidvl import checkpoint
 from bidvl.checkpoint import CheckpointError, complete_checkpoints, step_name, verify
 from bidvl.config import load_config
@@ -39,19 +39,6 @@ def leftover(run) -> list[str]:
     """Processes still running with this run folder on their command line (trainers, workers)."""
     p = subprocess.run(["pgrep", "-af", f"run.dir={run}"], capture_output=True, text=True)
     return [line for line in p.stdout.splitlines() if "pgrep" not in line]
-
-
-def run_bounded(cmd, timeout, env=ENV):
-    """Runs in its own session; on timeout kills the whole session and fails the test."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"hung for more than {timeout} s; stderr tail:\n{err[-3000:]}")
-    return proc.returncode, out, err
 
 
 def truncated_copy(src: Path, dst: Path) -> Path:

@@ -131,11 +131,7 @@ def split_info(folder: str | os.PathLike, split: str, net=None, count: int = 0, 
     names = [s["name"] for s in info["shards"]]
     if remote.is_remote(source):
         shards = [remote.member(source, name) for name in names]
-        for url in shards:
-            try:
-                remote.check_exists(url, net)
-            except remote.NotFound as exc:
-                raise ShardError(f"shard {exc} (listed in {where})") from None
+        _check_remote(shards, net, f"listed in {where}")
     else:
         shards = [Path(remote.local_path(source)) / name for name in names]
         _check_local(shards, "listed in meta.json")
@@ -148,6 +144,17 @@ def _check_local(paths, why: str) -> None:
             raise ShardError(f"shard {p} {why} is missing")
         if not p.is_file():
             raise ShardError(f"shard {p} {why} is not a regular file")
+
+
+def _check_remote(urls, net, why: str) -> None:
+    """HEAD-checks http(s) shards (other remote sources cannot be checked without reading them)."""
+    from . import remote
+
+    for url in urls:
+        try:
+            remote.check_exists(url, net)
+        except remote.NotFound as exc:
+            raise ShardError(f"shard {exc} ({why})") from None
 
 
 def _list_info(source: str, split: str, net, count: int, resolution: int, channels: int):
@@ -182,11 +189,7 @@ def _list_info(source: str, split: str, net, count: int, resolution: int, channe
                                             "shards": [{"name": remote.basename(u), "count": c}
                                                        for u, c in zip(urls, counts)]}}}
     if remote_list:
-        for url in urls:
-            try:
-                remote.check_exists(url, net)
-            except remote.NotFound as exc:
-                raise ShardError(f"shard {exc} (listed in {source})") from None
+        _check_remote(urls, net, f"listed in {source}")
     else:
         _check_local(shards, f"of {source}")
     return meta, shards, counts
