@@ -281,6 +281,21 @@ def test_two_processes_equal_one_process_on_the_joint_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_divergence_triangle_on_two_processes_equals_one_process(tmp_path):
+    """The triangle's three per-net updates (energy net, then encoder, then generator, each its own
+    backward, all-reduce, clip at 100 and step) under DDP: two half batches end where the joint
+    batch does, after 3 steps. Han et al.'s nets and settings (configs/cifar10_triangle.yaml)."""
+    triangle = ["--eval-mode", "objective.name=divergence_triangle", "model.arch=triangle", "model.init=triangle",
+                "model.spectral_norm=false", "model.energy_output=identity", "objective.w_latent=0.1",
+                "train.grad_clip=100", "train.latent_optim.weight_decay=5e-4", "train.encoder_weight_decay=0"]
+    one = joint_batch(tmp_path, "one", 1, *triangle)
+    two = joint_batch(tmp_path, "two", 2, *triangle)
+    assert max_difference(one, two) < 1e-6
+    untrained = joint_batch(tmp_path, "untrained", 1, *triangle[:1], "--steps", "0", *triangle[1:])
+    assert max_difference(one, untrained) > 1e-4  # the steps moved the weights
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="SyncBatchNorm needs a GPU")
 def test_sync_batchnorm_two_processes_equal_one_process_on_the_joint_batch(tmp_path):
     """Nets in train mode: with model.sync_batchnorm=true, two processes (sharing one GPU over gloo)
