@@ -74,7 +74,7 @@ def trend_text(points: list[tuple[float, float]]) -> str:
     return f"closing ({per}); zero at ~{cross:,.0f} min"
 
 
-def plot_scaling(groups: dict, path: Path) -> None:
+def plot_scaling(groups: dict, budgets: list[float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,10 +82,10 @@ def plot_scaling(groups: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.2))
     for (key, label, lower), ax in zip(METRICS, axes):
-        for i, (method, budgets) in enumerate(groups.items()):
+        for i, (method, by_budget) in enumerate(groups.items()):
             color = f"C{i}"
             xs, means, sds = [], [], []
-            for runs in budgets.values():
+            for runs in by_budget.values():
                 vals = values(runs, key)
                 if not vals:
                     continue
@@ -97,6 +97,8 @@ def plot_scaling(groups: dict, path: Path) -> None:
             if xs:
                 ax.errorbar(xs, means, yerr=sds, color=color, marker="o", capsize=3, label=method)
         ax.set_xscale("log")
+        ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.minorticks_off()
         ax.set_xlabel("training minutes (budget clock)")
         ax.set_title(f"{label} ({'lower' if lower else 'higher'} is better)", fontsize=10)
         ax.grid(alpha=0.3)
@@ -112,11 +114,12 @@ def write_scaling_report(study: dict, results: list[dict]) -> Path:
     images = report.parent / "images" / report.stem
     images.mkdir(parents=True, exist_ok=True)
     groups = by_method(results)
-    plot_scaling(groups, images / "scaling.png")
+    plot_scaling(groups, study["budgets"], images / "scaling.png")
     oods = ood_names(results)
     budgets = ", ".join(f"{b:g}" for b in study["budgets"])
-    lines = report_header(study, f"training budgets of **{budgets} min** (each run resumed from one budget "
-                                 "to the next: its earlier points are the shorter runs)")
+    lines = report_header(study, f"training budgets of **{budgets} min**")
+    lines += ["Each run is evaluated at a budget, then resumed in its folder to the next: its point at a "
+              "later budget is the run that budget alone would give (exact resume; the clock decides the last step).", ""]
     lines += ["## Every run at every budget", ""]
     head = ["method", "run", "budget (min)", "steps", "train min (budget clock / wall)",
             results[0]["fid_label"].split(" (")[0] or "FID", "test RMSE (batch stats)",
