@@ -119,7 +119,8 @@ def write_scaling_report(study: dict, results: list[dict]) -> Path:
     budgets = ", ".join(f"{b:g}" for b in study["budgets"])
     lines = report_header(study, f"training budgets of **{budgets} min**")
     lines += ["Each run is evaluated at a budget, then resumed in its folder to the next: its point at a "
-              "later budget is the run that budget alone would give (exact resume; the clock decides the last step).", ""]
+              "later budget is the run that budget alone would give (exact resume; the clock decides the "
+              "last step).", ""]
     lines += ["## Every run at every budget", ""]
     head = ["method", "run", "budget (min)", "steps", "train min (budget clock / wall)",
             results[0]["fid_label"].split(" (")[0] or "FID", "test RMSE (batch stats)",
