@@ -5,9 +5,15 @@ one method are its seeds); against the method named `vae`, the gap per budget an
 one figure of the FID-style score, the test RMSE and the noise AUROC against training minutes.
 
 The trend: the gap g (how much worse the method is than the VAE: FID or RMSE minus the VAE's,
-the VAE's AUROC minus the method's) fitted by least squares as g = a + b ln(minutes) through the
-budgets' mean gaps. With b < 0 < a it reaches zero at exp(-a / b) minutes: where the method would
-catch up if the trend held. Three budgets make a crude line; the report says so next to it.
+the VAE's AUROC minus the method's) fitted by least squares as g = a + b ln(minutes). With
+b < 0 < a it reaches zero at exp(-a / b) minutes: where the method would catch up if the trend held.
+Three budgets make a crude line; the report says so next to it.
+
+Like with like: a method's mean trend is fitted only through the budgets that all its runs reach
+(extra seeds often stop at the first budget; a mean of three seeds at 10 minutes and of one at 90 is
+a change of runs, not of minutes). When a method has several runs, each also gets its own row: its
+value against the VAE's mean at each of its budgets, and its own trend. The figure draws every run
+as its own line, and the means with their spread as points.
 """
 
 from __future__ import annotations
@@ -41,6 +47,61 @@ def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 def values(runs: list[dict], key: str) -> list[float]:
     return [r["scalars"][key] for r in runs if r["scalars"].get(key) is not None]
+
+
+def run_curves(by_budget: dict[float, list[dict]], key: str) -> dict[str, list[tuple[float, float]]]:
+    """{run name: [(minutes used, value), ...]} over the budgets each run reached."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for runs in by_budget.values():
+        for r in runs:
+            if r["scalars"].get(key) is not None:
+                curves.setdefault(r["name"], []).append((r["budget_used_min"], r["scalars"][key]))
+    return curves
+
+
+def common_budgets(by_budget: dict[float, list[dict]]) -> list[float]:
+    """The budgets that every run of the method reached."""
+    names = {r["name"] for runs in by_budget.values() for r in runs}
+    return [b for b, runs in by_budget.items() if {r["name"] for r in runs} == names]
+
+
+def gap_rows(groups: dict, budgets: list[float], reference: str = REFERENCE) -> list[dict]:
+    """The gap table, one dict per row: `method`, `run` ("mean" or a run's name), `label`, `cells`
+    ({budget: (gap, n runs)}) and `trend` (the (minutes, gap) points the trend goes through).
+    Gap: how much worse than the reference's mean at that budget (see the module docstring)."""
+    ref, rows = groups[reference], []
+    for method, by_budget in groups.items():
+        if method == reference:
+            continue
+        common = set(common_budgets(by_budget))
+        names = list(dict.fromkeys(r["name"] for runs in by_budget.values() for r in runs))
+        for key, label, lower in METRICS:
+            def gap(ours: float | None, budget: float) -> float | None:
+                theirs = mean_sd(values(ref.get(budget, []), key))[0]
+                if ours is None or theirs is None:
+                    return None
+                return ours - theirs if lower else theirs - ours
+
+            cells = {}
+            for budget in budgets:
+                vals = values(by_budget.get(budget, []), key)
+                g = gap(mean_sd(vals)[0], budget)
+                if g is not None:
+                    cells[budget] = (g, len(vals))
+            rows.append({"method": method, "run": "mean", "label": label, "cells": cells,
+                         "trend": [(b, g) for b, (g, _) in cells.items() if b in common]})
+            if len(names) < 2:
+                continue
+            for name in names:
+                cells = {}
+                for budget in budgets:
+                    vals = values([r for r in by_budget.get(budget, []) if r["name"] == name], key)
+                    g = gap(vals[0] if vals else None, budget)
+                    if g is not None:
+                        cells[budget] = (g, 1)
+                rows.append({"method": method, "run": name, "label": label, "cells": cells,
+                             "trend": [(b, g) for b, (g, _) in cells.items()]})
+    return rows
 
 
 def gap_trend(points: list[tuple[float, float]]) -> tuple[float, float, float | None] | None:
@@ -84,18 +145,18 @@ def plot_scaling(groups: dict, budgets: list[float], path: Path) -> None:
     for (key, label, lower), ax in zip(METRICS, axes):
         for i, (method, by_budget) in enumerate(groups.items()):
             color = f"C{i}"
+            for run_name, points in run_curves(by_budget, key).items():
+                ax.plot(*zip(*points), color=color, alpha=0.45, lw=1, marker=".", ms=5)
             xs, means, sds = [], [], []
             for runs in by_budget.values():
                 vals = values(runs, key)
-                if not vals:
-                    continue
-                minutes = statistics.fmean(r["budget_used_min"] for r in runs)
-                mean, sd = mean_sd(vals)
-                xs.append(minutes), means.append(mean), sds.append(sd or 0.0)
-                ax.scatter([r["budget_used_min"] for r in runs if r["scalars"].get(key) is not None], vals,
-                           color=color, alpha=0.35, s=14)
+                if vals:
+                    mean, sd = mean_sd(vals)
+                    xs.append(statistics.fmean(r["budget_used_min"] for r in runs))
+                    means.append(mean), sds.append(sd or 0.0)
             if xs:
-                ax.errorbar(xs, means, yerr=sds, color=color, marker="o", capsize=3, label=method)
+                ax.errorbar(xs, means, yerr=sds, color=color, marker="o", ms=7, capsize=4, linestyle="none",
+                            label=f"{method}: mean ± sd; lines: each run")
         ax.set_xscale("log")
         ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
         ax.minorticks_off()
@@ -146,28 +207,20 @@ def write_scaling_report(study: dict, results: list[dict]) -> Path:
                 cells.append(fmt(mean) + ("" if sd is None else f" ± {sd:.2g}"))
             lines.append(f"| {method} | {budget:g} | {len(runs)} | " + " | ".join(cells) + " |")
     if REFERENCE in groups and len(groups) > 1:
-        lines += ["", f"## Against the VAE: the gap per budget and its trend", "",
-                  "Gap: how much worse than the VAE (FID-style and RMSE: the method's minus the VAE's; "
-                  "AUROC: the VAE's minus the method's), from the means above. Trend: least squares "
-                  "gap = a + b ln(minutes); where it is closing, the minutes at which the line reaches zero "
-                  "(an extrapolation through few points, not a prediction).", "",
-                  "| method | figure | " + " | ".join(f"gap at {b:g} min" for b in study["budgets"]) + " | trend |",
-                  "|---|---|" + "---|" * len(study["budgets"]) + "---|"]
-        ref = groups[REFERENCE]
-        for method, by_budget in groups.items():
-            if method == REFERENCE:
-                continue
-            for key, label, lower in METRICS:
-                points, cells = [], []
-                for budget in study["budgets"]:
-                    ours, theirs = (mean_sd(values(g.get(budget, []), key))[0] for g in (by_budget, ref))
-                    if ours is None or theirs is None:
-                        cells.append("—")
-                        continue
-                    gap = ours - theirs if lower else theirs - ours
-                    points.append((budget, gap))
-                    cells.append(f"{gap:+.4g}")
-                lines.append(f"| {method} | {label} | " + " | ".join(cells) + f" | {trend_text(points)} |")
+        lines += ["", "## Against the VAE: the gap per budget and its trend", "",
+                  "Gap: how much worse than the VAE's mean at that budget (FID-style and RMSE: the method's "
+                  "minus the VAE's; AUROC: the VAE's minus the method's); in brackets, how many of the "
+                  "method's runs the figure is the mean of. Trend: least squares gap = a + b ln(minutes); "
+                  "where it is closing, the minutes at which the line reaches zero (an extrapolation "
+                  "through few points, not a prediction). A method's `mean` trend goes only through the "
+                  "budgets that all its runs reach; each run's row is that run alone.", "",
+                  "| method | run | figure | " + " | ".join(f"gap at {b:g} min" for b in study["budgets"])
+                  + " | trend |", "|---|---|---|" + "---|" * len(study["budgets"]) + "---|"]
+        for row in gap_rows(groups, study["budgets"]):
+            cells = [("—" if b not in row["cells"] else f"{row['cells'][b][0]:+.4g}"
+                      + (f" ({row['cells'][b][1]})" if row["run"] == "mean" else "")) for b in study["budgets"]]
+            lines.append(f"| {row['method']} | {row['run']} | {row['label']} | " + " | ".join(cells)
+                         + f" | {trend_text(row['trend'])} |")
     lines += ["", f"![figures against training minutes]({images.name}/scaling.png)", "", metrics_note(results), ""]
     lines += ["| run | budget (min) | samples | test images and reconstructions (pairs) |", "|---|---|---|---|"]
     for r in results:

@@ -120,6 +120,30 @@ def test_gap_trend_finds_where_a_closing_gap_reaches_zero():
     assert "zero at ~" in trend_text([(10, 4.0), (30, 2.0), (90, 0.5)])
 
 
+def test_gap_rows_fit_a_method_mean_only_through_budgets_all_its_runs_reach():
+    """Three seeds at 10 minutes and one at 10, 30, 90: the mean's trend must not read the change of
+    runs between 10 and 30 minutes as a change with minutes; each run gets its own row and trend."""
+    from bidvl.study_scaling import by_method, gap_rows
+
+    def point(name, method, budget, fid, rmse=0.2, auroc=1.0):
+        return {"name": name, "method": method, "budget_min": budget, "budget_used_min": budget,
+                "scalars": {"eval/fid": fid, "eval/rmse": rmse, "eval/auroc_uniform": auroc}}
+
+    results = [point("b", "b", 10, 24), point("b", "b", 30, 24), point("b", "b", 90, 30),
+               point("b1", "b", 10, 9), point("b2", "b", 10, 6),
+               point("vae", "vae", 10, 14), point("vae", "vae", 30, 12), point("vae", "vae", 90, 10),
+               point("vae1", "vae", 10, 12)]
+    rows = [r for r in gap_rows(by_method(results), [10, 30, 90]) if r["label"] == "FID-style score"]
+    assert [r["run"] for r in rows] == ["mean", "b", "b1", "b2"]
+    mean, b, b1, _ = rows
+    assert mean["cells"] == {10: (pytest.approx(13 - 13), 3), 30: (12, 1), 90: (20, 1)}
+    assert mean["trend"] == [(10, pytest.approx(0))]  # only 10 min holds all three runs
+    assert b["cells"] == {10: (11, 1), 30: (12, 1), 90: (20, 1)} and len(b["trend"]) == 3
+    assert b1["cells"] == {10: (-4, 1)} and b1["trend"] == [(10, -4)]
+    auroc = [r for r in gap_rows(by_method(results), [10, 30, 90]) if r["label"] == "AUROC vs uniform noise"]
+    assert auroc[0]["cells"][10] == (0.0, 3)  # the VAE's minus the method's
+
+
 @pytest.mark.slow
 def test_scaling_study_resumes_each_run_from_budget_to_budget(tmp_path, digits16, features):
     """`budgets`: each run trains to the first budget, is evaluated, then resumes in its folder to
@@ -153,7 +177,7 @@ def test_scaling_study_resumes_each_run_from_budget_to_budget(tmp_path, digits16
     assert json.loads((tmp_path / "runs/vae_seed1/study_result_0.01min.json").read_text())["method"] == "vae"
     report = (tmp_path / "docs" / "scaling.md").read_text()
     assert "| vae | 0.01 | 2 |" in report  # two seeds of the VAE at the first budget: mean ± sd
-    assert "| bidvl_offset | FID-style score |" in report and "gap at 0.03 min" in report
+    assert "| bidvl_offset | mean | FID-style score |" in report and "gap at 0.03 min" in report
     assert (tmp_path / "docs/images/scaling/scaling.png").stat().st_size > 10_000
     p = run(["launch/study.py", "--config", str(path)])
     assert p.returncode == 0 and p.stdout.count("finished earlier: skipped") == 5
