@@ -101,3 +101,380 @@ def test_a_resume_compares_auto_keys_as_resolved_and_old_configs_as_the_old_code
         del written[section][name]
     (dcgan_old / "config.yaml").write_text(yaml.safe_dump(written))
     assert check_compatible(load_config(None, []), dcgan_old) == []  # DCGAN's auto is the old maths
+
+
+# ------------------------------------------------------------------ the Checkpointer in-process
+# The save / load / fallback / rollback paths are also run end to end by launch/train.py subprocesses
+# (tests/test_run_faults.py); these pin what each piece writes and says, in the test process, where
+# the mutation run (docs/testing.md) sees them.
+
+def _trainer(tmp_path, shards, *overrides):
+    from bidvl.config import load_config
+    from bidvl.engine import Trainer
+    from conftest import REPO, TINY
+
+    cfg = load_config(REPO / "configs/digits.yaml",
+                      [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={shards}", "train.ema=0.5", *overrides])
+    return Trainer(cfg)
+
+
+def _batch():
+    import torch
+
+    return [torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1]
+
+
+def _params(trainer):
+    return {f"{n}.{k}": p.detach().clone() for n, net in trainer.unwrapped.items() for k, p in net.named_parameters()}
+
+
+def _remanifest(folder):
+    """The manifest rewritten for the folder's files as they now are (as `save` writes it: before
+    the marker, and not listing itself)."""
+    (folder / checkpoint.MANIFEST).unlink()
+    marker = (folder / MARKER).read_text()
+    (folder / MARKER).unlink()
+    checkpoint._write_manifest(folder)
+    (folder / MARKER).write_text(marker)
+
+
+def _same(a, b):
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tmp_path, digits16):
+    import torch
+    from safetensors.torch import load_file
+
+    from bidvl.config import load_config, to_yaml
+
+    trainer = _trainer(tmp_path, digits16)
+    trainer.train_step(_batch())
+    trainer.state = TrainState(step=3, skipped_steps=2, skipped_in_a_row=1, rollbacks=1, budget_used_s=1.5,
+                               lr_scale=0.5)
+    saved, ema = _params(trainer), {k: t.clone() for k, t in trainer.ema.state_dict().items()}
+    folder = trainer.save_checkpoint()
+    assert folder == checkpoint.checkpoints_dir(tmp_path / "run") / "step_00000003"
+    assert not list(folder.parent.glob(".tmp_*"))
+    assert (folder / MARKER).read_text() == "3\n"
+    files = json.loads((folder / checkpoint.MANIFEST).read_text())["files"]
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert set(files) == on_disk - {checkpoint.MANIFEST, MARKER}
+    assert {*checkpoint.CHECKPOINT_FILES, "replicas.json", checkpoint.TRAIN_STATE_FILE, "config.yaml",
+            checkpoint.EMA_FILE} <= set(files)
+    for name, entry in files.items():
+        assert entry == {"size": (folder / name).stat().st_size, "sha256": checkpoint.file_sha256(folder / name)}
+    assert checkpoint.verify(folder) is True
+    state = TrainState.read(folder / checkpoint.TRAIN_STATE_FILE)
+    assert state == TrainState(step=3, skipped_steps=2, skipped_in_a_row=1, rollbacks=1, budget_used_s=1.5,
+                               lr_scale=0.5, world_size=1)
+    assert json.loads((folder / "replicas.json").read_text()) == {
+        "sha256": [checkpoint.replica_digest(trainer.unwrapped.values())]}
+    assert (folder / "config.yaml").read_text() == to_yaml(trainer.cfg)
+    assert load_config(folder / "config.yaml") == trainer.cfg
+    assert all(torch.equal(load_file(folder / checkpoint.EMA_FILE)[k], t) for k, t in ema.items())
+
+    trainer.train_step(_batch())  # moves the nets and the EMA away from the checkpoint
+    assert not _same(saved, _params(trainer))
+    assert trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema) == state
+    assert _same(saved, _params(trainer))
+    assert all(torch.equal(trainer.ema.state_dict()[k], t) for k, t in ema.items())
+    trainer.close()
+
+
+def test_only_the_newest_checkpoint_keep_complete_ones_are_kept(tmp_path, digits16):
+    trainer = _trainer(tmp_path, digits16, "checkpoint.keep=2")
+    for step in (1, 2, 3):
+        trainer.state.step = step
+        trainer.save_checkpoint()
+        assert step_of(complete_checkpoints(tmp_path / "run")[-1]) == step
+    assert [step_of(p) for p in complete_checkpoints(tmp_path / "run")] == [2, 3]
+    folders = sorted(p.name for p in checkpoint.checkpoints_dir(tmp_path / "run").iterdir())
+    assert folders == [step_name(2), step_name(3)]
+    trainer.cfg.checkpoint.keep = 1
+    trainer.state.step = 4
+    trainer.save_checkpoint()
+    assert [step_of(p) for p in complete_checkpoints(tmp_path / "run")] == [4]
+    trainer.state.step = 4  # the same step again (a rollback that saves): replaced, still one
+    trainer.save_checkpoint()
+    assert [step_of(p) for p in complete_checkpoints(tmp_path / "run")] == [4]
+    trainer.close()
+
+
+def test_verify_names_the_first_bad_file_and_how_it_is_bad(tmp_path, digits16):
+    from bidvl.checkpoint import DamagedCheckpoint, verify
+
+    trainer = _trainer(tmp_path, digits16)
+    trainer.state.step = 1
+    folder = trainer.save_checkpoint()
+    trainer.close()
+    weights = folder / "model_1.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1])
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: model_1.safetensors has {len(data) - 1} "
+                                                rf"bytes, {len(data)} were written \(truncated or replaced\)$"):
+        verify(folder)
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, one bit flipped
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: model_1.safetensors does not match the "
+                                                r"sha256 written with it \(corrupted\)$"):
+        verify(folder)
+    weights.unlink()
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: model_1.safetensors is missing$"):
+        verify(folder)
+    weights.write_bytes(data)
+    assert verify(folder) is True
+    manifest = folder / checkpoint.MANIFEST
+    good = manifest.read_text()
+    for bad in ("{not json", json.dumps({"file": {}}), json.dumps({"files": {"a": {"size": 1}}}),
+                json.dumps({"files": {"a": {"size": "x", "sha256": "y"}}}), json.dumps({"files": ["a"]})):
+        manifest.write_text(bad)
+        with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: unreadable manifest.json \("):
+            verify(folder)
+    manifest.write_text(good)
+    manifest.unlink()
+    assert verify(folder) is False  # written before manifests: not verifiable, not damaged
+
+
+def test_resume_and_rollback_fall_back_past_a_damaged_checkpoint_or_stop_naming_it(tmp_path, digits16, capsys):
+    from bidvl.checkpoint import DamagedCheckpoint
+
+    trainer = _trainer(tmp_path, digits16)
+    trainer.train_step(_batch())
+    trainer.state.step = 1
+    first = trainer.save_checkpoint()
+    at_first = _params(trainer)
+    trainer.train_step(_batch())
+    trainer.state.step = 2
+    second = trainer.save_checkpoint()
+    weights = second / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    capsys.readouterr()
+    for load in (trainer.checkpointer.resume, trainer.checkpointer.rollback):
+        folder, state = load(trainer.unwrapped, trainer.ema)
+        assert folder == first and state.step == 1 and _same(at_first, _params(trainer))
+        err = capsys.readouterr().err
+        assert f"warning: checkpoint {second}: model.safetensors has" in err
+        assert "falling back to the previous complete checkpoint (checkpoint.on_damaged=fallback)" in err
+    trainer.cfg.checkpoint.on_damaged = "stop"
+    for load in (trainer.checkpointer.resume, trainer.checkpointer.rollback):
+        with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {second}: model.safetensors has"):
+            load(trainer.unwrapped, trainer.ema)
+    trainer.cfg.checkpoint.on_damaged = "fallback"
+    trainer.cfg.checkpoint.resume = str(second)  # a named checkpoint: no fallback to another one
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {second}: model.safetensors has"):
+        trainer.checkpointer.resume(trainer.unwrapped, trainer.ema)
+    trainer.cfg.checkpoint.resume = "auto"
+    (first / "train_state.json").write_text("{}")
+    with pytest.raises(DamagedCheckpoint, match=rf"^every complete checkpoint in {first.parent} is damaged \(newest: "
+                                                rf"checkpoint {second}: model.safetensors has .*\); move them away"):
+        trainer.checkpointer.resume(trainer.unwrapped, trainer.ema)
+    trainer.cfg.checkpoint.resume = "none"
+    assert trainer.checkpointer.resume(trainer.unwrapped, trainer.ema) is None
+    trainer.close()
+
+
+def test_a_load_checks_the_weights_against_replicas_json_and_reports_changes(tmp_path, digits16, capsys):
+    from bidvl.checkpoint import DamagedCheckpoint
+
+    trainer = _trainer(tmp_path, digits16)
+    trainer.state.step = 1
+    folder = trainer.save_checkpoint()
+    capsys.readouterr()
+    trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    assert capsys.readouterr().err == ""  # same config, same world size: nothing to say
+    state = json.loads((folder / checkpoint.TRAIN_STATE_FILE).read_text())
+    (folder / checkpoint.TRAIN_STATE_FILE).write_text(json.dumps({**state, "world_size": 4}))
+    _remanifest(folder)  # a consistent checkpoint trained on 4 processes
+    trainer.cfg.log.every = 7
+    trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    err = capsys.readouterr().err
+    assert f"resuming {folder} with a changed config:\n  log.every: 2 -> 7\n" in err
+    assert f"warning: {folder} was trained on 4 processes, this run has 1: the global batch becomes 1 x" in err
+    (folder / "replicas.json").write_text(json.dumps({"sha256": ["0" * 64]}) + "\n")
+    _remanifest(folder)
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: the loaded parameters do not match the "
+                                                r"digest in replicas.json$"):
+        trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    (folder / "replicas.json").write_text("[]")
+    _remanifest(folder)
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: cannot be loaded \(TypeError: "):
+        trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    (folder / checkpoint.MANIFEST).unlink()  # an older checkpoint: loads with a warning
+    digest = checkpoint.replica_digest(trainer.unwrapped.values())
+    (folder / "replicas.json").write_text(json.dumps({"sha256": [digest]}))
+    trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    assert (f"warning: checkpoint {folder} has no manifest.json (written by an older version): its files cannot "
+            "be verified") in capsys.readouterr().err
+    trainer.close()
+
+
+def test_a_failed_write_names_the_error_and_leaves_the_complete_checkpoints(tmp_path, digits16, monkeypatch):
+    import errno
+
+    from bidvl.checkpoint import CheckpointError
+
+    trainer = _trainer(tmp_path, digits16)
+    trainer.state.step = 1
+    good = trainer.save_checkpoint()
+    files = {p: p.read_bytes() for p in good.rglob("*") if p.is_file()}
+    run_ckpts = checkpoint.checkpoints_dir(tmp_path / "run")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/mnt/x/optimizer.bin")
+
+    monkeypatch.setattr(trainer.accelerator, "save_state", full)
+    trainer.state.step = 2
+    with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint step_00000002: ENOSPC \(No space left on "
+                                              rf"device\) at /mnt/x/optimizer.bin; the complete checkpoints in "
+                                              rf"{run_ckpts} are untouched$"):
+        trainer.save_checkpoint()
+    monkeypatch.undo()
+
+    def broken(folder):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", broken)
+    with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint step_00000002: EIO \(Input/output error\) "
+                                              rf"at {run_ckpts / '.tmp_step_00000002'}; the complete"):
+        trainer.save_checkpoint()
+    assert [p.name for p in run_ckpts.iterdir()] == [good.name]  # no temp folder left, the good one kept
+    assert {p: p.read_bytes() for p in good.rglob("*") if p.is_file()} == files
+    trainer.close()
+
+
+def test_the_run_lock_admits_one_run_names_the_holder_and_is_freed_by_release(tmp_path, digits16):
+    import os
+    import socket
+    from types import SimpleNamespace
+
+    from bidvl.checkpoint import CheckpointError, RunLock
+
+    main = SimpleNamespace(is_main_process=True, num_processes=1)
+    first, second = RunLock(main, tmp_path / "run"), RunLock(main, tmp_path / "run")
+    first.acquire()
+    holder = (tmp_path / "run" / ".lock").read_text()
+    assert holder.startswith(f"pid {os.getpid()} on host {socket.gethostname()}, since ")
+    with pytest.raises(CheckpointError, match=rf"^run.dir={tmp_path / 'run'} is in use by another training run "
+                                              rf"\(pid {os.getpid()} on host .*; lock {tmp_path / 'run' / '.lock'}\)"):
+        second.acquire()
+    assert (tmp_path / "run" / ".lock").read_text() == holder  # the refused run did not overwrite it
+    first.release()
+    first.release()  # twice is harmless
+    second.acquire()
+    second.release()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=rf"^run.dir={tmp_path / 'file' / 'run'}: cannot create "):
+        RunLock(main, tmp_path / "file" / "run").acquire()
+
+    trainer = _trainer(tmp_path, digits16)  # begin(): locks, then removes what a killed run left
+    partial = checkpoint.checkpoints_dir(tmp_path / "run") / ".tmp_step_00000009"
+    partial.mkdir(parents=True)
+    trainer.state.step = 1
+    kept = trainer.save_checkpoint()
+    trainer.checkpointer.begin()
+    assert not partial.exists() and is_complete_folder(kept)
+    with pytest.raises(CheckpointError, match="is in use by another training run"):
+        RunLock(main, tmp_path / "run").acquire()
+    trainer.close()  # releases
+    RunLock(main, tmp_path / "run").acquire()
+
+
+def is_complete_folder(folder):
+    return checkpoint.is_complete(folder) and checkpoint.verify(folder)
+
+
+def test_the_export_writes_each_net_with_its_step_atomically(tmp_path, digits16):
+    import torch
+    from safetensors import safe_open
+
+    from bidvl.config import to_yaml
+
+    trainer = _trainer(tmp_path, digits16)
+    trainer.train_step(_batch())
+    seen = []
+
+    def card(folder):
+        seen.append(folder)
+        (folder / "README.md").write_text("card")
+
+    out = trainer.checkpointer.export(7, trainer.unwrapped, trainer.ema, extra=card)
+    assert out == tmp_path / "run" / "model" and seen == [tmp_path / "run" / ".tmp_model"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*checkpoint.EXPORT_FILES, checkpoint.EMA_FILE,
+                                                            "config.yaml", "README.md"])
+    for name, net in trainer.unwrapped.items():
+        with safe_open(out / f"{name}.safetensors", "pt") as f:
+            assert f.metadata() == {"step": "7"}
+            state = net.state_dict()
+            assert set(f.keys()) == set(state)
+            assert all(torch.equal(f.get_tensor(k), state[k]) for k in f.keys())
+    assert (out / "config.yaml").read_text() == to_yaml(trainer.cfg)
+    (out / "stale.txt").write_text("from the export before")
+    trainer.checkpointer.export(8, trainer.unwrapped)  # replaces the whole folder
+    assert sorted(p.name for p in out.iterdir()) == sorted([*checkpoint.EXPORT_FILES, "config.yaml"])
+    assert not (tmp_path / "run" / ".tmp_model").exists()
+    trainer.close()
+
+
+def test_a_resume_refuses_other_nets_and_other_maths_but_allows_the_rest(tmp_path):
+    from bidvl.checkpoint import CheckpointError, check_compatible, config_changes
+    from bidvl.config import load_config, to_yaml
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(None, ["model.energy_width=16"])))
+
+    def check(*overrides):
+        return check_compatible(load_config(None, ["model.energy_width=16", *overrides]), tmp_path)
+
+    assert check() == []
+    assert check("train.energy_optim.lr=0.001", "log.every=7") == [
+        ("log.every", load_config(None, []).log.every, 7),
+        ("train.energy_optim.lr", load_config(None, []).train.energy_optim.lr, 0.001)]
+    for fixed in ("model.energy_width=8", "data.resolution=64", "data.channels=3"):
+        key, value = fixed.split("=")
+        for allow in ("false", "true"):
+            with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path} was trained with {key}=.*, this config "
+                                                      rf"has {key}={value}$"):
+                check(fixed, f"checkpoint.allow_changes={allow}")
+    for maths in ("objective.r_basic=0.5", "train.energy_optim.betas=[0.5,0.9]"):
+        key = maths.split("=")[0]
+        with pytest.raises(CheckpointError, match=rf"^checkpoint {tmp_path} was trained with {key}=.*: a change to "
+                                                  r"the maths of a resumed run \(set checkpoint.allow_changes=true"):
+            check(maths)
+        assert [c[0] for c in check(maths, "checkpoint.allow_changes=true")] == ["checkpoint.allow_changes", key]
+    with pytest.raises(CheckpointError, match=r"with model.energy_width=16, this config has model.energy_width=8$"):
+        check("objective.r_basic=0.5", "model.energy_width=8")  # the nets are named first
+    saved, now = load_config(None, []), load_config(None, ["log.every=7"])
+    now.data.train = "x"
+    assert config_changes(saved, now) == [("data.train", saved.data.train, "x"), ("log.every", saved.log.every, 7)]
+
+
+def test_train_state_and_replica_digest_details():
+    import torch
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "s.json"
+        path.write_text(json.dumps({"step": 4.0, "lr_scale": 1, "rollbacks": "2", "unknown": 1}))
+        read = TrainState.read(path)
+    assert read == TrainState(step=4, lr_scale=1.0, rollbacks=2)
+    assert type(read.step) is int and type(read.lr_scale) is float and type(read.rollbacks) is int
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    twin = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    twin.load_state_dict(net.state_dict())
+    digest = checkpoint.replica_digest([net])
+    assert len(digest) == 64 and digest == checkpoint.replica_digest([twin])
+    twin[1].running_mean += 1  # buffers are each rank's own (broadcast_buffers=False): not compared
+    assert checkpoint.replica_digest([twin]) == digest
+    with torch.no_grad():
+        twin[0].bias[1] += 1e-6
+    assert checkpoint.replica_digest([twin]) != digest
+    assert checkpoint.replica_digest([net, twin]) != checkpoint.replica_digest([twin, net])  # order counts
+    renamed = torch.nn.Sequential()
+    renamed.add_module("conv", net[0])
+    renamed.add_module("1", net[1])
+    assert checkpoint.replica_digest([renamed]) != digest  # names count, not only values
