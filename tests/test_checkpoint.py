@@ -240,11 +240,13 @@ def test_verify_names_the_first_bad_file_and_how_it_is_bad(tmp_path, digits16):
 def test_resume_and_rollback_fall_back_past_a_damaged_checkpoint_or_stop_naming_it(tmp_path, digits16, capsys):
     from bidvl.checkpoint import DamagedCheckpoint
 
+    import torch
+
     trainer = _trainer(tmp_path, digits16)
     trainer.train_step(_batch())
     trainer.state.step = 1
     first = trainer.save_checkpoint()
-    at_first = _params(trainer)
+    at_first, ema_at_first = _params(trainer), {k: t.clone() for k, t in trainer.ema.state_dict().items()}
     trainer.train_step(_batch())
     trainer.state.step = 2
     second = trainer.save_checkpoint()
@@ -254,6 +256,8 @@ def test_resume_and_rollback_fall_back_past_a_damaged_checkpoint_or_stop_naming_
     for load in (trainer.checkpointer.resume, trainer.checkpointer.rollback):
         folder, state = load(trainer.unwrapped, trainer.ema)
         assert folder == first and state.step == 1 and _same(at_first, _params(trainer))
+        assert all(torch.equal(trainer.ema.state_dict()[k], t) for k, t in ema_at_first.items())
+        trainer.train_step(_batch())  # away again, for the next loader
         err = capsys.readouterr().err
         assert f"warning: checkpoint {second}: model.safetensors has" in err
         assert "falling back to the previous complete checkpoint (checkpoint.on_damaged=fallback)" in err
@@ -287,10 +291,10 @@ def test_a_load_checks_the_weights_against_replicas_json_and_reports_changes(tmp
     state = json.loads((folder / checkpoint.TRAIN_STATE_FILE).read_text())
     (folder / checkpoint.TRAIN_STATE_FILE).write_text(json.dumps({**state, "world_size": 4}))
     _remanifest(folder)  # a consistent checkpoint trained on 4 processes
-    trainer.cfg.log.every = 7
+    trainer.cfg.log.every, trainer.cfg.log.num_images = 7, 9
     trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
     err = capsys.readouterr().err
-    assert f"resuming {folder} with a changed config:\n  log.every: 2 -> 7\n" in err
+    assert f"resuming {folder} with a changed config:\n  log.every: 2 -> 7\n  log.num_images: 4 -> 9\n" in err
     assert f"warning: {folder} was trained on 4 processes, this run has 1: the global batch becomes 1 x" in err
     (folder / "replicas.json").write_text(json.dumps({"sha256": ["0" * 64]}) + "\n")
     _remanifest(folder)
@@ -330,6 +334,7 @@ def test_a_failed_write_names_the_error_and_leaves_the_complete_checkpoints(tmp_
                                               rf"device\) at /mnt/x/optimizer.bin; the complete checkpoints in "
                                               rf"{run_ckpts} are untouched$"):
         trainer.save_checkpoint()
+    assert [p.name for p in run_ckpts.iterdir()] == [good.name]  # the temp folder removed
     monkeypatch.undo()
 
     def broken(folder):
@@ -399,6 +404,8 @@ def test_the_export_writes_each_net_with_its_step_atomically(tmp_path, digits16)
         seen.append(folder)
         (folder / "README.md").write_text("card")
 
+    (tmp_path / "run" / ".tmp_model").mkdir(parents=True)
+    (tmp_path / "run" / ".tmp_model" / "left.txt").write_text("by an export that was killed")
     out = trainer.checkpointer.export(7, trainer.unwrapped, trainer.ema, extra=card)
     assert out == tmp_path / "run" / "model" and seen == [tmp_path / "run" / ".tmp_model"]
     assert sorted(p.name for p in out.iterdir()) == sorted([*checkpoint.EXPORT_FILES, checkpoint.EMA_FILE,
@@ -478,3 +485,105 @@ def test_train_state_and_replica_digest_details():
     renamed.add_module("conv", net[0])
     renamed.add_module("1", net[1])
     assert checkpoint.replica_digest([renamed]) != digest  # names count, not only values
+
+
+def test_the_run_lock_on_several_processes_follows_the_main_processs_answer(tmp_path, monkeypatch):
+    """Only the main process locks; the others take its answer from a broadcast (here a stand-in for
+    accelerate's, which needs a process group), so every rank fails or none does."""
+    import re
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    from bidvl.checkpoint import CheckpointError, RunLock
+
+    sent = []
+
+    def broadcast(objects):
+        sent.append(list(objects))
+        return main_answer if not rank.is_main_process else objects
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    rank = SimpleNamespace(is_main_process=False, num_processes=2)
+    main_answer = ["run.dir=x is in use by another training run (pid 1 on host h; lock x/.lock)"]
+    with pytest.raises(CheckpointError, match=r"^run.dir=x is in use by another training run \(pid 1 on host h"):
+        RunLock(rank, tmp_path / "run").acquire()
+    assert not (tmp_path / "run" / ".lock").exists()  # a non-main rank never touches the lock file
+    main_answer = [""]
+    RunLock(rank, tmp_path / "run").acquire()  # the main process holds it: this rank goes on
+    assert sent == [[""], [""]]  # each rank offers its (empty) answer to the broadcast
+    rank.is_main_process = True
+    lock = RunLock(rank, tmp_path / "a" / "b" / "run")  # parents created
+    lock.acquire()
+    assert sent[-1] == [""] and len(sent) == 3
+    assert re.fullmatch(r"pid \d+ on host \S+, since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S+\n",
+                        (tmp_path / "a" / "b" / "run" / ".lock").read_text())
+    (tmp_path / "a" / "b" / "run" / ".lock").write_text("")  # a holder that wrote nothing yet
+    with pytest.raises(CheckpointError, match=r"in use by another training run \(another process; lock "):
+        RunLock(SimpleNamespace(is_main_process=True, num_processes=1), tmp_path / "a" / "b" / "run").acquire()
+    lock.release()
+
+
+def test_write_errors_name_the_errno_or_the_exception(tmp_path):
+    from bidvl.checkpoint import _write_error
+
+    tmp = tmp_path / "checkpoints" / ".tmp_step_00000005"
+    assert _write_error(OSError(9999, "odd"), tmp, tmp_path).startswith("cannot write checkpoint step_00000005: "
+                                                                         "9999 (odd) at ")
+    assert _write_error(OSError("no errno"), tmp, tmp_path) == (
+        f"cannot write checkpoint step_00000005: OSError (no errno) at {tmp}; the complete checkpoints in "
+        f"{tmp_path / 'checkpoints'} are untouched")
+    assert _write_error(PermissionError(13, "Permission denied", "/x"), tmp, tmp_path).startswith(
+        "cannot write checkpoint step_00000005: EACCES (Permission denied) at /x;")
+
+
+def test_begin_write_config_and_a_load_error_without_a_message(tmp_path, digits16, monkeypatch):
+    from bidvl.checkpoint import DamagedCheckpoint
+    from bidvl.config import to_yaml
+
+    trainer = _trainer(tmp_path, digits16)
+    stray = checkpoint.checkpoints_dir(tmp_path / "run") / ".tmp_step_00000003"
+    stray.parent.mkdir(parents=True)
+    stray.write_text("a file where a temp folder would be")
+    trainer.checkpointer.begin()  # what it cannot remove does not stop the run
+    trainer.checkpointer.write_config()
+    assert (tmp_path / "run" / "config.yaml").read_text() == to_yaml(trainer.cfg)
+    trainer.state.step = 1
+    folder = trainer.save_checkpoint()
+    for exc, shown in ((RuntimeError(), "RuntimeError: "),
+                       (RuntimeError("first line\nsecond"), "RuntimeError: first line")):
+        def fail(*args, exc=exc, **kwargs):
+            raise exc
+
+        monkeypatch.setattr(trainer.accelerator, "load_state", fail)
+        with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: cannot be loaded \({shown}\)$"):
+            trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    trainer.close()
+
+
+def test_step_folders_sort_by_number_and_copies_do_not_count(tmp_path):
+    folder = checkpoint.checkpoints_dir(tmp_path)
+    for name in (step_name(99_999_999), step_name(100_000_000), step_name(7), "step_00000009_backup"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / MARKER).write_text("")
+    assert step_name(100_000_000) == "step_100000000"  # past 10^8 steps the names are longer
+    assert [step_of(p) for p in complete_checkpoints(tmp_path)] == [7, 99_999_999, 100_000_000]
+
+
+def test_a_save_replaces_a_stale_temp_folder_and_refuses_diverged_replicas(tmp_path, digits16, monkeypatch):
+    import accelerate.utils
+
+    trainer = _trainer(tmp_path, digits16)
+    stale = checkpoint.checkpoints_dir(tmp_path / "run") / ".tmp_step_00000001"
+    stale.mkdir(parents=True)
+    (stale / "from_a_killed_save.bin").write_text("x")
+    trainer.state.step = 1
+    folder = trainer.save_checkpoint()
+    assert not (folder / "from_a_killed_save.bin").exists() and checkpoint.verify(folder)
+    digest = checkpoint.replica_digest(trainer.unwrapped.values())
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [digest, digest, "0" * 64, digest])
+    trainer.state.step = 2
+    with pytest.raises(RuntimeError, match=r"^replicas diverged at step 2: ranks \[2\] differ from rank 0$"):
+        trainer.save_checkpoint()
+    assert [step_of(p) for p in complete_checkpoints(tmp_path / "run")] == [1]
+    trainer.close()
