@@ -409,6 +409,7 @@ def ood_names(results: list[dict]) -> list[str]:
 def write_report(study: dict, results: list[dict]) -> Path:
     report = Path(study["report"])
     images = report.parent / "images" / report.stem
+    link = images.relative_to(report.parent).as_posix()  # the images as the report links them
     images.mkdir(parents=True, exist_ok=True)
     plot_curves(study, results, images / "curves.png")
     vae = next((r for r in results if r["name"] == "vae"), None)
@@ -431,15 +432,15 @@ def write_report(study: dict, results: list[dict]) -> Path:
         row += [fmt(s.get(f"eval/auroc_{n}")) for n in oods]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", metrics_note(results), "",
-              f"![loss and evaluation curves]({images.name}/curves.png)", "",
+              f"![loss and evaluation curves]({link}/curves.png)", "",
               "| run | samples | test images and reconstructions (pairs) |", "|---|---|---|"]
     for r in results:
         for kind in ("samples", "reconstructions"):
             src = Path(study["out"]) / r["name"] / f"{kind}.png"
             if src.is_file():
                 (images / f"{r['name']}_{kind}.png").write_bytes(src.read_bytes())
-        lines.append(f"| {r['name']} | ![]({images.name}/{r['name']}_samples.png) | "
-                     f"![]({images.name}/{r['name']}_reconstructions.png) |")
+        lines.append(f"| {r['name']} | ![]({link}/{r['name']}_samples.png) | "
+                     f"![]({link}/{r['name']}_reconstructions.png) |")
     return write_keeping_findings(report, lines)
 
 

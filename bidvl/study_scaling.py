@@ -127,8 +127,10 @@ def trend_text(points: list[tuple[float, float]]) -> str:
         return "—"
     a, b, cross = fit
     last = points[-1][1]
-    if last <= 0:
+    if last < 0:
         return f"the method is ahead at {points[-1][0]:g} min"
+    if last == 0:
+        return f"level with the VAE at {points[-1][0]:g} min"
     per = f"{b:+.3g} per e-fold of minutes"
     if cross is None:
         return f"not closing ({per})"
@@ -173,6 +175,7 @@ def plot_scaling(groups: dict, budgets: list[float], path: Path) -> None:
 def write_scaling_report(study: dict, results: list[dict]) -> Path:
     report = Path(study["report"])
     images = report.parent / "images" / report.stem
+    link = images.relative_to(report.parent).as_posix()  # the images as the report links them
     images.mkdir(parents=True, exist_ok=True)
     groups = by_method(results)
     plot_scaling(groups, study["budgets"], images / "scaling.png")
@@ -221,7 +224,7 @@ def write_scaling_report(study: dict, results: list[dict]) -> Path:
                       + (f" ({row['cells'][b][1]})" if row["run"] == "mean" else "")) for b in study["budgets"]]
             lines.append(f"| {row['method']} | {row['run']} | {row['label']} | " + " | ".join(cells)
                          + f" | {trend_text(row['trend'])} |")
-    lines += ["", f"![figures against training minutes]({images.name}/scaling.png)", "", metrics_note(results), ""]
+    lines += ["", f"![figures against training minutes]({link}/scaling.png)", "", metrics_note(results), ""]
     lines += ["| run | budget (min) | samples | test images and reconstructions (pairs) |", "|---|---|---|---|"]
     for r in results:
         name = f"{r['name']}_{float(r['budget_min']):g}min"
@@ -229,6 +232,6 @@ def write_scaling_report(study: dict, results: list[dict]) -> Path:
             src = Path(study["out"]) / r["name"] / f"{kind}_{float(r['budget_min']):g}min.png"
             if src.is_file():
                 (images / f"{name}_{kind}.png").write_bytes(src.read_bytes())
-        lines.append(f"| {r['name']} | {float(r['budget_min']):g} | ![]({images.name}/{name}_samples.png) | "
-                     f"![]({images.name}/{name}_reconstructions.png) |")
+        lines.append(f"| {r['name']} | {float(r['budget_min']):g} | ![]({link}/{name}_samples.png) | "
+                     f"![]({link}/{name}_reconstructions.png) |")
     return write_keeping_findings(report, lines)

@@ -2,8 +2,10 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -65,6 +67,7 @@ def test_study_runs_evaluates_reports_and_skips_finished_runs(tmp_path, digits16
     p = run(["launch/study.py", "--config", str(path)])
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     report = (tmp_path / "docs" / "study.md").read_text()
+    assert_images_resolve(tmp_path / "docs" / "study.md", at_least=7)
     for name in ("bidvl_offset", "vae", "divergence_triangle"):
         result = json.loads((tmp_path / "runs" / name / "study_result.json").read_text())
         assert result["steps"] > 0 and result["budget_used_min"] >= 0.01
@@ -106,6 +109,13 @@ def test_study_file_errors_name_the_key(tmp_path):
     assert p.returncode == 2 and "runs[0]: unknown key(s) seed" in p.stderr
 
 
+def assert_images_resolve(report: Path, at_least: int) -> None:
+    """Every image the report shows is a file at the path it links (relative to the report)."""
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())
+    assert len(links) >= at_least
+    assert [link for link in links if not (report.parent / link).is_file()] == []
+
+
 def test_gap_trend_finds_where_a_closing_gap_reaches_zero():
     from bidvl.study_scaling import gap_trend, trend_text
 
@@ -117,6 +127,7 @@ def test_gap_trend_finds_where_a_closing_gap_reaches_zero():
     assert gap_trend([(10, 1.0)]) is None
     assert trend_text([(10, 1.0), (100, 3.0)]).startswith("not closing")
     assert trend_text([(10, 1.0), (100, -0.5)]) == "the method is ahead at 100 min"
+    assert trend_text([(10, 0.03), (30, 0.0)]) == "level with the VAE at 30 min"  # e.g. both AUROC 1
     assert "zero at ~" in trend_text([(10, 4.0), (30, 2.0), (90, 0.5)])
 
 
@@ -176,6 +187,7 @@ def test_scaling_study_resumes_each_run_from_budget_to_budget(tmp_path, digits16
     assert not (tmp_path / "runs/vae_seed1/study_result_0.03min.json").exists()
     assert json.loads((tmp_path / "runs/vae_seed1/study_result_0.01min.json").read_text())["method"] == "vae"
     report = (tmp_path / "docs" / "scaling.md").read_text()
+    assert_images_resolve(tmp_path / "docs" / "scaling.md", at_least=11)
     assert "| vae | 0.01 | 2 |" in report  # two seeds of the VAE at the first budget: mean ± sd
     assert "| bidvl_offset | mean | FID-style score |" in report and "gap at 0.03 min" in report
     assert (tmp_path / "docs/images/scaling/scaling.png").stat().st_size > 10_000
