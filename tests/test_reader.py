@@ -199,3 +199,21 @@ def test_the_data_order_is_pinned(tmp_path, workers, rank):
     assert stream.batches_per_epoch == (7 if workers == 0 else 8)
     batches = [sample_ids(b[0]) for b in itertools.islice(iter(stream), 10)]
     assert [batches[i] for i in (0, 1, 6, 7, 8, 9)] == GOLDEN_ORDER[(workers, rank)]
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_loader_with_workers_leaves_torch_global_rng_alone(tmp_path, split):
+    """The training noise comes from torch's global RNG, which checkpoints save; a DataLoader draws
+    its workers' base seed from it unless given its own generator. Opening a loader (a resume, a
+    rollback, a periodic evaluation) must not move it, or a resumed run draws other noise."""
+    folder = make_shards(tmp_path / "s", count=20, split=split)
+    if split == "train":
+        stream = train_stream(folder, "train", batch_size=4, seed=0, num_workers=2)
+    else:
+        stream = eval_stream(folder, "test", batch_size=4, num_workers=2)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    batches = iter(stream)
+    next(batches)
+    assert torch.equal(torch.get_rng_state(), before)
+    del batches
