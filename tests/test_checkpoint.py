@@ -156,7 +156,7 @@ def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tm
                                lr_scale=0.5)
     saved, ema = _params(trainer), {k: t.clone() for k, t in trainer.ema.state_dict().items()}
     folder = trainer.save_checkpoint()
-    assert folder == checkpoint.checkpoints_dir(tmp_path / "run") / "step_00000003"
+    assert folder == tmp_path / "run" / "checkpoints" / "step_00000003"  # the layout other tools read
     assert not list(folder.parent.glob(".tmp_*"))
     assert (folder / MARKER).read_text() == "3\n"
     files = json.loads((folder / checkpoint.MANIFEST).read_text())["files"]
@@ -422,6 +422,9 @@ def test_the_export_writes_each_net_with_its_step_atomically(tmp_path, digits16)
     assert sorted(p.name for p in out.iterdir()) == sorted([*checkpoint.EXPORT_FILES, "config.yaml"])
     assert not (tmp_path / "run" / ".tmp_model").exists()
     trainer.close()
+    fresh = _trainer(tmp_path / "fresh", digits16)  # nothing written in its run.dir yet
+    assert fresh.checkpointer.export(0, fresh.unwrapped).is_dir()
+    fresh.close()
 
 
 def test_a_resume_refuses_other_nets_and_other_maths_but_allows_the_rest(tmp_path):
@@ -521,6 +524,7 @@ def test_the_run_lock_on_several_processes_follows_the_main_processs_answer(tmp_
     (tmp_path / "a" / "b" / "run" / ".lock").write_text("")  # a holder that wrote nothing yet
     with pytest.raises(CheckpointError, match=r"in use by another training run \(another process; lock "):
         RunLock(SimpleNamespace(is_main_process=True, num_processes=1), tmp_path / "a" / "b" / "run").acquire()
+    assert len(sent) == 3  # one process: nothing broadcast
     lock.release()
 
 
@@ -563,7 +567,8 @@ def test_begin_write_config_and_a_load_error_without_a_message(tmp_path, digits1
 
 def test_step_folders_sort_by_number_and_copies_do_not_count(tmp_path):
     folder = checkpoint.checkpoints_dir(tmp_path)
-    for name in (step_name(99_999_999), step_name(100_000_000), step_name(7), "step_00000009_backup"):
+    for name in (step_name(99_999_999), step_name(100_000_000), step_name(7), "step_00000009_backup",
+                 "step_00000005_1"):  # copies a user made
         (folder / name).mkdir(parents=True)
         (folder / name / MARKER).write_text("")
     assert step_name(100_000_000) == "step_100000000"  # past 10^8 steps the names are longer
@@ -581,9 +586,9 @@ def test_a_save_replaces_a_stale_temp_folder_and_refuses_diverged_replicas(tmp_p
     folder = trainer.save_checkpoint()
     assert not (folder / "from_a_killed_save.bin").exists() and checkpoint.verify(folder)
     digest = checkpoint.replica_digest(trainer.unwrapped.values())
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [digest, digest, "0" * 64, digest])
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [digest, "0" * 64, digest, "1" * 64])
     trainer.state.step = 2
-    with pytest.raises(RuntimeError, match=r"^replicas diverged at step 2: ranks \[2\] differ from rank 0$"):
+    with pytest.raises(RuntimeError, match=r"^replicas diverged at step 2: ranks \[1, 3\] differ from rank 0$"):
         trainer.save_checkpoint()
     assert [step_of(p) for p in complete_checkpoints(tmp_path / "run")] == [1]
     trainer.close()
