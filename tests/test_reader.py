@@ -117,6 +117,31 @@ def test_eval_stream_covers_every_sample_exactly_once(tmp_path, count, per_shard
     assert sorted(seen) == list(range(count))
 
 
+@pytest.mark.parametrize("workers,count,world", [
+    (0, 13, 3),  # 7 shards of 2: ranks hold 5, 4, 4 samples: 2, 1, 1 batches of 4
+    (2, 3, 2),   # 3 shards of 1: rank 0 reads two in two workers (2 batches), rank 1 one (1 batch)
+])
+def test_a_rank_with_fewer_batches_pads_with_marked_batches(tmp_path, workers, count, world):
+    """Every rank yields len(stream) batches (a gather on a missing batch would hang); a rank with
+    fewer repeats its last images, or zeros when it has none, with labels and indices -1."""
+    folder = make_shards(tmp_path / "s", count=count, per_shard=2 if count == 13 else 1)
+    stream = eval_stream(folder, "train", batch_size=4, rank=1, world_size=world, num_workers=workers)
+    batches = list(stream)
+    assert len(batches) == len(stream) == 2
+    (real, real_labels, real_index), (images, labels, index) = batches
+    assert (real_index >= 0).any() and (real_index >= 0).tolist() == (real_labels >= 0).tolist()
+    assert torch.equal(images, real) and images.dtype == torch.float32
+    for column in (labels, index):
+        assert column.dtype == torch.long and column.tolist() == [-1] * 4
+    folder = make_shards(tmp_path / "one", count=2, per_shard=2)  # one shard, 3 ranks: rank 2 gets nothing
+    empty = eval_stream(folder, "train", batch_size=4, rank=2, world_size=3, num_workers=workers)
+    batches = list(empty)
+    assert len(batches) == len(empty) == 1
+    images, labels, index = batches[0]
+    assert images.shape == (4, 1, 8, 8) and images.dtype == torch.float32 and not images.any()
+    assert labels.tolist() == index.tolist() == [-1] * 4 and labels.dtype == index.dtype == torch.long
+
+
 def test_pickle_member_is_refused_naming_shard_and_member(tmp_path):
     folder = make_shards(tmp_path / "s", count=10, extra={3: ("pyd", b"\x80\x04K\x01.")})
     with pytest.raises(ShardError, match=r"train-000000\.tar.*s00003.*\.pyd"):
