@@ -384,7 +384,7 @@ def write_keeping_findings(report: Path, lines: list[str]) -> Path:
     kept = ""
     if report.is_file() and MARKER in report.read_text():
         kept = report.read_text().split(MARKER, 1)[1]
-    text = "\n".join(lines) + f"\n\n{MARKER}\n" + (kept.lstrip("\n") if kept else "")
+    text = "\n".join(lines) + f"\n\n{MARKER}\n" + ("\n" + kept.lstrip("\n") if kept.strip() else "")
     tmp = report.with_name(report.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, report)
@@ -435,13 +435,21 @@ def write_report(study: dict, results: list[dict]) -> Path:
               f"![loss and evaluation curves]({link}/curves.png)", "",
               "| run | samples | test images and reconstructions (pairs) |", "|---|---|---|"]
     for r in results:
-        for kind in ("samples", "reconstructions"):
-            src = Path(study["out"]) / r["name"] / f"{kind}.png"
-            if src.is_file():
-                (images / f"{r['name']}_{kind}.png").write_bytes(src.read_bytes())
-        lines.append(f"| {r['name']} | ![]({link}/{r['name']}_samples.png) | "
-                     f"![]({link}/{r['name']}_reconstructions.png) |")
+        cells = image_cells(Path(study["out"]) / r["name"], "", images, link, r["name"])
+        lines.append("| " + " | ".join([r["name"], *cells]) + " |")
     return write_keeping_findings(report, lines)
+
+
+def image_cells(run_dir: Path, suffix: str, images: Path, link: str, name: str) -> list[str]:
+    """Copies RUN_DIR/{samples,reconstructions}SUFFIX.png into the report's image folder as
+    NAME_{samples,reconstructions}.png; returns the two table cells that show them."""
+    cells = []
+    for kind in ("samples", "reconstructions"):
+        src = run_dir / f"{kind}{suffix}.png"
+        if src.is_file():
+            (images / f"{name}_{kind}.png").write_bytes(src.read_bytes())
+        cells.append(f"![]({link}/{name}_{kind}.png)")
+    return cells
 
 
 def run_study(study: dict, only: list[str] | None = None, report_only: bool = False) -> Path:

@@ -22,7 +22,7 @@ import math
 import statistics
 from pathlib import Path
 
-from bidvl.study import fmt, metrics_note, ood_names, report_header, write_keeping_findings
+from bidvl.study import fmt, image_cells, metrics_note, ood_names, report_header, write_keeping_findings
 
 REFERENCE = "vae"
 # (scalar, label, lower is better)
@@ -227,11 +227,7 @@ def write_scaling_report(study: dict, results: list[dict]) -> Path:
     lines += ["", f"![figures against training minutes]({link}/scaling.png)", "", metrics_note(results), ""]
     lines += ["| run | budget (min) | samples | test images and reconstructions (pairs) |", "|---|---|---|---|"]
     for r in results:
-        name = f"{r['name']}_{float(r['budget_min']):g}min"
-        for kind in ("samples", "reconstructions"):
-            src = Path(study["out"]) / r["name"] / f"{kind}_{float(r['budget_min']):g}min.png"
-            if src.is_file():
-                (images / f"{name}_{kind}.png").write_bytes(src.read_bytes())
-        lines.append(f"| {r['name']} | {float(r['budget_min']):g} | ![]({link}/{name}_samples.png) | "
-                     f"![]({link}/{name}_reconstructions.png) |")
+        budget = f"{float(r['budget_min']):g}"
+        cells = image_cells(Path(study["out"]) / r["name"], f"_{budget}min", images, link, f"{r['name']}_{budget}min")
+        lines.append("| " + " | ".join([r["name"], budget, *cells]) + " |")
     return write_keeping_findings(report, lines)
