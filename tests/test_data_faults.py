@@ -377,3 +377,46 @@ def test_skipped_counts_still_come_with_batches_and_warnings_are_rate_limited(tm
     summaries = [line for line in lines if "skipped so far" in line]
     assert len(lines) - len(summaries) == FULL_WARNINGS
     assert len(summaries) == skipped.bit_length() - FULL_WARNINGS.bit_length()  # at 8, 16, 32, ...
+
+
+def test_skip_counts_per_batch_are_exact_and_the_budget_holds_per_batch(tmp_path, capfd):
+    """Each batch reports exactly the bad samples skipped since the previous one (checked against
+    the role's raw samples decoded one by one), and max_skipped is the most one batch may skip."""
+    samples = [(f"s{i:04d}.png", png() if i % 3 else b"not a png") for i in range(60)]
+    folder = write_shards(tmp_path / "s", [samples])
+    stream = train_stream(folder, "train", batch_size=4, seed=0, on_error="skip", max_skipped=100)
+    raw, decode = stream.dataset._epoch_samples(0, 0), stream.dataset.decoder
+    expected = []
+    for _ in range(10):
+        good = bad = 0
+        while good < 4:
+            try:
+                decode(next(raw))
+                good += 1
+            except ShardError:
+                bad += 1
+        expected.append(bad)
+    assert sum(expected) > 10 and len(set(expected)) > 1
+    batches = iter(stream)
+    with time_limit(60):
+        assert [next(batches)[2] for _ in range(10)] == expected
+    most = max(expected)
+    first_over = expected.index(most)
+    batches = iter(train_stream(folder, "train", batch_size=4, seed=0, on_error="skip", max_skipped=most))
+    for _ in range(10):
+        next(batches)  # no batch skips more than `most`: none stops
+    batches = iter(train_stream(folder, "train", batch_size=4, seed=0, on_error="skip", max_skipped=most - 1))
+    for _ in range(first_over):
+        next(batches)
+    with pytest.raises(ShardError, match=rf"^more than data.max_skipped={most - 1} bad samples"):
+        next(batches)
+    capfd.readouterr()
+
+
+def test_on_error_raise_stops_at_an_unreadable_shard_without_skipping(tmp_path, capfd):
+    folder = write_shards(tmp_path / "s", [[(f"s{i}.png", png()) for i in range(4)]])
+    path = folder / shard_name("train", 0)
+    path.write_bytes(path.read_bytes()[:700])
+    with time_limit(60), pytest.raises(ShardError, match=r"train-000000\.tar"):
+        next(iter(train_stream(folder, "train", batch_size=4, seed=0)))
+    assert warning_lines(capfd) == []

@@ -142,6 +142,36 @@ def test_a_rank_with_fewer_batches_pads_with_marked_batches(tmp_path, workers, c
     assert labels.tolist() == index.tolist() == [-1] * 4 and labels.dtype == index.dtype == torch.long
 
 
+def test_evaluation_deals_whole_shards_to_ranks_or_samples_when_shards_are_fewer(tmp_path):
+    """With at least as many shards as ranks each rank reads whole shards (shard k to rank k mod
+    world); with fewer, every rank reads all and keeps the samples i with i mod world == rank."""
+    def indices(folder, rank, world, workers=0):
+        stream = eval_stream(folder, "train", batch_size=4, rank=rank, world_size=world, num_workers=workers)
+        return [i for _, _, index in stream for i in index.tolist() if i >= 0]
+
+    two = make_shards(tmp_path / "two", count=8, per_shard=4)
+    assert indices(two, 0, 2) == [0, 1, 2, 3] and indices(two, 1, 2) == [4, 5, 6, 7]
+    assert indices(two, 0, 1) == list(range(8))
+    one = make_shards(tmp_path / "one", count=8, per_shard=8)
+    assert indices(one, 0, 2) == [0, 2, 4, 6] and indices(one, 1, 2, workers=2) == [1, 3, 5, 7]
+    three = make_shards(tmp_path / "three", count=9, per_shard=3)  # fewer shards than 4 ranks: one reader
+    for rank in range(4):
+        stream = eval_stream(three, "train", batch_size=4, rank=rank, world_size=4, num_workers=2)
+        assert len(list(stream)) == len(stream) == 1
+    uneven = make_shards(tmp_path / "uneven", count=10, per_shard=5)  # 2 shards of 5, batches of 4
+    assert len(eval_stream(uneven, "train", batch_size=4)) == 3  # one reader: 10 samples, 3 batches
+    assert len(eval_stream(uneven, "train", batch_size=4, num_workers=2)) == 4  # each worker: 2
+
+
+def test_a_stream_without_rank_arguments_is_rank_0_of_1(tmp_path):
+    folder = make_shards(tmp_path / "s", count=40)
+    def first(**kwargs):
+        return [sample_ids(b[0]) for b in itertools.islice(iter(train_stream(folder, "train", batch_size=4,
+                                                                             seed=1, **kwargs)), 3)]
+
+    assert first() == first(rank=0, world_size=1, num_workers=0) != first(rank=1)
+
+
 def test_pickle_member_is_refused_naming_shard_and_member(tmp_path):
     folder = make_shards(tmp_path / "s", count=10, extra={3: ("pyd", b"\x80\x04K\x01.")})
     with pytest.raises(ShardError, match=r"train-000000\.tar.*s00003.*\.pyd"):
