@@ -8,6 +8,7 @@ loop fails the test instead of hanging CI.
 """
 
 import gc
+import itertools
 import io
 import re
 import signal
@@ -17,6 +18,7 @@ from datetime import timedelta
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -420,3 +422,17 @@ def test_on_error_raise_stops_at_an_unreadable_shard_without_skipping(tmp_path, 
     with time_limit(60), pytest.raises(ShardError, match=r"train-000000\.tar"):
         next(iter(train_stream(folder, "train", batch_size=4, seed=0)))
     assert warning_lines(capfd) == []
+
+
+def test_a_resumed_skip_mode_stream_fast_forwards_past_an_unreadable_shard(tmp_path):
+    """The fast-forward of a resume reads raw samples; an unreadable shard met there is counted
+    like one met while assembling a batch, and the resumed stream equals the uninterrupted one."""
+    shards = [[(f"s{k}{i:02d}.png", png()) for i in range(8)] for k in range(3)]
+    folder = write_shards(tmp_path / "s", shards)
+    path = folder / shard_name("train", 1)
+    path.write_bytes(path.read_bytes()[:700])  # truncated: every read of it fails
+    kwargs = dict(batch_size=4, seed=0, on_error="skip", max_skipped=50)
+    with time_limit(60):
+        full = [b[0] for b in itertools.islice(iter(train_stream(folder, "train", **kwargs)), 5)]
+        resumed = [b[0] for b in itertools.islice(iter(train_stream(folder, "train", start_batch=3, **kwargs)), 2)]
+    assert all(torch.equal(a, b) for a, b in zip(full[3:], resumed))

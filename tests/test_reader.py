@@ -272,3 +272,27 @@ def test_a_loader_with_workers_leaves_torch_global_rng_alone(tmp_path, split):
     next(batches)
     assert torch.equal(torch.get_rng_state(), before)
     del batches
+
+
+def test_the_order_with_a_shuffle_buffer_over_100_is_pinned(tmp_path):
+    """The shuffle buffer starts yielding after min(buffer, 100) samples: a buffer of 120 needs more
+    samples than one pixel can number, so ids are written in two pixels (low, high byte)."""
+    folder, shards = tmp_path / "wide", []
+    folder.mkdir()
+    for k in range(4):
+        members = []
+        for j in range(k * 120, (k + 1) * 120):
+            image = np.zeros((8, 8), np.uint8)
+            image[0, 0], image[0, 1] = j % 256, j // 256
+            members += [(f"s{j:05d}.png", png_bytes(image)), (f"s{j:05d}.cls", b"0")]
+        write_tar(folder / shard_name("train", k), members)
+        shards.append({"name": shard_name("train", k), "count": 120})
+    write_meta(folder, {"source": "test", "resolution": 8, "channels": 1, "num_classes": 10, "options": {},
+                        "splits": {"train": {"count": 480, "shards": shards}}})
+    stream = train_stream(folder, "train", batch_size=8, seed=5)
+    assert stream.dataset.buffer == 120
+    ids = []
+    for images, _, _ in itertools.islice(iter(stream), 2):
+        pixels = ((images[:, 0, 0, :2] + 1) * 127.5).round().long()
+        ids.append((pixels[:, 0] + 256 * pixels[:, 1]).tolist())
+    assert ids == [[252, 248, 296, 329, 297, 247, 324, 267], [303, 346, 241, 271, 316, 312, 345, 298]]

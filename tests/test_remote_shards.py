@@ -271,6 +271,17 @@ def test_a_shard_failing_past_the_retry_budget_is_a_named_error_or_a_skipped_sha
     assert skipped >= 1  # each failed fetch of a 503 shard counts as one bad shard
 
 
+def test_evaluation_takes_the_retry_budget_it_is_given(server, digits16):
+    """An evaluation stream reads its shards with the caller's retry settings (the test server
+    injects faults into shard reads only, not meta.json's)."""
+    url = server.url("digits16")
+    for s in split_info(digits16, "test")[1]:
+        server.faults[f"/digits16/{s.name}"] = ["503"] * 3
+    with pytest.raises(ShardError, match=rf"shard {url}/test-\d+\.tar: could not be read after 3 tries"):
+        next(iter(eval_stream(url, "test", batch_size=100, net=FAST)))
+    server.faults.clear()
+
+
 def test_a_missing_folder_or_shard_fails_at_once_naming_the_url(server, digits16, tmp_path):
     with pytest.raises(ShardError, match=rf"{server.url('nowhere/meta.json')}: HTTP 404.*\(no meta.json\)"):
         train_stream(server.url("nowhere"), "train", batch_size=16, seed=0, net=FAST)
