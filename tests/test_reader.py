@@ -296,3 +296,32 @@ def test_the_order_with_a_shuffle_buffer_over_100_is_pinned(tmp_path):
         pixels = ((images[:, 0, 0, :2] + 1) * 127.5).round().long()
         ids.append((pixels[:, 0] + 256 * pixels[:, 1]).tolist())
     assert ids == [[252, 248, 296, 329, 297, 247, 324, 267], [303, 346, 241, 271, 316, 312, 345, 298]]
+
+
+def test_an_explicit_local_shard_list_with_its_count_streams_its_shards(tmp_path):
+    """`.../train-{000000..000001}.tar` with count, resolution and channels given (data.train_count,
+    without meta.json): the stream reads those shards only, at that size."""
+    folder = make_shards(tmp_path / "s", count=50, per_shard=10)  # 5 shards
+    (folder / "meta.json").unlink()
+    listed = f"{folder}/train-{{000000..000001}}.tar"
+    stream = train_stream(listed, "train", batch_size=4, seed=0, count=20, resolution=8, channels=1)
+    assert stream.meta["resolution"] == 8 and stream.meta["channels"] == 1
+    assert stream.batches_per_epoch == 5  # 20 samples in batches of 4
+    seen = {i for b in itertools.islice(iter(stream), 10) for i in sample_ids(b[0])}
+    assert seen <= set(range(20)) and len(seen) > 10
+
+
+def test_an_unknown_on_error_is_named():
+    with pytest.raises(ValueError, match=r"^data.on_error='ignore': expected raise or skip$"):
+        train_stream("unused", "train", batch_size=4, seed=0, on_error="ignore")
+
+
+@pytest.mark.parametrize("count,batch_size,expected", [
+    (3, 1, [[0], [1], [2], [0], [1], [2]]),  # buffer max(1, 3 // 4) = 1: no shuffling within a shard
+    (50, 3, [[10, 5, 9], [12, 3, 8], [11, 13, 14]]),  # buffer 17 * 3 // 4 = 12 (not 12.75)
+])
+def test_small_shuffle_buffers_are_pinned(tmp_path, count, batch_size, expected):
+    folder = make_shards(tmp_path / "s", count=count, per_shard=count)
+    stream = train_stream(folder, "train", batch_size=batch_size, seed=2)
+    got = [sample_ids(b[0]) for b in itertools.islice(iter(stream), len(expected))]
+    assert got == expected
