@@ -7,8 +7,8 @@ Reads `mutmut results --all true` in the repository root, keeps the mutants the 
 equivalent per module (`not checked`: a run stopped before them). Equivalent mutants are listed in tests/mutation_equivalents.txt, one
 `pattern  reason` per line: a survivor that matches one changes nothing a user can observe (the
 reason says why); it is left out of the score, killed / (checked mutants - equivalent). A reason
-starting `subprocess:` marks a mutant only multi-process runs can show (counted apart, also outside
-the score). Survivors that
+starting `subprocess:` marks a mutant only multi-process runs can show, one starting `gpu:` a
+mutant only a GPU run can show (fp16's GradScaler): both counted apart, also outside the score. Survivors that
 are not equivalent are printed with `mutmut show NAME` to read them.
 """
 
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
         row["mutants"] += 1
         reason = next((r for p, r in known if fnmatch.fnmatch(name, p)), None)
         if state != "killed" and reason is not None:
-            row["subprocess only" if reason.startswith("subprocess:") else "equivalent"] += 1
+            row["subprocess only" if reason.startswith(("subprocess:", "gpu:")) else "equivalent"] += 1
             continue
         row[state] += 1
         if state not in ("killed", "not checked"):
