@@ -31,11 +31,13 @@ from pathlib import Path
 
 import torch
 
+from bidvl import objectives
 from bidvl.checkpoint import CHECKPOINT_FILES, EMA_FILE, EXPORT_FILES
 from bidvl.config import Config, to_yaml
 from bidvl.evaluation.loading import LoadedRun, load_run
 from bidvl.evaluation.metrics import energies
 from bidvl.evaluation.sampling import forward_in_mode, restored_buffers, sample_images
+from bidvl.health import verdict_of
 
 
 class BiDVLModel:
@@ -56,11 +58,18 @@ class BiDVLModel:
     kind: str = property(lambda self: self.run.kind)
     generator_kind: str = property(lambda self: self.run.generator)
 
+    @property
+    def health(self) -> dict | None:
+        """The run's health check of these weights (bidvl.health: `verdict`, `reasons`, `figures`):
+        the export's health.json, or the run's last check up to this checkpoint; None if unchecked."""
+        return verdict_of(self.source, self.step)
+
     def __repr__(self) -> str:
         c = self.cfg
+        health = self.health
         return (f"BiDVLModel({c.objective.name}, {c.model.arch} {c.data.channels}x{c.data.resolution}"
                 f"x{c.data.resolution}, step {self.step}, generator {self.generator_kind}, "
-                f"from {self.source})")
+                f"health {health['verdict'] if health else 'not checked'}, from {self.source})")
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, batch_size: int = 100, bn_mode: str = "train") -> torch.Tensor:
@@ -90,12 +99,8 @@ class BiDVLModel:
         """(B,) float64 energies E(x), eval mode; lower = more likely under the model. For
         objective.name=vae (no trained energy net) the negative ELBO at h = mu(x), as the
         evaluation scores a VAE."""
-        energy_net = self.energy_net
-        if self.cfg.objective.name == "vae":
-            from bidvl.objectives import NegativeElbo
-
-            energy_net = NegativeElbo(self.encoder, self.generator)
-        return energies(energy_net, self._images(x)).cpu()
+        scorer = objectives.build(self.cfg).ood_scorer(self.energy_net, self.encoder, self.generator)
+        return energies(scorer, self._images(x)).cpu()
 
     def ood_score(self, x: torch.Tensor) -> torch.Tensor:
         """(B,) float64 -E(x): higher = more in-distribution. The score whose AUROC

@@ -113,6 +113,10 @@ class TrainState:
     budget_used_s: float = 0.0  # training time counted against train.time_budget_min
     lr_scale: float = 1.0  # lowered by each rollback after repeated non-finite steps
     world_size: int = 0  # processes that trained up to here (0: not recorded, older checkpoints)
+    health: str = ""  # the verdict of the last health check at or before `step` ("": none yet)
+    health_lines: int = 0  # lines of RUN_DIR/health.jsonl written up to here (bidvl.health)
+    restarts: int = 0  # health restarts (health.on_unhealthy=restart) so far
+    noise_seed: int = -1  # the noise seed set by the last restart (-1: run.seed's, no restart)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self)) + "\n"
@@ -256,6 +260,12 @@ def _write_error(exc: OSError, tmp: Path, run_dir: Path) -> str:
             f"at {where}; the complete checkpoints in {checkpoints_dir(run_dir)} are untouched")
 
 
+def _remove(folder: Path) -> None:
+    """Deletes a complete checkpoint: the marker first, so a half-deleted folder is never complete."""
+    (folder / MARKER).unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def _replace(tmp: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
@@ -383,11 +393,33 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointError(_write_error(exc, tmp, self.run_dir)) from None
             _replace(tmp, final)
-            for old in complete_checkpoints(self.run_dir)[: -self.cfg.checkpoint.keep]:
-                (old / MARKER).unlink()  # first: a half-deleted folder is never "complete"
-                shutil.rmtree(old, ignore_errors=True)
+            kept = set(complete_checkpoints(self.run_dir)[-self.cfg.checkpoint.keep:])
+            if self.cfg.health.on_unhealthy == "restart":  # what a restart would go back to
+                kept.update(self._healthy()[:1])
+            for old in complete_checkpoints(self.run_dir):
+                if old not in kept:
+                    _remove(old)
         acc.wait_for_everyone()
         return final
+
+    def _healthy(self) -> list[Path]:
+        """Complete checkpoints whose last health check was healthy, newest first."""
+        return [folder for folder in complete_checkpoints(self.run_dir)[::-1]
+                if TrainState.read(folder / TRAIN_STATE_FILE).health == "healthy"]
+
+    def restart_point(self, nets: dict, ema=None) -> tuple[Path, TrainState] | None:
+        """Loads the newest complete checkpoint whose health check was healthy (for
+        health.on_unhealthy=restart); None when there is none."""
+        return self._load_newest_good(self._healthy(), nets, ema, self.cfg.checkpoint.on_damaged == "fallback")
+
+    def discard_after(self, step: int) -> None:
+        """Removes the complete checkpoints past `step` (a restart abandons them: a later resume
+        must continue the restarted run, not the abandoned one). Main process; all ranks wait."""
+        if self.accelerator.is_main_process:
+            for folder in complete_checkpoints(self.run_dir):
+                if step_of(folder) > step:
+                    _remove(folder)
+        self.accelerator.wait_for_everyone()
 
     def find_resume(self) -> list[Path]:
         """The checkpoints `checkpoint.resume` allows, to try in order: auto (every complete one,

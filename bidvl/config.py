@@ -194,6 +194,29 @@ class EvalConfig:
 
 
 @dataclass
+class HealthConfig:
+    """Run health checks during training (bidvl.health; thresholds and their evidence in
+    docs/health.md); every=0 turns them off."""
+
+    every: int = 100  # steps between checks (on the fixed held-out probe); 0: off
+    num_images: int = 256  # held-out images, latents and noise images of each kind per check
+    warmup: int = 300  # steps before the thresholds apply (only non-finite figures are flagged)
+    min_spread: float = 0.5  # unhealthy: the samples' pixel spread below this fraction of the data's
+    min_nn_ratio: float = 0.5  # unhealthy: nearest-neighbour distance below this fraction of the data's
+    max_hf_ratio: float = 3.0  # warning: high-frequency energy above this multiple of the data's
+    min_auroc: float = 0.5  # unhealthy: AUROC of -E(v) against a noise kind below this
+    warn_auroc: float = 0.9  # warning: below this
+    max_rmse_rise: float = 1.25  # warning: held-out RMSE above this multiple of its best so far
+    max_fid_rise: float = 1.5  # warning: small-n FID-style score above this multiple of its best
+    # What an unhealthy verdict, `patience` checks in a row, does: `warn` (say so, go on), `stop`
+    # (checkpoint and end the run with an error), `restart` (reload the newest checkpoint whose
+    # check was healthy and go on with a new noise seed; at most max_restarts times, then stop).
+    on_unhealthy: str = "warn"
+    patience: int = 2
+    max_restarts: int = 2
+
+
+@dataclass
 class Config:
     """The whole config; SECTIONS says what each section holds (launch/train.py --help prints it)."""
 
@@ -205,6 +228,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 SECTIONS = {
@@ -216,6 +240,7 @@ SECTIONS = {
     "checkpoint": "how often, how many to keep, what to resume, what to do with a damaged one",
     "log": "trackers (TensorBoard, W&B, MLflow, ...), scalars and image grids: how often, how many",
     "eval": "evaluation during training: how often, which metrics, how many samples",
+    "health": "run health checks during training: how often, thresholds, what an unhealthy run does",
 }
 
 
@@ -239,6 +264,7 @@ CHOICES = {
     "data.on_error": ("raise", "skip"),
     "checkpoint.on_damaged": ("fallback", "stop"),
     "train.on_nonfinite": ("skip", "rollback", "stop"),
+    "health.on_unhealthy": ("warn", "stop", "restart"),
 }
 
 
@@ -364,6 +390,18 @@ RANGES: dict[str, Range] = {
     "eval.num_samples": integers(2),  # FID needs two samples
     "eval.max_test": COUNT_OR_ZERO,  # 0: all
     "eval.batch_size": COUNT,
+    "health.every": COUNT_OR_ZERO,  # 0: off
+    "health.num_images": Range("an integer in [8, 65536]", lambda v: 8 <= v <= 65536),
+    "health.warmup": COUNT_OR_ZERO,
+    "health.min_spread": NON_NEGATIVE,
+    "health.min_nn_ratio": NON_NEGATIVE,
+    "health.max_hf_ratio": POSITIVE,
+    "health.min_auroc": Range("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "health.warn_auroc": Range("a number in [0, 1]", lambda v: 0 <= v <= 1),  # and >= min_auroc (validate)
+    "health.max_rmse_rise": Range("a finite number >= 1", lambda v: math.isfinite(v) and v >= 1),
+    "health.max_fid_rise": Range("a finite number >= 1", lambda v: math.isfinite(v) and v >= 1),
+    "health.patience": COUNT,
+    "health.max_restarts": COUNT_OR_ZERO,
 }
 
 
@@ -397,6 +435,13 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
     for key, accepted in RANGES.items():
         accepted.check(key, _get(cfg, key))
+    if cfg.health.warn_auroc < cfg.health.min_auroc:
+        raise ConfigError(f"health.warn_auroc={cfg.health.warn_auroc!r}: expected >= health.min_auroc="
+                          f"{cfg.health.min_auroc!r} (a warning comes before unhealthy)")
+    if cfg.health.on_unhealthy == "restart" and cfg.health.every and cfg.checkpoint.every % cfg.health.every:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every}: with health.on_unhealthy=restart it must "
+                          f"be a multiple of health.every={cfg.health.every} (a restart goes back to a "
+                          f"checkpoint whose own check was healthy)")
     supported = RESOLUTIONS[cfg.model.arch]
     if cfg.data.resolution not in supported:
         raise ConfigError(f"data.resolution={cfg.data.resolution}: model.arch={cfg.model.arch} supports "

@@ -10,8 +10,10 @@ The work is done by components, each in its own module:
     bidvl.tracking      step metrics, the logging window, timers, image grids
     bidvl.distributed   the Accelerator, DeepSpeed's two engines, the per-step flags all ranks share
     bidvl.data          the training stream (`ShardStream`, or any object with its two members)
+    bidvl.health        run health checks, verdicts and RUN_DIR/health.jsonl
 
-`fit` reads top to bottom: fetch -> step -> non-finite policy -> log -> evaluate -> checkpoint.
+`fit` reads top to bottom: fetch -> step -> non-finite policy -> log -> evaluate -> health ->
+checkpoint.
 
 Freezing: a net that is not trained in a phase is called through its *unwrapped* module with
 detached parameters (`objectives.frozen_call`): gradients reach its input (e.g. the generator
@@ -43,6 +45,7 @@ from .config import Config
 from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
                           make_accelerator, prepare_nets, resolve_precision, step_optimizer)
+from .health import HealthMonitor, UnhealthyRun, summary
 from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
@@ -65,6 +68,14 @@ def build_optimizers(cfg: Config, energy_net, encoder, generator):
                          {"params": list(generator.parameters())}]
     latent_opt = torch.optim.Adam(latent_params, lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay)
     return energy_opt, latent_opt
+
+
+def restart_seed(seed: int, restarts: int) -> int:
+    """The noise seed after the `restarts`-th health restart of a run seeded `seed` (< 2**31, so
+    that Accelerate's set_seed can add the process index)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, restarts]).generate_state(1)[0]) % (2**31 - 2**16)
 
 
 def train(cfg: Config) -> int:
@@ -117,6 +128,7 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.run.seed)
         self.fixed_latent = torch.randn(cfg.log.num_images, cfg.model.latent_dim, generator=g)
         self.skipped_samples = 0  # bad data skipped by this rank's loader (data.on_error=skip)
+        self.health = None  # HealthMonitor, built by fit() once the data exists (health.every > 0)
 
     # ------------------------------------------------------------------ phases
 
@@ -270,6 +282,44 @@ class Trainer:
         self.accelerator.print(f"{what}: rolled back to {latest.name}, learning rates x{self.state.lr_scale:g}")
         return True
 
+    def check_health(self, step: int, logs: dict) -> bool:
+        """A health check (bidvl.health), then health.on_unhealthy once `patience` checks in a row
+        were unhealthy: warn (go on), stop (checkpoint, raise UnhealthyRun), restart (reload the
+        newest checkpoint whose check was healthy, a new noise seed, the abandoned checkpoints
+        removed and the restarted state saved at once, so a resume continues the restarted run).
+        Returns True when the run was restarted."""
+        hc = self.cfg.health
+        record = self.health.check(step, self.unwrapped, logs, self.state.restarts)
+        self.state.health, self.state.health_lines = record["verdict"], self.health.lines
+        unhealthy_for = self.health.unhealthy_for()
+        if hc.on_unhealthy == "warn" or unhealthy_for < hc.patience:
+            return False
+        why = f"unhealthy for {unhealthy_for} checks in a row at step {step}: {'; '.join(record['reasons'])}"
+        if hc.on_unhealthy == "stop" or self.state.restarts >= hc.max_restarts:
+            self.save_checkpoint()
+            raise UnhealthyRun(f"run {why} (health.on_unhealthy={hc.on_unhealthy}" + (
+                f", after {self.state.restarts} restarts: health.max_restarts={hc.max_restarts})"
+                if hc.on_unhealthy == "restart" else ")") + "; checkpointed, see RUN_DIR/health.jsonl")
+        loaded = self.checkpointer.restart_point(self.unwrapped, self.ema)
+        if loaded is None:
+            self.save_checkpoint()
+            raise UnhealthyRun(f"run {why}; no checkpoint whose check was healthy to restart from "
+                               "(health.on_unhealthy=restart); checkpointed")
+        folder, state = loaded
+        restarts = self.state.restarts + 1
+        state.restarts, state.noise_seed = restarts, restart_seed(self.cfg.run.seed, restarts)
+        state.budget_used_s = self.state.budget_used_s  # the abandoned steps count against the budget
+        self.state = state
+        set_seed(state.noise_seed, device_specific=True)  # the new noise; checkpointed from here on
+        self.health.restarted(step, state.step, restarts, state.noise_seed)
+        self.state.health_lines = self.health.lines
+        self.set_learning_rates()
+        self.checkpointer.discard_after(state.step)
+        self.save_checkpoint()
+        self.accelerator.print(f"health: run {why}; restarted from {folder.name} with noise seed "
+                               f"{state.noise_seed} (restart {restarts} of {hc.max_restarts})")
+        return True
+
     # ------------------------------------------------------------------ checkpoints (bidvl.checkpoint)
 
     def save_checkpoint(self) -> Path:
@@ -279,8 +329,9 @@ class Trainer:
     def export(self) -> Path:
         """RUN_DIR/model: the nets, the config and the model card (bidvl.model_card)."""
         generator = self.ema.module if self.ema is not None else self.unwrapped["generator"]
+        history = self.health.history if self.health is not None else []
         card = model_card_writer(self.accelerator, self.cfg, self.state, generator, self._outside_autocast(),
-                                 ema=self.ema is not None)
+                                 ema=self.ema is not None, health=history[-1] if history else None)
         return self.checkpointer.export(self.state.step, self.unwrapped, self.ema, extra=card)
 
     # ------------------------------------------------------------------ the loop
@@ -315,6 +366,9 @@ class Trainer:
             resumed_from, self.state = loaded
             acc.print(f"resumed from {resumed_from} at step {self.state.step}")
         self.checkpointer.write_config()
+        if cfg.health.every:
+            self.health = HealthMonitor(acc, cfg, self.objective)
+            self.health.resume(self.state.health_lines)  # 0 for a new run: an old file is emptied
         start_trackers(acc, cfg)
         self.set_learning_rates()
 
@@ -371,6 +425,15 @@ class Trainer:
                 if figures:
                     acc.log(figures, step=step)
                     eval_figures = figures
+            if self.health is not None and step % cfg.health.every == 0:
+                with self._outside_autocast():
+                    restarted = self.check_health(step, logs)
+                if restarted:  # reopen the data where the restart point was
+                    batches_iter = stream.open(self.state.step * accum)
+                    progress.n = self.state.step
+                    window.drop_steps()
+                    last_saved = self.state.step
+                    continue
             if step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
                 last_saved = step
@@ -391,6 +454,9 @@ class Trainer:
             log_final(acc, cfg, self.state.step, {**{k: v for k, v in logs.items() if k.startswith(FINAL_LOGS)},
                                                   **eval_figures})
         progress.close()
+        if self.health is not None:
+            acc.print(f"run health: {summary(self.health.history[-1] if self.health.history else None)} "
+                      f"({self.health.path})")
         return logs
 
     def _scalars(self, skipped_samples: int) -> dict:

@@ -68,9 +68,12 @@ def refresh_evaluation(run_dir: Path, step: int) -> Path | None:
 
 
 def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: torch.Tensor,
-                     ema: bool, world: int = 1) -> None:
-    """README.md + samples.png (a grid of `samples`, in [-1, 1]) into `folder`."""
+                     ema: bool, world: int = 1, health: dict | None = None) -> None:
+    """README.md + samples.png (a grid of `samples`, in [-1, 1]) into `folder`, and the run's last
+    health check (`health`, bidvl.health) as health.json."""
     from torchvision.utils import save_image
+
+    from .health import summary, write_export
 
     folder, run_dir = Path(folder), Path(cfg.run.dir)
     save_image(samples, folder / "samples.png", nrow=max(1, round(len(samples) ** 0.5)),
@@ -91,6 +94,7 @@ def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: to
         ("precision", t.mixed_precision),
         ("generator EMA", f"decay {t.ema:g} (generator_ema.safetensors)" if ema else "off"),
         ("seed", str(cfg.run.seed)),
+        ("run health", summary(health) + (" (health.json; every check: RUN_DIR/health.jsonl)" if health else "")),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     text = f"""# BiDVL model: `{run_dir.name}`
@@ -123,9 +127,10 @@ Or from the command line: `python launch/sample.py --run {run_dir} --num 64 --ou
 `python launch/evaluate.py --run {run_dir}` for FID, reconstruction RMSE and OOD AUROC.
 """
     (folder / "README.md").write_text(text)
+    write_export(folder, health)
 
 
-def model_card_writer(accelerator, cfg: Config, state, generator, autocast, ema: bool):
+def model_card_writer(accelerator, cfg: Config, state, generator, autocast, ema: bool, health: dict | None = None):
     """`extra(folder)` for Checkpointer.export: samples from `generator` (under `autocast`), then
     the card. Sampling reads no global RNG and restores every buffer: exporting changes nothing."""
 
@@ -137,6 +142,6 @@ def model_card_writer(accelerator, cfg: Config, state, generator, autocast, ema:
             samples = sample_images(generator, NUM_SAMPLES, cfg.model.latent_dim, SEED, device=accelerator.device)
         kind = "cuda" if accelerator.device.type == "cuda" else "cpu"
         world = accelerator.num_processes
-        write_model_card(folder, cfg, state, f"{world} x {device_name(kind)}", samples, ema, world)
+        write_model_card(folder, cfg, state, f"{world} x {device_name(kind)}", samples, ema, world, health)
 
     return write

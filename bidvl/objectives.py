@@ -306,6 +306,11 @@ class Objective:
                     phase=ENCODER_GENERATOR) -> LowerLevelTerms:
         raise NotImplementedError
 
+    def ood_scorer(self, energy_net, encoder, generator) -> nn.Module:
+        """What scores an image (lower = more in-distribution) for OOD AUROC and run health:
+        the energy net E(v)."""
+        return energy_net
+
 
 def _resolved(cfg, key: str, auto: str) -> str:
     value = getattr(cfg, key, "auto")
@@ -360,6 +365,10 @@ class VAE(Objective):
     def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder,
                     phase=ENCODER_GENERATOR) -> LowerLevelTerms:
         return vae_loss(v, encoder=encoder, generator=generator)
+
+    def ood_scorer(self, energy_net, encoder, generator) -> nn.Module:
+        """No trained energy net: the negative ELBO at h = mu(v) (`NegativeElbo`)."""
+        return NegativeElbo(encoder, generator)
 
 
 class DivergenceTriangle(Objective):

@@ -281,6 +281,7 @@ def stage_main(argv: list[str]) -> int:
     from bidvl.config import ConfigError
     from bidvl.data import ShardError
     from bidvl.evaluation import EvalError
+    from bidvl.health import UnhealthyRun
 
     stages = {"train": lambda config, *overrides: train_stage(config, list(overrides)),
               "evaluate": lambda run_dir, options: evaluate_stage(run_dir, json.loads(options)),
@@ -291,7 +292,7 @@ def stage_main(argv: list[str]) -> int:
         return 2
     try:
         stages[argv[0]](*argv[1:])
-    except (ConfigError, ShardError, EvalError, FloatingPointError) as exc:
+    except (ConfigError, ShardError, EvalError, FloatingPointError, UnhealthyRun) as exc:
         print(f"error: {exc}", file=sys.stderr)  # bad input or a diverged run: one line
         return 2
     return 0

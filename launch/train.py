@@ -12,6 +12,7 @@ from pathlib import Path
 from bidvl.config import SECTIONS, ConfigError, load_config, to_yaml
 from bidvl.data import ShardError
 from bidvl.evaluation.loading import EvalError
+from bidvl.health import UnhealthyRun
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
 
@@ -37,7 +38,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C before training started
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, ShardError, EvalError, FloatingPointError) as exc:
+    except (ConfigError, ShardError, EvalError, FloatingPointError, UnhealthyRun) as exc:
         # Bad input or a diverged run: one clear line, no traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 2

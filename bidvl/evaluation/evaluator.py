@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from bidvl import objectives
 from bidvl.checkpoint import step_name
 from bidvl.config import EVAL_METRICS, Config
 from bidvl.data import split_info
@@ -113,10 +114,9 @@ def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
 
     folder, split = heldout_data(cfg, opts.split)
     score = "-E(v)"
-    if cfg.objective.name == "vae":  # no trained energy net: score by the ELBO instead
-        from bidvl.objectives import NegativeElbo
-
-        nets = nets._replace(energy_net=NegativeElbo(nets.encoder, nets.generator))
+    scorer = objectives.build(cfg).ood_scorer(*nets)
+    if scorer is not nets.energy_net:  # the VAE: no trained energy net, scored by the ELBO instead
+        nets = nets._replace(energy_net=scorer)
         score = "ELBO(v) at h = mu(v) (VAE: -[recon + KL])"
     if "rmse" in opts.metrics or "ood" in opts.metrics:
         held = heldout_pass(accelerator, nets, folder, split, opts.batch_size,
