@@ -68,6 +68,15 @@ BAD = [
     ("eval.every=-1", "eval.every"), ("eval.metrics=fid,bogus", "eval.metrics"), ("eval.metrics=',,'", "eval.metrics"),
     ("eval.num_samples=1", "eval.num_samples"), ("eval.max_test=-1", "eval.max_test"),
     ("eval.batch_size=0", "eval.batch_size"),
+    ("health.every=-1", "health.every"), ("health.num_images=4", "health.num_images"),
+    ("health.num_images=65537", "health.num_images"), ("health.warmup=-5", "health.warmup"),
+    ("health.min_spread=nan", "health.min_spread"), ("health.min_spread=-1", "health.min_spread"),
+    ("health.min_nn_ratio=-1", "health.min_nn_ratio"), ("health.min_nn_ratio=inf", "health.min_nn_ratio"),
+    ("health.max_hf_ratio=0", "health.max_hf_ratio"), ("health.max_hf_ratio=nan", "health.max_hf_ratio"),
+    ("health.min_auroc=1.5", "health.min_auroc"), ("health.min_auroc=nan", "health.min_auroc"),
+    ("health.warn_auroc=-0.1", "health.warn_auroc"), ("health.max_rmse_rise=0.9", "health.max_rmse_rise"),
+    ("health.max_rmse_rise=nan", "health.max_rmse_rise"), ("health.max_fid_rise=inf", "health.max_fid_rise"),
+    ("health.patience=0", "health.patience"), ("health.max_restarts=-1", "health.max_restarts"),
     *[(f"{key}=bogus", key) for key in CHOICES],
 ]
 # Cross-key cases: the second override is the one out of range for the first.
@@ -75,6 +84,8 @@ BAD_TOGETHER = [
     (["model.arch=resnet", "data.resolution=16"], "data.resolution"),  # ResNet nets start at 32 px
     (["model.arch=timm"], "model.timm_name"),  # no name
     (["model.arch=timm", "model.timm_name=no_such_net"], "model.timm_name"),
+    (["health.min_auroc=0.6", "health.warn_auroc=0.5"], "health.warn_auroc"),  # a warning before unhealthy
+    (["health.on_unhealthy=restart", "health.every=300"], "checkpoint.every"),  # 500: no healthy checkpoint
 ]
 
 

@@ -337,29 +337,13 @@ def test_the_restart_noise_differs_from_the_first_attempt(tmp_path, digits16):
     assert len(seeds) == 8 and all(0 <= s < 2**31 - 2**16 for s in seeds)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("health.every=-1", "health.every=-1: expected an integer in [0, 2**31)"),
-    ("health.num_images=4", "health.num_images=4: expected an integer in [8, 65536]"),
-    ("health.warmup=-5", "health.warmup=-5: expected an integer in [0, 2**31)"),
-    ("health.min_spread=nan", "health.min_spread=nan: expected a finite number >= 0"),
-    ("health.min_nn_ratio=-1", "health.min_nn_ratio=-1.0: expected a finite number >= 0"),
-    ("health.max_hf_ratio=0", "health.max_hf_ratio=0.0: expected a finite number > 0"),
-    ("health.min_auroc=1.5", "health.min_auroc=1.5: expected a number in [0, 1]"),
-    ("health.warn_auroc=-0.1", "health.warn_auroc=-0.1: expected a number in [0, 1]"),
-    ("health.max_rmse_rise=0.9", "health.max_rmse_rise=0.9: expected a finite number >= 1"),
-    ("health.max_fid_rise=inf", "health.max_fid_rise=inf: expected a finite number >= 1"),
-    ("health.patience=0", "health.patience=0: expected an integer in [1, 2**31)"),
-    ("health.max_restarts=-1", "health.max_restarts=-1: expected an integer in [0, 2**31)"),
-    ("health.on_unhealthy=panic", "health.on_unhealthy='panic': expected one of warn, stop, restart"),
-    ("health.warn_auroc=0.3", "health.warn_auroc=0.3: expected >= health.min_auroc=0.5"),
-    ("health.on_unhealthy=restart", "checkpoint.every=500: with health.on_unhealthy=restart it must be a "
-                                    "multiple of health.every=300"),
-])
-def test_every_health_key_is_range_checked(tmp_path, override, expected):
-    extra = ["health.every=300"] if "restart" in override else []
-    with pytest.raises(ConfigError) as err:
-        load_config(REPO / "configs/digits.yaml", [f"run.dir={tmp_path}", *extra, override])
-    assert str(err.value).startswith(expected), str(err.value)
+def test_range_errors_say_what_is_expected(tmp_path):
+    """(Every health key is in tests/test_config.py's tables; here, the words of the two-key checks.)"""
+    with pytest.raises(ConfigError, match=r"^health.warn_auroc=0.3: expected >= health.min_auroc=0.5 "):
+        load_config(None, [f"run.dir={tmp_path}", "health.warn_auroc=0.3"])
+    with pytest.raises(ConfigError, match=r"^checkpoint.every=500: with health.on_unhealthy=restart it must "
+                                          r"be a multiple of health.every=300 "):
+        load_config(None, [f"run.dir={tmp_path}", "health.every=300", "health.on_unhealthy=restart"])
 
 
 def test_a_probe_needs_held_out_images(tmp_path, digits16):
