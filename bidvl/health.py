@@ -205,13 +205,16 @@ def feature_extractor(cfg, device):
 
 
 def replay(run_dir: str | os.PathLike, checkpoint: str | int | None = "latest", device="cpu",
-           features: str | None = None) -> tuple[int, dict]:
+           features: str | None = None, num_images: int | None = None) -> tuple[int, dict]:
     """(step, figures) of the check a run's checkpoint (or export) gets, measured again in this
     process: what the training run wrote to health.jsonl at that step, whatever the number of
-    processes it trained on. `features` replaces the run's eval.features (None: keep it)."""
+    processes it trained on. `features` replaces the run's eval.features and `num_images` its
+    health.num_images (None: keep them)."""
     run = load_run(run_dir, checkpoint, device=device, ema=False)  # checks watch the trained generator
     if features is not None:
         run.cfg.eval.features = features
+    if num_images is not None:
+        run.cfg.health.num_images = num_images
     nets = run.nets
     scorer = objectives.build(run.cfg).ood_scorer(nets.energy_net, nets.encoder, nets.generator)
     figures = measure(Probe.from_config(run.cfg), scorer, nets.encoder, nets.generator,
@@ -368,6 +371,7 @@ class HealthMonitor:
     def _append(self, record: dict) -> None:
         self.records.append(record)
         if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 

@@ -420,7 +420,7 @@ def write_report(study: dict, results: list[dict]) -> Path:
     lines = report_header(study, f"a training budget of **{study['budget_minutes']:g} min**")
     head = ["run", "overrides", "steps", "train min (budget clock / wall)", results[0]["fid_label"].split(" (")[0]
             if results else "FID", "x VAE", "test RMSE (batch stats)", "x VAE",
-            "test RMSE (running stats)"] + [f"AUROC {n}" for n in oods]
+            "test RMSE (running stats)"] + [f"AUROC {n}" for n in oods] + ["run health (last check)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         s = r["scalars"]
@@ -431,6 +431,7 @@ def write_report(study: dict, results: list[dict]) -> Path:
                fmt(rmse / vae_rmse if rmse is not None and vae_rmse else None, 3),
                fmt(s.get("eval/rmse_running_stats"))]
         row += [fmt(s.get(f"eval/auroc_{n}")) for n in oods]
+        row.append(health_cell(Path(study["out"]) / r["name"]))
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", metrics_note(results), "",
               f"![loss and evaluation curves]({link}/curves.png)", "",
@@ -439,6 +440,16 @@ def write_report(study: dict, results: list[dict]) -> Path:
         cells = image_cells(Path(study["out"]) / r["name"], "", images, link, r["name"])
         lines.append("| " + " | ".join([r["name"], *cells]) + " |")
     return write_keeping_findings(report, lines)
+
+
+def health_cell(run_dir: Path) -> str:
+    """The run's last health check (bidvl.health) as a table cell: the verdict and its reasons."""
+    from bidvl.health import verdict_of
+
+    record = verdict_of(run_dir)
+    if record is None:
+        return "—"
+    return record["verdict"] + (": " + "; ".join(record["reasons"]) if record["reasons"] else "")
 
 
 def image_cells(run_dir: Path, suffix: str, images: Path, link: str, name: str) -> list[str]:

@@ -11,6 +11,8 @@ import pytest
 import yaml
 
 from conftest import ENV, REPO, TINY
+from bidvl.health import verdict_of
+from bidvl.study import health_cell
 
 
 def run(args, timeout=600):
@@ -54,7 +56,7 @@ def test_study_runs_evaluates_reports_and_skips_finished_runs(tmp_path, digits16
         "title": "tiny study", "base": str(REPO / "configs/digits.yaml"), "out": str(tmp_path / "runs"),
         "report": str(tmp_path / "docs" / "study.md"), "budget_minutes": 0.01, "parallel": 2,
         "common": [*TINY, f"data.train={digits16}", "train.max_steps=100000", "eval.every=3",
-                   "eval.metrics=rmse,ood", "eval.max_test=64", "checkpoint.every=5"],
+                   "eval.metrics=rmse,ood", "eval.max_test=64", "checkpoint.every=5", "health.every=2"],
         "eval": {"num_samples": 200, "features": str(features), "batch_size": 100,
                  "ood": [str(tmp_path / "ood")], "auto_build_ood": {str(tmp_path / "ood"): ["digits", 16]}},
         "runs": [{"name": "bidvl_offset", "overrides": []},
@@ -73,6 +75,9 @@ def test_study_runs_evaluates_reports_and_skips_finished_runs(tmp_path, digits16
         assert result["steps"] > 0 and result["budget_used_min"] >= 0.01
         assert {"eval/fid", "eval/rmse", "eval/auroc_uniform", "eval/auroc_ood"} <= set(result["scalars"])
         assert f"| {name} |" in report
+        row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
+        assert row.endswith(f" | {health_cell(tmp_path / 'runs' / name)} |")  # the run's last check
+        assert verdict_of(tmp_path / "runs" / name)["verdict"] in row
         assert (tmp_path / "docs/images/study" / f"{name}_samples.png").is_file()
     vae = json.loads((tmp_path / "runs/vae/study_result.json").read_text())
     assert vae["ood_score"].startswith("ELBO")

@@ -238,8 +238,18 @@ def event_tags(run_dir):
 @pytest.mark.slow
 def test_two_process_run_keeps_replicas_identical(tmp_path, digits16):
     run = tmp_path / "run"
-    proc = run_train(tiny_args(run, digits16, 4, "checkpoint.every=2"), processes=2)
+    proc = run_train(tiny_args(run, digits16, 4, "checkpoint.every=2", "health.every=2"), processes=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Health: one line per check (not one per rank), and the figures are those one process
+    # measures on the same weights: the same on every number of processes.
+    from bidvl import health
+
+    records = health.read_records(run)
+    assert [r["step"] for r in records] == [2, 4]
+    for record in records:
+        step, figures = health.replay(run, record["step"])
+        assert step == record["step"] and figures == pytest.approx(record["figures"], rel=1e-6, abs=1e-9)
+    assert proc.stdout.count("health step 4:") == 1 and "run health: " in proc.stdout
     for ckpt in ("step_00000002", "step_00000004"):
         digests = __import__("json").loads((run / "checkpoints" / ckpt / "replicas.json").read_text())
         assert len(digests["sha256"]) == 2 and len(set(digests["sha256"])) == 1
@@ -247,7 +257,8 @@ def test_two_process_run_keeps_replicas_identical(tmp_path, digits16):
     for tag in ("loss/loss_ul", "loss/loss_ll", "loss/recon", "loss/kl", "loss/energy_term",
                 "loss/latent_term", "energy/data", "energy/samples", "energy/gap",
                 "grad_norm/energy_net", "grad_norm/encoder_generator", "lr/energy_net",
-                "perf/images_per_sec", "perf/step_ms", "perf/data_wait_fraction", "train/skipped_steps"):
+                "perf/images_per_sec", "perf/step_ms", "perf/data_wait_fraction", "train/skipped_steps",
+                "health/spread", "health/auroc_uniform", "health/verdict"):
         assert tag in scalars, tag
     assert {"samples", "reconstructions"} <= images
     for name in ("energy", "encoder", "generator"):
