@@ -41,10 +41,13 @@ def init_weights(module: nn.Module) -> None:
     Use as `net.apply(init_weights)`. A spectrally normalised layer (this package applies
     `torch.nn.utils.parametrizations.spectral_norm` with its defaults) trains
     `parametrizations.weight.original`; we take the parametrization off, draw the weight and put
-    spectral norm back, so that its power iteration starts from singular vectors of the new weight.
-    (The authors' code drew the computed weight of their hook-based spectral norm, which the next
-    forward recomputed from the untouched `weight_orig`; under spectral norm only the direction of
-    a random init matters, so the difference is immaterial.)
+    spectral norm back, whose construction runs 15 power iterations on the new weight (its first
+    sigma estimate is then within a few percent of the largest singular value). The authors'
+    `Xavier_init` draws `m.weight.data` before the first forward, while their hook-based spectral
+    norm's `weight` is still `weight_orig.data`, the same storage: their draw does reach
+    `weight_orig`, as ours reaches `original`. What differs is where the power iteration starts:
+    their `weight_u`, `weight_v` stay the random vectors drawn when the hook was applied
+    (docs/fidelity.md, "Spectral norm").
     """
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         if parametrize.is_parametrized(module, "weight"):
@@ -62,7 +65,9 @@ def init_weights(module: nn.Module) -> None:
 
 def _redrawn(module: nn.Module, draw: Callable[[torch.Tensor], None]) -> None:
     """Draws `module.weight` with `draw`; under spectral norm the trained `original`, with the
-    parametrization put back so that its power iteration starts from the new weight."""
+    parametrization put back so that its power iteration starts from the new weight (15 iterations
+    at construction; the authors' hook kept the random vectors it was built with, see
+    `init_weights`)."""
     if parametrize.is_parametrized(module, "weight"):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
         draw(module.weight)
