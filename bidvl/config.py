@@ -107,6 +107,9 @@ class ObjectiveConfig:
     # The lower level's h_p: `reuse` the upper level's draw (DCGAN scripts) or a `fresh` draw
     # (ResNet scripts); auto: fresh for model.arch=resnet, reuse otherwise.
     lower_latents: str = "auto"
+    # Opt-in stabiliser, not in the paper: weight of uniform noise images as extra negatives of the
+    # upper level (objectives.noise_negatives_term; docs/health.md has its figures). 0: off.
+    noise_negatives: float = 0.0
 
 
 @dataclass
@@ -365,6 +368,7 @@ RANGES: dict[str, Range] = {
     "objective.w_latent": NON_NEGATIVE,
     "objective.r_basic": NON_NEGATIVE,
     "objective.lower_steps": COUNT,
+    "objective.noise_negatives": NON_NEGATIVE,
     "train.batch_size": COUNT,
     "train.max_steps": COUNT,
     "train.grad_accum": COUNT,

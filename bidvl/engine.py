@@ -180,6 +180,8 @@ class Trainer:
                 self._backward(self.energy_net, terms.loss, len(batches), last)
             result.add({"loss/loss_ul": terms.loss, "energy/data": terms.energy_data.mean(),
                         "energy/samples": terms.energy_samples.mean()})
+            if terms.energy_noise is not None:  # objective.noise_negatives
+                result.add({"energy/noise": terms.energy_noise.mean()})
         self._optimizer_step(self.energy_opt, self.energy_net.parameters(), "energy_net", result,
                              engine=self.energy_net)
         if trains_encoder:

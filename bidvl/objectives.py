@@ -43,10 +43,12 @@ def kl_to_prior(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
 def importance_ratio(energy_data: torch.Tensor, r_basic: float, bias: str) -> torch.Tensor:
     """r(v) = r' x bias(v) (Sec. 5.4). bias `none`: 1; `sigmoid`: Sigmoid(mean E - E(v)).
 
-    `energy_data` must come from the (frozen) energy net without gradient; shape (B,).
+    `energy_data` must come from the (frozen) energy net without gradient; shape (B,). The ratio
+    is in the losses' dtype (`at_least_float32` of it): r' is not rounded to bf16/fp16 under
+    autocast, nor to float32 when the losses are float64.
     """
     if bias == "none":
-        return torch.full_like(energy_data, r_basic, dtype=torch.float32)
+        return torch.full_like(at_least_float32(energy_data), r_basic)
     if bias == "sigmoid":
         e = at_least_float32(energy_data.detach())
         return r_basic * torch.sigmoid(e.mean() - e)
@@ -92,6 +94,14 @@ def upper_level_loss(energy_data: torch.Tensor, energy_samples: torch.Tensor, fo
     if form == "hinge":
         return F.relu(1.0 + energy_data).mean() + F.relu(1.0 - energy_samples).mean()
     raise ValueError(f"objective.upper_loss={form!r}: expected difference or hinge")
+
+
+def noise_negatives_term(energy_data: torch.Tensor, energy_noise: torch.Tensor, form: str) -> torch.Tensor:
+    """Opt-in stabiliser, not in the paper (objective.noise_negatives > 0): uniform noise images
+    as extra negatives of the upper level, Eq. (14)'s loss with noise in place of v_hat. The
+    paper's objective is unchanged; this term pushes the energy of noise above the data's, the
+    failure health checks see as `the energy ranks uniform noise above data` (docs/health.md)."""
+    return upper_level_loss(energy_data, energy_noise, form)
 
 
 def upper_level_encoder_kl(mu: torch.Tensor, logvar: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -269,6 +279,7 @@ class UpperLevelTerms(NamedTuple):
     loss: torch.Tensor
     energy_data: torch.Tensor  # E(v), shape (B,)
     energy_samples: torch.Tensor  # E(v_hat), shape (B,)
+    energy_noise: Optional[torch.Tensor] = None  # E(noise), shape (B,), with objective.noise_negatives
 
 
 ENCODER_GENERATOR = ("encoder", "generator")
@@ -297,10 +308,20 @@ class Objective:
         self.fresh_latents = _resolved(cfg, "lower_latents", "fresh" if resnet else "reuse") == "fresh"
 
     def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
-        """Eq. (14): E runs once on cat(v, v_hat); v_hat carries no gradient."""
-        energies = energy_net(torch.cat([v, v_hat.to(v.dtype)]))
-        e_data, e_samples = energies[: len(v)], energies[len(v):]
-        return UpperLevelTerms(upper_level_loss(e_data, e_samples, self.cfg.upper_loss), e_data, e_samples)
+        """Eq. (14): E runs once on cat(v, v_hat); v_hat carries no gradient. With
+        objective.noise_negatives = w > 0, uniform noise u (as many as v, drawn from the global RNG)
+        joins the one forward, cat(v, v_hat, u), and w x noise_negatives_term is added."""
+        weight = getattr(self.cfg, "noise_negatives", 0.0)
+        parts = [v, v_hat.to(v.dtype)] + ([torch.rand_like(v) * 2 - 1] if weight > 0 else [])
+        energies = energy_net(torch.cat(parts))
+        b = len(v)
+        e_data, e_samples = energies[:b], energies[b:2 * b]
+        loss = upper_level_loss(e_data, e_samples, self.cfg.upper_loss)
+        if weight <= 0:
+            return UpperLevelTerms(loss, e_data, e_samples)
+        e_noise = energies[2 * b:]
+        loss = loss + weight * noise_negatives_term(e_data, e_noise, self.cfg.upper_loss)
+        return UpperLevelTerms(loss, e_data, e_samples, e_noise)
 
     def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder,
                     phase=ENCODER_GENERATOR) -> LowerLevelTerms:

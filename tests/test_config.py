@@ -49,6 +49,8 @@ BAD = [
     ("objective.w_latent=inf", "objective.w_latent"), ("objective.r_basic=-0.1", "objective.r_basic"),
     ("objective.r_basic=nan", "objective.r_basic"), ("objective.r_basic=inf", "objective.r_basic"),
     ("objective.lower_steps=0", "objective.lower_steps"),
+    ("objective.noise_negatives=-0.1", "objective.noise_negatives"),
+    ("objective.noise_negatives=nan", "objective.noise_negatives"),
     ("train.batch_size=0", "train.batch_size"), ("train.max_steps=0", "train.max_steps"),
     ("train.grad_accum=0", "train.grad_accum"), ("train.grad_clip=-1", "train.grad_clip"),
     ("train.grad_clip=nan", "train.grad_clip"), ("train.grad_clip=inf", "train.grad_clip"),

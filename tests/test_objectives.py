@@ -504,3 +504,40 @@ def test_the_triangle_encoder_phase_reports_recon_plus_kl(nets):
     terms = objectives.triangle_encoder_loss(v, h_p, encoder=encoder, generator=generator, w_latent=0.1)
     torch.testing.assert_close(terms.weighted_vae, terms.recon + terms.kl)
     torch.testing.assert_close(terms.loss, terms.recon + terms.kl + 0.1 * terms.latent)
+
+
+# ------------------------------------------------------------------ opt-in stabiliser: noise negatives
+
+
+@pytest.mark.parametrize("form", ["difference", "hinge"])
+def test_noise_negatives_add_the_upper_loss_against_uniform_noise_and_move_only_the_energy_net(nets, form):
+    from bidvl.config import ObjectiveConfig
+
+    energy_net, encoder, generator = nets
+    v, h_p = data()
+    v_hat = generator(h_p).detach()
+    objective = objectives.build(ObjectiveConfig(upper_loss=form, noise_negatives=0.3))
+    torch.manual_seed(5)
+    terms = objective.upper_level(v, v_hat, energy_net=energy_net, encoder=encoder)
+    torch.manual_seed(5)
+    noise = torch.rand_like(v) * 2 - 1  # what the objective draws, from the same RNG state
+    assert noise.min() >= -1 and noise.max() <= 1
+    expected = (objectives.upper_level_loss(energy_net(v), energy_net(v_hat), form)
+                + 0.3 * objectives.upper_level_loss(energy_net(v), energy_net(noise), form))
+    torch.testing.assert_close(terms.loss, expected)
+    torch.testing.assert_close(terms.energy_noise, energy_net(noise))
+    terms.loss.backward()
+    assert has_grad(energy_net) and not has_grad(encoder) and not has_grad(generator)
+
+
+def test_without_noise_negatives_the_upper_level_draws_no_noise(nets):
+    """The default (0) is the paper's upper level: no extra forward rows and no RNG use."""
+    from bidvl.config import ObjectiveConfig
+
+    energy_net, encoder, generator = nets
+    v, h_p = data()
+    v_hat = generator(h_p).detach()
+    state = torch.get_rng_state()
+    terms = objectives.build(ObjectiveConfig()).upper_level(v, v_hat, energy_net=energy_net, encoder=encoder)
+    assert torch.equal(torch.get_rng_state(), state) and terms.energy_noise is None
+    torch.testing.assert_close(terms.loss, objectives.upper_level_loss(energy_net(v), energy_net(v_hat), "difference"))
