@@ -235,10 +235,14 @@ def _since(history: list[dict], step: int, reason_key: str) -> int:
     return first
 
 
-def judge(figures: dict, logs: dict, history: list[dict], step: int, hc) -> tuple[str, list[str], list[str]]:
+def judge(figures: dict, logs: dict, history: list[dict], step: int, hc,
+          energy_trained: bool = True) -> tuple[str, list[str], list[str]]:
     """(verdict, reasons, reason keys) of a check from its figures, the last logging window's
     logs and the earlier checks (`history`, oldest first); `hc` is cfg.health. Reasons before
-    hc.warmup steps: only non-finite figures (samples of a young generator are blobs)."""
+    hc.warmup steps: only non-finite figures (samples of a young generator are blobs).
+    `energy_trained` False (the VAE, scored by its ELBO, which training does not shape into an
+    energy): a noise AUROC below health.min_auroc is a warning, not unhealthy (a VAE's ELBO ranks
+    blurred images above data: docs/health.md)."""
     found: list[tuple[str, str, str]] = []  # (severity, key, text)
 
     def add(severity, key, text):
@@ -260,7 +264,8 @@ def judge(figures: dict, logs: dict, history: list[dict], step: int, hc) -> tupl
         for kind in NOISE_KINDS:
             a = figures[f"auroc_{kind}"]
             if a < hc.min_auroc:
-                add("unhealthy", f"auroc_{kind}", f"the energy ranks {kind} noise above data: AUROC {a:.2f}")
+                add("unhealthy" if energy_trained else "warning", f"auroc_{kind}",
+                    f"the {'energy' if energy_trained else 'score'} ranks {kind} noise above data: AUROC {a:.2f}")
             elif a < hc.warn_auroc:
                 add("warning", f"auroc_{kind}", f"the energy barely tells {kind} noise from data: AUROC {a:.2f}")
         best_rmse = min([r["figures"]["rmse"] for r in history if r["step"] >= hc.warmup] + [figures["rmse"]])
@@ -384,7 +389,8 @@ class HealthMonitor:
         if acc.is_main_process:
             scorer = self.objective.ood_scorer(nets["energy"], nets["encoder"], nets["generator"])
             figures = measure(self.probe, scorer, nets["encoder"], nets["generator"], self.extractor, acc.device)
-            verdict, reasons, keys = judge(figures, logs, self.history, step, self.cfg.health)
+            verdict, reasons, keys = judge(figures, logs, self.history, step, self.cfg.health,
+                                           energy_trained=self.objective.has_upper_level)
             record = {"step": step, "verdict": verdict, "reasons": reasons, "keys": keys,
                       "restarts": restarts, "figures": figures,
                       "train": {k: v for k, v in logs.items() if k.startswith(("loss/", "grad_norm/"))}}

@@ -114,7 +114,8 @@ def judged(run: dict, hc) -> list[dict]:
     history: list[dict] = []
     for check in run["checks"]:
         figures = {k: v for k, v in check["figures"].items() if k != "min_auroc"}
-        verdict, reasons, keys = health.judge(figures, {}, history, check["step"], hc)
+        verdict, reasons, keys = health.judge(figures, {}, history, check["step"], hc,
+                                              energy_trained=run["method"] != "vae")
         history.append({"step": check["step"], "verdict": verdict, "reasons": reasons, "keys": keys,
                         "figures": figures})
     return history

@@ -138,6 +138,16 @@ def test_an_energy_that_prefers_noise_is_unhealthy_naming_the_noise(probe_and_tr
     assert "spread" not in keys  # the samples are fine: only the energy is named
 
 
+def test_a_vae_score_that_prefers_noise_is_a_warning(probe_and_train):
+    """The VAE trains no energy: its ELBO ranking blurred images above data is a property of the
+    likelihood, named, but not a sign that training fails."""
+    cfg, probe, train = probe_and_train
+    figures, _ = verdict_of(cfg, probe, NoiseLovingEnergy(), LookupGenerator(train))
+    verdict, reasons, keys = health.judge(figures, {}, [], 1000, cfg.health, energy_trained=False)
+    assert verdict == "warning" and "auroc_uniform" in keys
+    assert f"the score ranks uniform noise above data: AUROC {figures['auroc_uniform']:.2f}" in reasons
+
+
 def test_thresholds_wait_for_the_warmup_but_non_finite_figures_do_not(probe_and_train):
     cfg, probe, train = probe_and_train
     figures, _ = verdict_of(cfg, probe, NoiseLovingEnergy(), CollapsedGenerator(train[0]))
