@@ -207,6 +207,7 @@ class HealthConfig:
     min_spread: float = 0.5  # unhealthy: the samples' pixel spread below this fraction of the data's
     min_nn_ratio: float = 0.5  # unhealthy: nearest-neighbour distance below this fraction of the data's
     max_hf_ratio: float = 3.0  # warning: high-frequency energy above this multiple of the data's
+    min_energy_spread: float = 1e-3  # unhealthy: the std of E over probe images and samples below this
     min_auroc: float = 0.5  # unhealthy: AUROC of -E(v) against a noise kind below this
     warn_auroc: float = 0.9  # warning: below this
     max_rmse_rise: float = 1.25  # warning: held-out RMSE above this multiple of its best so far
@@ -399,6 +400,7 @@ RANGES: dict[str, Range] = {
     "health.warmup": COUNT_OR_ZERO,
     "health.min_spread": NON_NEGATIVE,
     "health.min_nn_ratio": NON_NEGATIVE,
+    "health.min_energy_spread": NON_NEGATIVE,
     "health.max_hf_ratio": POSITIVE,
     "health.min_auroc": Range("a number in [0, 1]", lambda v: 0 <= v <= 1),
     "health.warn_auroc": Range("a number in [0, 1]", lambda v: 0 <= v <= 1),  # and >= min_auroc (validate)

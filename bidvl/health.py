@@ -20,6 +20,10 @@ two failure modes seen in the study setting, and what each check looks for:
   data's per-pixel mean and std: its support, borders and mean), `constant` (one value per image)
   and `blurred` (the held-out batch, Gaussian blur with sigma = resolution / 8). A VAE is scored
   by its negative ELBO, as in the evaluation (`Objective.ood_scorer`).
+- **Energy gone flat**: the energy net's output no longer varies (`energy_spread`: the std of E
+  over the probe images and the samples; a softplus energy stuck at its floor of 0 gives ~1e-14),
+  so the generator gets no signal from it. Seen in the study's seed 0, whose samples then stop
+  improving (FID-style 24 against the VAE's 14).
 - Besides: the energy gap E(samples) - E(data), the held-out reconstruction RMSE and its trend,
   the last logging window's gradient norms and losses, and anything non-finite.
 
@@ -185,6 +189,7 @@ def measure(probe: Probe, energy_net, encoder, generator, extractor=None, device
     e_data, e_samples = energy(probe.data), energy(samples)
     fig["energy_data"], fig["energy_samples"] = float(e_data.mean()), float(e_samples.mean())
     fig["energy_gap"] = fig["energy_samples"] - fig["energy_data"]
+    fig["energy_spread"] = float(torch.cat([torch.from_numpy(e_data), torch.from_numpy(e_samples)]).std())
     for kind, images in probe.noise.items():
         fig[f"auroc_{kind}"] = auroc(-e_data, -energy(images))
     if extractor is not None:
@@ -261,6 +266,9 @@ def judge(figures: dict, logs: dict, history: list[dict], step: int, hc,
         if figures["hf_ratio"] > hc.max_hf_ratio:
             add("warning", "hf_ratio", f"samples are texture: high-frequency energy {figures['hf_ratio']:.1f}x "
                                        f"the data's")
+        if energy_trained and figures["energy_spread"] < hc.min_energy_spread:
+            add("unhealthy", "energy_spread", f"the energy is flat: it varies by {figures['energy_spread']:.1g} over "
+                                              f"data and samples (no learning signal for the generator)")
         for kind in NOISE_KINDS:
             a = figures[f"auroc_{kind}"]
             if a < hc.min_auroc:
@@ -404,7 +412,7 @@ class HealthMonitor:
         acc.print(f"health step {step}: {record['verdict']}"
                   f"{' - ' + '; '.join(record['reasons']) if record['reasons'] else ''} "
                   f"[spread {f['spread']:.2f} nn {f['nn_ratio']:.2f} hf {f['hf_ratio']:.2f} auroc {aurocs} "
-                  f"gap {f['energy_gap']:.3g} rmse {f['rmse']:.3f}"
+                  f"gap {f['energy_gap']:.3g} E-spread {f['energy_spread']:.2g} rmse {f['rmse']:.3f}"
                   f"{' fid ' + format(f['fid_small'], '.1f') if 'fid_small' in f else ''}]", flush=True)
         return record
 

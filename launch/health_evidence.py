@@ -37,8 +37,9 @@ CANDIDATES = {  # signal -> (figure, direction, candidate thresholds)
     "min_spread": ("spread", "below", [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]),
     "min_nn_ratio": ("nn_ratio", "below", [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]),
     "min_auroc": ("min_auroc", "below", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]),
+    "min_energy_spread": ("energy_spread", "below", [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]),
 }
-WATCHED = ["spread", "nn_ratio", "hf_ratio", "min_auroc", "recall", "coverage", "fid_small", "energy_gap"]
+WATCHED = ["spread", "nn_ratio", "hf_ratio", "min_auroc", "energy_spread", "recall", "coverage", "fid_small"]
 
 
 def min_auroc(figures: dict) -> float:
@@ -50,6 +51,7 @@ def replayed(run_dir: Path, features: str) -> dict:
     cache = run_dir / "health_replay.jsonl"
     steps = [step_of(p) for p in complete_checkpoints(run_dir)]
     lines = [json.loads(x) for x in cache.read_text().splitlines()] if cache.is_file() else []
+    lines = [x for x in lines if "energy_spread" in x["figures"]]  # replayed before that figure existed
     done = {x["step"] for x in lines if x["kind"] == "check"}
     for step in steps:
         if step not in done:
@@ -151,6 +153,8 @@ def plot(runs: list[dict], path: Path) -> None:
                     label=r["name"])
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
+        if name == "energy_spread":
+            ax.set_yscale("log")
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
     fig.suptitle("health figures over training: green ends well, red ends badly (dotted: VAE)", fontsize=10)
@@ -160,15 +164,8 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--study", required=True, help="the study YAML file whose runs to replay")
-    p.add_argument("--fit-seeds", default="0,1,2,3", help="seeds whose runs set the thresholds")
-    p.add_argument("--out", default="docs/health_evidence.md")
-    args = p.parse_args(argv)
-    study = load_study(Path(args.study))
-    fit_seeds = {int(s) for s in args.fit_seeds.split(",") if s.strip()}
-    features = study["eval"].get("features") or ""
+def load_runs(study: dict, features: str) -> list[dict]:
+    """The study's finished runs: how each ended, and its replayed checks."""
     runs = []
     for entry in study["runs"]:
         run_dir = Path(study["out"]) / entry["name"]
@@ -178,13 +175,67 @@ def main(argv=None) -> int:
             continue
         result = json.loads(result_path.read_text())
         seed = next((int(m.group(1)) for o in entry.get("overrides", []) if (m := re.fullmatch(r"run\.seed=(\d+)", o))), 0)
-        replay = replayed(run_dir, features)
         scalars = result["scalars"]
         runs.append({"name": entry["name"], "method": entry.get("method", entry["name"]), "seed": seed,
                      "fid": scalars["eval/fid"], "steps": result["steps"], "half_step": result["steps"] // 2,
                      "ood": {k[len("eval/auroc_"):]: v for k, v in scalars.items()
                              if k.startswith("eval/auroc_") and k != "eval/auroc_uniform"},
-                     **replay})
+                     "last": health.verdict_of(run_dir), "restarts": sum(
+                         r.get("event") == "restart" for r in health.read_records(run_dir)),
+                     **replayed(run_dir, features)})
+    return runs
+
+
+def final_aurocs(run: dict) -> list[float]:
+    return [run["final"][f"auroc_{k}"] for k in health.NOISE_KINDS] + list(run["ood"].values())
+
+
+def remedies_table(defaults: list[dict], remedies: list[dict], vae_fid: float) -> list[str]:
+    """Per method (the default and each remedy) on the remedies' seeds: runs ending well, the
+    FID-style score and the lowest AUROC (mean, sd, range), and a row per run."""
+    import statistics
+
+    seeds = sorted({r["seed"] for r in remedies})
+    groups = {"default": [r for r in defaults if r["seed"] in seeds]}
+    for r in remedies:
+        r["why"] = outcome(r, vae_fid)
+        r["good"] = not r["why"]
+        groups.setdefault(r["method"], []).append(r)
+
+    def spread(values):
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.2f} ± {sd:.2f} ({min(values):.2f}–{max(values):.2f})"
+
+    lines = [f"Seeds {seeds}, the same budget for every run.", "",
+             "| method | runs ending well | FID-style | lowest AUROC (noise kinds, OOD) | restarts |",
+             "|---|---|---|---|---|"]
+    for method, group in groups.items():
+        lines.append(f"| {method} | {sum(r['good'] for r in group)} / {len(group)} | "
+                     f"{spread([r['fid'] for r in group])} | {spread([min(final_aurocs(r)) for r in group])} | "
+                     f"{sum(r.get('restarts', 0) for r in group)} |")
+    lines += ["", "| run | steps | FID-style | AUROC uniform / shaped / constant / blurred | OOD | ends | "
+              "last check |", "|---|---|---|---|---|---|---|"]
+    for method, group in groups.items():
+        for r in sorted(group, key=lambda r: r["seed"]):
+            aur = " / ".join(f"{r['final'][f'auroc_{k}']:.2f}" for k in health.NOISE_KINDS)
+            ood = ", ".join(f"{k} {v:.2f}" for k, v in r["ood"].items()) or "—"
+            ends = "well" if r["good"] else "badly: " + "; ".join(r["why"])
+            lines.append(f"| {r['name']} | {r['steps']} | {r['fid']:.2f} | {aur} | {ood} | {ends} | "
+                         f"{health.summary(r['last'])} |")
+    return lines + [""]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--study", required=True, help="the study YAML file whose runs to replay")
+    p.add_argument("--fit-seeds", default="0,1,2,3", help="seeds whose runs set the thresholds")
+    p.add_argument("--out", default="docs/health_evidence.md")
+    p.add_argument("--remedies", default="", help="a study of remedies on some of the same seeds to compare")
+    args = p.parse_args(argv)
+    study = load_study(Path(args.study))
+    fit_seeds = {int(s) for s in args.fit_seeds.split(",") if s.strip()}
+    features = study["eval"].get("features") or ""
+    runs = load_runs(study, features)
     vaes = [r for r in runs if r["method"] == "vae"]
     if not vaes:
         print("error: no finished VAE run to compare with", file=sys.stderr)
@@ -210,7 +261,7 @@ def main(argv=None) -> int:
         f"({vae_fid:.2f}) or its AUROC against any noise kind (final export, {FINAL_IMAGES} probe images) "
         f"or OOD set is below 0.9. Thresholds fitted on seeds {sorted(fit_seeds)} at warm-up "
         f"{hc.warmup} steps: " + ", ".join(f"`health.{k}={getattr(hc, k):g}`" for k in CANDIDATES)
-        + f" (was: " + ", ".join(f"{getattr(defaults, k):g}" for k in CANDIDATES) + "). "
+        + " (was: " + ", ".join(f"{getattr(defaults, k):g}" for k in CANDIDATES) + "). "
         "Flagged = an `unhealthy` verdict from `health.judge` with these thresholds; by half = at a check "
         "at or before half the run's steps.", "",
     ]
@@ -233,6 +284,10 @@ def main(argv=None) -> int:
                          f"{first_signal(r, hc)} |")
         lines.append("")
     lines += [f"![health figures over training]({Path('images/health_evidence/signals.png')})", ""]
+    if args.remedies:
+        remedies = load_runs(load_study(Path(args.remedies)), features)
+        lines += ["## Opt-in stabilisers", "", f"`{args.remedies}` against the default runs of the same seeds.", "",
+                  *remedies_table(bidvl_runs, remedies, vae_fid)]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out} and {image}")
     return 0

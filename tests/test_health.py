@@ -138,6 +138,23 @@ def test_an_energy_that_prefers_noise_is_unhealthy_naming_the_noise(probe_and_tr
     assert "spread" not in keys  # the samples are fine: only the energy is named
 
 
+class FlatEnergy(nn.Module):
+    """A softplus energy stuck at its floor: the same (tiny) value for every image."""
+
+    def forward(self, v):
+        return torch.nn.functional.softplus(v.flatten(1).sum(1) * 0 - 40.0)
+
+
+def test_an_energy_at_its_floor_is_unhealthy_for_being_flat(probe_and_train):
+    cfg, probe, train = probe_and_train
+    figures, (verdict, reasons, keys) = verdict_of(cfg, probe, FlatEnergy(), LookupGenerator(train))
+    assert figures["energy_spread"] == 0.0 and figures["energy_data"] < 1e-16
+    assert verdict == "unhealthy" and "energy_spread" in keys
+    assert "the energy is flat: it varies by 0 over data and samples (no learning signal for the generator)" in reasons
+    healthy, _ = verdict_of(cfg, probe, NearestTrainImageEnergy(train), LookupGenerator(train))
+    assert healthy["energy_spread"] > 1.0
+
+
 def test_a_vae_score_that_prefers_noise_is_a_warning(probe_and_train):
     """The VAE trains no energy: its ELBO ranking blurred images above data is a property of the
     likelihood, named, but not a sign that training fails."""
