@@ -377,3 +377,26 @@ def test_a_probe_needs_held_out_images(tmp_path, digits16):
     cfg = tiny_cfg(tmp_path, digits16, "data.test_split=train", "health.num_images=8")
     assert len(health.Probe.from_config(cfg).data) == 8
     assert math.isfinite(health.Probe.from_config(cfg).data_spread)
+
+
+@pytest.mark.slow
+def test_the_stop_policy_from_the_command_line_is_one_error_line_and_exit_2(tmp_path, digits16):
+    """As users run it, output to a file: the checks' lines, then one `error:` line, exit 2."""
+    import subprocess
+    import sys
+
+    from conftest import ENV
+
+    log = tmp_path / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), *TINY, f"run.dir={tmp_path / 'run'}",
+                               f"data.train={digits16}", "train.max_steps=50", "health.every=2",
+                               "health.warmup=0", "health.min_spread=1e9", "health.on_unhealthy=stop"],
+                              env=ENV, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 2, text[-3000:]
+    assert "health step 2: unhealthy - samples collapsed" in text and "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: run unhealthy for 2 checks in a row at step 4: "
+                                                     "samples collapsed")
+    assert [r["step"] for r in health.read_records(tmp_path / "run")] == [2, 4]
