@@ -396,7 +396,8 @@ RANGES: dict[str, Range] = {
     "eval.max_test": COUNT_OR_ZERO,  # 0: all
     "eval.batch_size": COUNT,
     "health.every": COUNT_OR_ZERO,  # 0: off
-    "health.num_images": Range("an integer in [8, 65536]", lambda v: 8 <= v <= 65536),
+    # pairwise distances of the samples (and of features) are num_images^2 doubles: 512 MiB at 8192
+    "health.num_images": Range("an integer in [8, 8192]", lambda v: 8 <= v <= 8192),
     "health.warmup": COUNT_OR_ZERO,
     "health.min_spread": NON_NEGATIVE,
     "health.min_nn_ratio": NON_NEGATIVE,

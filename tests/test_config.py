@@ -71,7 +71,7 @@ BAD = [
     ("eval.num_samples=1", "eval.num_samples"), ("eval.max_test=-1", "eval.max_test"),
     ("eval.batch_size=0", "eval.batch_size"),
     ("health.every=-1", "health.every"), ("health.num_images=4", "health.num_images"),
-    ("health.num_images=65537", "health.num_images"), ("health.warmup=-5", "health.warmup"),
+    ("health.num_images=8193", "health.num_images"), ("health.warmup=-5", "health.warmup"),
     ("health.min_spread=nan", "health.min_spread"), ("health.min_spread=-1", "health.min_spread"),
     ("health.min_energy_spread=-1", "health.min_energy_spread"),
     ("health.min_energy_spread=nan", "health.min_energy_spread"), ("health.min_nn_ratio=-1", "health.min_nn_ratio"), ("health.min_nn_ratio=inf", "health.min_nn_ratio"),
