@@ -8,14 +8,21 @@ the figures the training run computes at that step, here with the study's featur
 precision/recall/density/coverage and the small-n FID-style score are there too) and on the export
 with 1000 probe images (the run's final AUROC against each kind of noise), and reads how the run
 ended (study_result.json: the FID-style score on 10k samples, AUROC against uniform noise and the
-OOD sets). A BiDVL run *ends badly* when its FID-style score is worse than the VAE runs' mean or
-any AUROC is below 0.9; otherwise it *ends well*.
+OOD sets).
 
-Thresholds are fitted on the runs of `--fit-seeds` only: for each unhealthy-level signal
-(spread, nearest-neighbour ratio, lowest noise AUROC) the loosest candidate that flags no run
-that ends well at any check past the warm-up, and flags the most runs that end badly by half
-their budget. The runs of the other seeds are then judged with those thresholds, through
-`health.judge` as the trainer judges them, and reported separately. Replays are cached in
+How a run ends, two ways:
+- *strict* (the issue's bar): badly when its FID-style score is worse than the VAE runs' mean, or
+  its AUROC against any noise kind or OOD set is below 0.9;
+- *by failure mode*: `samples worse than the VAE` (FID-style above the VAE runs' mean: the texture
+  collapse of docs/study_fashion_mnist_scaling.md) or `prefers noise` (an AUROC below 0.5: the
+  energy ranks that noise above data).
+
+A run is *caught* when the trainer's policy would act: `health.patience` unhealthy checks in a
+row (`health.judge`, as in training). Thresholds are fitted on the runs of `--fit-seeds` only,
+against the failure modes: per unhealthy-level signal, the candidates that catch no run ending
+well (in its failure modes) and the most runs ending badly by half their budget; of those, the
+middle one (on the candidates' scale), for margin on both sides. The runs of the other seeds are
+judged with the fitted thresholds and reported separately. Replays are cached in
 OUT/NAME/health_replay.jsonl. Writes docs/health_evidence.md and a figure of the signals.
 """
 
@@ -33,11 +40,11 @@ from bidvl.config import HealthConfig
 from bidvl.study import load_study, machine
 
 FINAL_IMAGES = 1000
-CANDIDATES = {  # signal -> (figure, direction, candidate thresholds)
-    "min_spread": ("spread", "below", [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]),
-    "min_nn_ratio": ("nn_ratio", "below", [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]),
-    "min_auroc": ("min_auroc", "below", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]),
-    "min_energy_spread": ("energy_spread", "below", [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]),
+CANDIDATES = {  # signal -> (figure, direction, candidate thresholds, tight to loose)
+    "min_spread": ("spread", "below", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]),
+    "min_nn_ratio": ("nn_ratio", "below", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]),
+    "min_auroc": ("min_auroc", "below", [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5]),
+    "min_energy_spread": ("energy_spread", "below", [1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2]),
 }
 WATCHED = ["spread", "nn_ratio", "hf_ratio", "min_auroc", "energy_spread", "recall", "coverage", "fid_small"]
 
@@ -72,16 +79,16 @@ def replayed(run_dir: Path, features: str) -> dict:
     return {"checks": checks, "final": final["figures"], "final_step": final["step"]}
 
 
-def outcome(run: dict, vae_fid: float) -> list[str]:
-    """Why a run ends badly ([] = it ends well)."""
-    why = []
-    if run["fid"] > vae_fid:
-        why.append(f"FID-style {run['fid']:.1f} > VAE {vae_fid:.1f}")
+def outcome(run: dict, vae_fid: float) -> dict:
+    """Why a run ends badly, strictly and by failure mode ([] = it ends well)."""
     aurocs = {**{k: run["final"][f"auroc_{k}"] for k in health.NOISE_KINDS}, **run["ood"]}
-    low = {k: v for k, v in aurocs.items() if v < 0.9}
-    if low:
-        why.append("AUROC < 0.9: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(low.items())))
-    return why
+    worse = [f"FID-style {run['fid']:.1f} > VAE {vae_fid:.1f}"] if run["fid"] > vae_fid else []
+    below = lambda t: {k: v for k, v in sorted(aurocs.items()) if v < t}  # noqa: E731
+    strict = worse + (["AUROC < 0.9: " + ", ".join(f"{k} {v:.2f}" for k, v in below(0.9).items())]
+                      if below(0.9) else [])
+    modes = (["samples worse than the VAE"] if worse else []) + (
+        ["prefers noise: " + ", ".join(f"{k} {v:.2f}" for k, v in below(0.5).items())] if below(0.5) else [])
+    return {"strict": strict, "modes": modes}
 
 
 def crosses(value: float, direction: str, threshold: float) -> bool:
@@ -93,21 +100,34 @@ def first_crossing(run: dict, figure: str, direction: str, threshold: float, war
                  and crosses(c["figures"][figure], direction, threshold)), None)
 
 
-def fit_thresholds(runs: list[dict], warmup: int) -> dict:
-    """Per signal: the loosest candidate that flags no good run past the warm-up and the most bad
-    runs by half their budget (none flagged: the tightest candidate, i.e. the signal stays quiet)."""
+def caught_at(run: dict, figure: str, direction: str, threshold: float, warmup: int, patience: int):
+    """The step at which `patience` checks in a row (past the warm-up) crossed the threshold."""
+    streak = 0
+    for c in run["checks"]:
+        streak = streak + 1 if c["step"] >= warmup and crosses(c["figures"][figure], direction, threshold) else 0
+        if streak >= patience:
+            return c["step"]
+    return None
+
+
+def fit_thresholds(runs: list[dict], hc) -> dict:
+    """Per signal (see the module docstring): of the candidates that catch no run ending well and
+    the most runs ending badly by half their budget, the middle one."""
     fitted = {}
     for key, (figure, direction, candidates) in CANDIDATES.items():
-        best = None
-        for t in candidates:  # ordered from tight to loose for "below"
-            false_alarms = sum(first_crossing(r, figure, direction, t, warmup) is not None for r in runs if r["good"])
-            if false_alarms:
-                continue
-            caught = sum((s := first_crossing(r, figure, direction, t, warmup)) is not None and s <= r["half_step"]
-                         for r in runs if not r["good"])
-            if best is None or caught >= best[1]:
-                best = (t, caught)
-        fitted[key] = best[0] if best else candidates[0]
+        scored = []
+        for t in candidates:
+            at = {r["name"]: caught_at(r, figure, direction, t, hc.warmup, hc.patience) for r in runs}
+            if any(at[r["name"]] is not None for r in runs if not r["why"]["modes"]):
+                continue  # a false alarm
+            scored.append((sum(at[r["name"]] is not None and at[r["name"]] <= r["half_step"]
+                               for r in runs if r["why"]["modes"]), t))
+        if not scored:
+            fitted[key] = candidates[0]
+            continue
+        best = max(caught for caught, _ in scored)
+        feasible = [t for caught, t in scored if caught == best]
+        fitted[key] = feasible[(len(feasible) - 1) // 2]
     return fitted
 
 
@@ -123,8 +143,18 @@ def judged(run: dict, hc) -> list[dict]:
     return history
 
 
-def first_signal(run: dict, hc) -> str:
-    """Which signal crosses its threshold first (past the warm-up), and at which step."""
+def policy_step(verdicts: list[dict], patience: int):
+    """The step at which `patience` unhealthy verdicts in a row make the policy act, or None."""
+    streak = 0
+    for v in verdicts:
+        streak = streak + 1 if v["verdict"] == "unhealthy" else 0
+        if streak >= patience:
+            return v["step"]
+    return None
+
+
+def first_signals(run: dict, hc) -> str:
+    """Each signal's first crossing of its threshold past the warm-up (one check), in order."""
     firsts = []
     for key, (figure, direction, _) in CANDIDATES.items():
         step = first_crossing(run, figure, direction, getattr(hc, key), hc.warmup)
@@ -149,7 +179,7 @@ def plot(runs: list[dict], path: Path) -> None:
             xs = [c["step"] for c in r["checks"] if name in c["figures"]]
             ys = [c["figures"][name] for c in r["checks"] if name in c["figures"]]
             style = "-" if r["method"] != "vae" else ":"
-            ax.plot(xs, ys, style, color="tab:green" if r["good"] else "tab:red", linewidth=1,
+            ax.plot(xs, ys, style, color="tab:red" if r["why"]["modes"] else "tab:green", linewidth=1,
                     label=r["name"])
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
@@ -157,7 +187,7 @@ def plot(runs: list[dict], path: Path) -> None:
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    fig.suptitle("health figures over training: green ends well, red ends badly (dotted: VAE)", fontsize=10)
+    fig.suptitle("health figures over training: red ends badly by failure mode, green well (dotted: VAE)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
@@ -190,16 +220,58 @@ def final_aurocs(run: dict) -> list[float]:
     return [run["final"][f"auroc_{k}"] for k in health.NOISE_KINDS] + list(run["ood"].values())
 
 
+def ends(why: list[str]) -> str:
+    return "well" if not why else "badly: " + "; ".join(why)
+
+
+def aurocs_cell(run: dict) -> str:
+    return " / ".join(f"{run['final'][f'auroc_{k}']:.2f}" for k in health.NOISE_KINDS)
+
+
+def ood_cell(run: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in run["ood"].items()) or "—"
+
+
+def runs_table(group: list[dict], hc) -> list[str]:
+    """A row per run: how it ended (both ways), when the policy would act, the signals in order."""
+    lines = ["| run | steps | FID-style | AUROC uniform / shaped / constant / blurred | OOD | ends (strict) | "
+             "ends (failure modes) | first unhealthy check | caught at (patience) | caught by half | "
+             "signals in order (one check each) |", "|" + "---|" * 11]
+    for r in group:
+        verdicts = judged(r, hc)
+        first = next((v["step"] for v in verdicts if v["verdict"] == "unhealthy"), None)
+        caught = policy_step(verdicts, hc.patience)
+        by_half = caught is not None and caught <= r["half_step"]
+        lines.append(f"| {r['name']} | {r['steps']} | {r['fid']:.2f} | {aurocs_cell(r)} | {ood_cell(r)} | "
+                     f"{ends(r['why']['strict'])} | {ends(r['why']['modes'])} | "
+                     f"{first if first is not None else '—'} | {caught if caught is not None else '—'} | "
+                     f"{'yes' if by_half else 'no'} (half: {r['half_step']}) | {first_signals(r, hc)} |")
+    return lines + [""]
+
+
+def scorecard(group: list[dict], hc) -> str:
+    """One sentence: how many runs ending badly were caught by half, how many ending well were caught."""
+    rows = []
+    for key in ("strict", "modes"):
+        bad = [r for r in group if r["why"][key]]
+        good = [r for r in group if not r["why"][key]]
+        caught = {r["name"]: policy_step(judged(r, hc), hc.patience) for r in group}
+        rows.append(f"{'strict' if key == 'strict' else 'by failure mode'}: "
+                    f"{sum(caught[r['name']] is not None and caught[r['name']] <= r['half_step'] for r in bad)} of "
+                    f"{len(bad)} ending badly caught by half their budget, "
+                    f"{sum(caught[r['name']] is not None for r in good)} of {len(good)} ending well caught")
+    return "; ".join(rows) + "."
+
+
 def remedies_table(defaults: list[dict], remedies: list[dict], vae_fid: float) -> list[str]:
-    """Per method (the default and each remedy) on the remedies' seeds: runs ending well, the
-    FID-style score and the lowest AUROC (mean, sd, range), and a row per run."""
+    """Per method (the default and each remedy) on the remedies' seeds: runs ending well (both
+    ways), the FID-style score and the lowest AUROC (mean, sd, range), and a row per run."""
     import statistics
 
     seeds = sorted({r["seed"] for r in remedies})
     groups = {"default": [r for r in defaults if r["seed"] in seeds]}
     for r in remedies:
         r["why"] = outcome(r, vae_fid)
-        r["good"] = not r["why"]
         groups.setdefault(r["method"], []).append(r)
 
     def spread(values):
@@ -207,21 +279,18 @@ def remedies_table(defaults: list[dict], remedies: list[dict], vae_fid: float) -
         return f"{statistics.mean(values):.2f} ± {sd:.2f} ({min(values):.2f}–{max(values):.2f})"
 
     lines = [f"Seeds {seeds}, the same budget for every run.", "",
-             "| method | runs ending well | FID-style | lowest AUROC (noise kinds, OOD) | restarts |",
-             "|---|---|---|---|---|"]
+             "| method | runs ending well (strict / failure modes) | FID-style | lowest AUROC (noise kinds, OOD) |",
+             "|---|---|---|---|"]
     for method, group in groups.items():
-        lines.append(f"| {method} | {sum(r['good'] for r in group)} / {len(group)} | "
-                     f"{spread([r['fid'] for r in group])} | {spread([min(final_aurocs(r)) for r in group])} | "
-                     f"{sum(r.get('restarts', 0) for r in group)} |")
-    lines += ["", "| run | steps | FID-style | AUROC uniform / shaped / constant / blurred | OOD | ends | "
+        lines.append(f"| {method} | {sum(not r['why']['strict'] for r in group)} / "
+                     f"{sum(not r['why']['modes'] for r in group)} of {len(group)} | "
+                     f"{spread([r['fid'] for r in group])} | {spread([min(final_aurocs(r)) for r in group])} |")
+    lines += ["", "| run | steps | FID-style | AUROC uniform / shaped / constant / blurred | OOD | ends (failure modes) | "
               "last check |", "|---|---|---|---|---|---|---|"]
     for method, group in groups.items():
         for r in sorted(group, key=lambda r: r["seed"]):
-            aur = " / ".join(f"{r['final'][f'auroc_{k}']:.2f}" for k in health.NOISE_KINDS)
-            ood = ", ".join(f"{k} {v:.2f}" for k, v in r["ood"].items()) or "—"
-            ends = "well" if r["good"] else "badly: " + "; ".join(r["why"])
-            lines.append(f"| {r['name']} | {r['steps']} | {r['fid']:.2f} | {aur} | {ood} | {ends} | "
-                         f"{health.summary(r['last'])} |")
+            lines.append(f"| {r['name']} | {r['steps']} | {r['fid']:.2f} | {aurocs_cell(r)} | {ood_cell(r)} | "
+                         f"{ends(r['why']['modes'])} | {health.summary(r['last'])} |")
     return lines + [""]
 
 
@@ -243,46 +312,34 @@ def main(argv=None) -> int:
     vae_fid = sum(r["fid"] for r in vaes) / len(vaes)
     for r in runs:
         r["why"] = outcome(r, vae_fid)
-        r["good"] = not r["why"]
     bidvl_runs = [r for r in runs if r["method"] != "vae"]
     fit = [r for r in bidvl_runs if r["seed"] in fit_seeds]
     held = [r for r in bidvl_runs if r["seed"] not in fit_seeds]
     defaults = HealthConfig()
-    hc = dataclasses.replace(defaults, **fit_thresholds(fit, defaults.warmup))
+    hc = dataclasses.replace(defaults, **fit_thresholds(fit, defaults))
     image = Path("docs/images/health_evidence/signals.png")
     plot(runs, image)
     lines = [
         "# Run health: the evidence behind the thresholds", "",
-        f"Generated by `python launch/health_evidence.py --study {args.study} --fit-seeds {args.fit_seeds}` on "
+        f"Generated by `python launch/health_evidence.py --study {args.study} --fit-seeds {args.fit_seeds}"
+        + (f" --remedies {args.remedies}" if args.remedies else "") + "` on "
         f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine()}. Runs: "
         f"`{study['path']}` ({study['budget_minutes']:g} {study['budget_clock']}-clock minutes each, "
-        f"checkpoints every 100 steps, each replayed with `bidvl.health.replay`).", "",
-        f"A BiDVL run ends badly when its FID-style score (10k samples) is worse than the VAE runs' mean "
-        f"({vae_fid:.2f}) or its AUROC against any noise kind (final export, {FINAL_IMAGES} probe images) "
-        f"or OOD set is below 0.9. Thresholds fitted on seeds {sorted(fit_seeds)} at warm-up "
-        f"{hc.warmup} steps: " + ", ".join(f"`health.{k}={getattr(hc, k):g}`" for k in CANDIDATES)
-        + " (was: " + ", ".join(f"{getattr(defaults, k):g}" for k in CANDIDATES) + "). "
-        "Flagged = an `unhealthy` verdict from `health.judge` with these thresholds; by half = at a check "
-        "at or before half the run's steps.", "",
+        f"checkpoints every 100 steps, each replayed with `bidvl.health.replay`; final AUROCs on the export "
+        f"with {FINAL_IMAGES} probe images). The VAE runs' mean FID-style score: {vae_fid:.2f}.", "",
+        "How a run ends: *strict*, badly when its FID-style score is worse than the VAE's or any AUROC "
+        "(noise kinds, OOD sets) is below 0.9; *by failure mode*, badly when its samples are worse than "
+        "the VAE's or it prefers some noise to data (an AUROC below 0.5). *Caught*: "
+        f"`health.patience={hc.patience}` unhealthy checks in a row, when `health.on_unhealthy` acts. "
+        f"Thresholds fitted on seeds {sorted(fit_seeds)} against the failure modes, warm-up {hc.warmup} steps: "
+        + ", ".join(f"`health.{k}={getattr(hc, k):g}`" for k in CANDIDATES)
+        + " (the defaults before: " + ", ".join(f"{getattr(defaults, k):g}" for k in CANDIDATES) + ").", "",
     ]
-    for title, group in (("Fitted on", fit), ("Held out (judged with the fitted thresholds)", held), ("VAE", vaes)):
-        if not group:
-            continue
-        lines += [f"## {title}", "",
-                  "| run | steps | FID-style | AUROC uniform / shaped / constant / blurred | OOD | ends | "
-                  "first unhealthy check | flagged by half | signals in order |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for r in group:
-            verdicts = judged(r, hc)
-            first = next((v["step"] for v in verdicts if v["verdict"] == "unhealthy"), None)
-            by_half = first is not None and first <= r["half_step"]
-            aur = " / ".join(f"{r['final'][f'auroc_{k}']:.2f}" for k in health.NOISE_KINDS)
-            ood = ", ".join(f"{k} {v:.2f}" for k, v in r["ood"].items()) or "—"
-            ends = "well" if r["good"] else "badly: " + "; ".join(r["why"])
-            lines.append(f"| {r['name']} | {r['steps']} | {r['fid']:.2f} | {aur} | {ood} | {ends} | "
-                         f"{first if first is not None else '—'} | {'yes' if by_half else 'no'} | "
-                         f"{first_signal(r, hc)} |")
-        lines.append("")
+    for title, group in (("Fitted on", fit), ("Held out (judged with the fitted thresholds)", held)):
+        if group:
+            lines += [f"## {title}", "", scorecard(group, hc), "", *runs_table(group, hc)]
+    if vaes:
+        lines += ["## VAE (scored by its ELBO; a low AUROC is a warning only)", "", *runs_table(vaes, hc)]
     lines += [f"![health figures over training]({Path('images/health_evidence/signals.png')})", ""]
     if args.remedies:
         remedies = load_runs(load_study(Path(args.remedies)), features)
