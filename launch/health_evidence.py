@@ -179,7 +179,8 @@ def plot(runs: list[dict], path: Path) -> None:
             xs = [c["step"] for c in r["checks"] if name in c["figures"]]
             ys = [c["figures"][name] for c in r["checks"] if name in c["figures"]]
             style = "-" if r["method"] != "vae" else ":"
-            ax.plot(xs, ys, style, color="tab:red" if r["why"]["modes"] else "tab:green", linewidth=1,
+            color = "tab:gray" if r["method"] == "vae" else "tab:red" if r["why"]["modes"] else "tab:green"
+            ax.plot(xs, ys, style, color=color, linewidth=1,
                     label=r["name"])
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
@@ -187,7 +188,7 @@ def plot(runs: list[dict], path: Path) -> None:
             ax.set_yscale("log")
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")
-    fig.suptitle("health figures over training: red ends badly by failure mode, green well (dotted: VAE)", fontsize=10)
+    fig.suptitle("health figures over training: BiDVL ending badly by failure mode red, well green; VAE grey, dotted", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
