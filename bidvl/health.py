@@ -48,6 +48,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -56,6 +57,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from . import objectives
 from .config import ConfigError
+from .data import ShardError
 from .evaluation import fid as fid_lib
 from .evaluation.fid import frechet_distance, statistics
 from .evaluation.gather import broadcast_from_main
@@ -157,7 +159,18 @@ class Probe:
 
     @classmethod
     def from_config(cls, cfg) -> "Probe":
-        data = first_test_images(cfg, cfg.health.num_images, cfg.eval.batch_size)
+        """The held-out images of `cfg`; when data.test is empty and data.train has no test split,
+        the first training images instead (said once on stderr): checks still run, the AUROCs
+        then rank training images against noise."""
+        try:
+            data = first_test_images(cfg, cfg.health.num_images, cfg.eval.batch_size)
+        except ShardError as exc:
+            if cfg.data.test:  # a held-out folder the user named: its error is theirs to see
+                raise
+            print(f"warning: health checks: {exc}; they use the first {cfg.health.num_images} images of "
+                  f"{cfg.data.train} split {cfg.data.train_split} instead", file=sys.stderr, flush=True)
+            data = first_test_images(cfg, cfg.health.num_images, cfg.eval.batch_size,
+                                     source=(cfg.data.train, cfg.data.train_split))
         if len(data) < 2:
             raise ConfigError(f"health.num_images={cfg.health.num_images}: the held-out split has "
                               f"{len(data)} image(s); a check needs at least 2 (or set health.every=0)")

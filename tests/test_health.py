@@ -373,6 +373,23 @@ def test_range_errors_say_what_is_expected(tmp_path):
         load_config(None, [f"run.dir={tmp_path}", "health.every=300", "health.on_unhealthy=restart"])
 
 
+def test_without_a_test_split_the_probe_takes_training_images_and_says_so(tmp_path, digits16, capsys):
+    import shutil
+
+    from bidvl.data.meta import read_meta, write_meta
+
+    only_train = tmp_path / "only_train"
+    shutil.copytree(digits16, only_train)
+    meta = read_meta(only_train)
+    meta["splits"] = {"train": meta["splits"]["train"]}
+    write_meta(only_train, meta)
+    probe = health.Probe.from_config(tiny_cfg(tmp_path, only_train, "health.num_images=16"))
+    assert torch.equal(probe.data, split_images(digits16, "train")[:16])
+    assert "no split 'test'" in capsys.readouterr().err
+    with pytest.raises(health.ShardError, match="no split 'test'"):  # a data.test the user named must work
+        health.Probe.from_config(tiny_cfg(tmp_path, only_train, f"data.test={only_train}"))
+
+
 def test_a_probe_needs_held_out_images(tmp_path, digits16):
     cfg = tiny_cfg(tmp_path, digits16, "data.test_split=train", "health.num_images=8")
     assert len(health.Probe.from_config(cfg).data) == 8

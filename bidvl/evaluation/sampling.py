@@ -144,14 +144,15 @@ def reconstruction_pairs(encoder: nn.Module, generator: nn.Module, v: torch.Tens
     return torch.stack([v.float(), reconstructions], 1).flatten(0, 1)
 
 
-def first_test_images(cfg, num: int, batch_size: int) -> torch.Tensor:
-    """The first `num` images (fewer if the split is smaller) of the run's test split, one process,
-    read `batch_size` at a time; (N, C, H, W) in [-1, 1] on the CPU."""
+def first_test_images(cfg, num: int, batch_size: int, source: tuple[str, str] | None = None) -> torch.Tensor:
+    """The first `num` images (fewer if the split is smaller) of the run's test split (or of
+    `source`, a (folder, split)), one process, read `batch_size` at a time; (N, C, H, W) in [-1, 1]
+    on the CPU."""
     from bidvl.data import eval_stream
 
     from .loading import heldout_data
 
-    folder, split = heldout_data(cfg)
+    folder, split = source or heldout_data(cfg)
     real = []
     for images, _, index in eval_stream(folder, split, batch_size):
         real.append(images[index >= 0])
