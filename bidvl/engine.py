@@ -370,7 +370,10 @@ class Trainer:
         self.checkpointer.write_config()
         if cfg.health.every:
             self.health = HealthMonitor(acc, cfg, self.objective)
-            self.health.resume(self.state.health_lines)  # 0 for a new run: an old file is emptied
+            if self.health.enabled:
+                self.health.resume(self.state.health_lines)  # 0 for a new run: an old file is emptied
+            else:  # no images to probe with (said on stderr)
+                self.health = None
         start_trackers(acc, cfg)
         self.set_learning_rates()
 

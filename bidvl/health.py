@@ -169,8 +169,11 @@ class Probe:
                 raise
             print(f"warning: health checks: {exc}; they use the first {cfg.health.num_images} images of "
                   f"{cfg.data.train} split {cfg.data.train_split} instead", file=sys.stderr, flush=True)
-            data = first_test_images(cfg, cfg.health.num_images, cfg.eval.batch_size,
-                                     source=(cfg.data.train, cfg.data.train_split))
+            try:
+                data = first_test_images(cfg, cfg.health.num_images, cfg.eval.batch_size,
+                                         source=(cfg.data.train, cfg.data.train_split))
+            except ShardError as second:  # e.g. bad members that training skips (data.on_error=skip)
+                raise ShardError(f"{exc}; and {second}") from None
         if len(data) < 2:
             raise ConfigError(f"health.num_images={cfg.health.num_images}: the held-out split has "
                               f"{len(data)} image(s); a check needs at least 2 (or set health.every=0)")
@@ -362,9 +365,20 @@ class HealthMonitor:
         self.path = Path(cfg.run.dir) / HEALTH_FILE
         self.records: list[dict] = []
         self.probe = self.extractor = None  # the main process measures; the others receive
+        problem = ""
         if accelerator.is_main_process:
-            self.probe = Probe.from_config(cfg)
-            self.extractor = feature_extractor(cfg, accelerator.device)
+            try:
+                self.probe = Probe.from_config(cfg)
+            except ShardError as exc:
+                if cfg.data.test:  # a held-out folder the user named: its error is theirs to see
+                    raise
+                problem = str(exc)
+            self.extractor = feature_extractor(cfg, accelerator.device) if self.probe is not None else None
+        # Every rank agrees, or the others would wait for checks the main process does not run.
+        problem = broadcast_from_main(accelerator, problem)
+        self.enabled = not problem
+        if problem:
+            accelerator.print(f"warning: health checks are off for this run: no images to probe with ({problem})")
 
     @property
     def lines(self) -> int:

@@ -388,6 +388,15 @@ def test_without_a_test_split_the_probe_takes_training_images_and_says_so(tmp_pa
     assert "no split 'test'" in capsys.readouterr().err
     with pytest.raises(health.ShardError, match="no split 'test'"):  # a data.test the user named must work
         health.Probe.from_config(tiny_cfg(tmp_path, only_train, f"data.test={only_train}"))
+    # Nothing readable to probe with at all: the run trains without checks and says so.
+    from bidvl.engine import Trainer
+
+    (only_train / meta["splits"]["train"]["shards"][0]["name"]).write_bytes(b"not a tar")
+    trainer = Trainer(tiny_cfg(tmp_path, only_train, "health.every=2"))
+    monitor = health.HealthMonitor(trainer.accelerator, trainer.cfg, trainer.objective)
+    trainer.close()
+    assert not monitor.enabled and monitor.probe is None
+    assert "warning: health checks are off for this run: no images to probe with" in capsys.readouterr().out
 
 
 def test_a_probe_needs_held_out_images(tmp_path, digits16):
