@@ -62,8 +62,8 @@ def _pax_path(data: bytes) -> str | None:
                              f"record within the {len(data)}-byte header")
         key, _, value = record[len(digits) + 1: -1].partition(b"=")
         if key == b"path":
-            try:
-                path = value.decode("utf-8")
+            try:  # trailing slashes dropped, as tarfile does for a pax path (a regular member "x/" is "x")
+                path = value.decode("utf-8").rstrip("/")
             except UnicodeDecodeError:
                 raise ValueError(f"path {value[:200]!r} is not UTF-8") from None
         pos += length

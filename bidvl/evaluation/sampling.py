@@ -149,12 +149,13 @@ def first_test_images(cfg, num: int, batch_size: int, source: tuple[str, str] | 
     `source`, a (folder, split)), one process, read `batch_size` at a time; (N, C, H, W) in [-1, 1]
     on the CPU."""
     from bidvl.data import eval_stream
+    from bidvl.data.remote import NetOptions
 
     from .loading import heldout_data
 
     folder, split = source or heldout_data(cfg)
     real = []
-    for images, _, index in eval_stream(folder, split, batch_size):
+    for images, _, index in eval_stream(folder, split, batch_size, net=NetOptions.of(cfg.data)):
         real.append(images[index >= 0])
         if sum(len(r) for r in real) >= num:
             break
