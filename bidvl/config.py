@@ -204,11 +204,12 @@ class HealthConfig:
     every: int = 100  # steps between checks (on the fixed held-out probe); 0: off
     num_images: int = 256  # held-out images, latents and noise images of each kind per check
     warmup: int = 300  # steps before the thresholds apply (only non-finite figures are flagged)
-    min_spread: float = 0.5  # unhealthy: the samples' pixel spread below this fraction of the data's
-    min_nn_ratio: float = 0.5  # unhealthy: nearest-neighbour distance below this fraction of the data's
+    # Defaults fitted on 4 seeds of the FashionMNIST health study (docs/health.md, health_evidence.md).
+    min_spread: float = 0.4  # unhealthy: the samples' pixel spread below this fraction of the data's
+    min_nn_ratio: float = 0.4  # unhealthy: nearest-neighbour distance below this fraction of the data's
     max_hf_ratio: float = 3.0  # warning: high-frequency energy above this multiple of the data's
-    min_energy_spread: float = 1e-3  # unhealthy: the std of E over probe images and samples below this
-    min_auroc: float = 0.5  # unhealthy: AUROC of -E(v) against a noise kind below this
+    min_energy_spread: float = 0.01  # unhealthy: the std of E over probe images and samples below this
+    min_auroc: float = 0.1  # unhealthy: AUROC of -E(v) against a noise kind below this
     warn_auroc: float = 0.9  # warning: below this
     max_rmse_rise: float = 1.25  # warning: held-out RMSE above this multiple of its best so far
     max_fid_rise: float = 1.5  # warning: small-n FID-style score above this multiple of its best

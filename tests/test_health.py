@@ -366,8 +366,8 @@ def test_the_restart_noise_differs_from_the_first_attempt(tmp_path, digits16):
 
 def test_range_errors_say_what_is_expected(tmp_path):
     """(Every health key is in tests/test_config.py's tables; here, the words of the two-key checks.)"""
-    with pytest.raises(ConfigError, match=r"^health.warn_auroc=0.3: expected >= health.min_auroc=0.5 "):
-        load_config(None, [f"run.dir={tmp_path}", "health.warn_auroc=0.3"])
+    with pytest.raises(ConfigError, match=r"^health.warn_auroc=0.3: expected >= health.min_auroc=0.6 "):
+        load_config(None, [f"run.dir={tmp_path}", "health.min_auroc=0.6", "health.warn_auroc=0.3"])
     with pytest.raises(ConfigError, match=r"^checkpoint.every=500: with health.on_unhealthy=restart it must "
                                           r"be a multiple of health.every=300 "):
         load_config(None, [f"run.dir={tmp_path}", "health.every=300", "health.on_unhealthy=restart"])
