@@ -372,7 +372,7 @@ class Trainer:
             self.health = HealthMonitor(acc, cfg, self.objective)
             if self.health.enabled:
                 self.health.resume(self.state.health_lines)  # 0 for a new run: an old file is emptied
-            else:  # no images to probe with (said on stderr)
+            else:  # no images to probe with (said in the log)
                 self.health = None
         start_trackers(acc, cfg)
         self.set_learning_rates()
