@@ -22,8 +22,13 @@ row (`health.judge`, as in training). Thresholds are fitted on the runs of `--fi
 against the failure modes: per unhealthy-level signal, the candidates that catch no run ending
 well (in its failure modes) and the most runs ending badly by half their budget; of those, the
 middle one (on the candidates' scale), for margin on both sides. The runs of the other seeds are
-judged with the fitted thresholds and reported separately. Replays are cached in
-OUT/NAME/health_replay.jsonl. Writes docs/health_evidence.md and a figure of the signals.
+judged with the fitted thresholds and reported separately; *flagged* (a warning or worse) is
+reported beside *caught*. Because the energy's noise preference comes and goes, a section shows
+each run's checks over time (which prefer some noise), how often that changes, the final snapshot
+against the last three checks (*lasting* preference), and how alternative policy rules (k of the
+last n checks) would have caught the lasting preference by half the budget, with their false
+alarms. Replays are cached in OUT/NAME/health_replay.jsonl. Writes docs/health_evidence.md and a
+figure of the signals.
 """
 
 import argparse
@@ -153,6 +158,81 @@ def policy_step(verdicts: list[dict], patience: int):
     return None
 
 
+def flagged_at(verdicts: list[dict]):
+    """The first check whose verdict is not healthy (a warning or worse), or None."""
+    return next((v["step"] for v in verdicts if v["verdict"] != "healthy"), None)
+
+
+def prefers_noise(figures: dict) -> bool:
+    """The energy ranks some noise kind above data at this check: an AUROC below 0.5."""
+    return min_auroc(figures) < 0.5
+
+
+def noise_timeline(run: dict, hc) -> list[bool]:
+    """Per check past the warm-up (in order, the last kept checkpoint last): does it prefer noise?"""
+    return [prefers_noise(c["figures"]) for c in run["checks"] if c["step"] >= hc.warmup]
+
+
+def lasting_noise(run: dict, hc) -> bool:
+    """A lasting preference for noise: most of the last three checks prefer noise (a judgement of
+    how the run ends that one snapshot of an oscillating energy does not give)."""
+    return sum(noise_timeline(run, hc)[-3:]) >= 2
+
+
+def k_of_n_at(flags: list[tuple[int, bool]], k: int, n: int, warmup: int):
+    """The step at which `k` of the last `n` flagged checks (past the warm-up) first hold, or None."""
+    window: list[bool] = []
+    for step, flag in flags:
+        if step < warmup:
+            continue
+        window = (window + [flag])[-n:]
+        if sum(window) >= k:
+            return step
+    return None
+
+
+def intermittency_table(group: list[dict], hc) -> list[str]:
+    """Per BiDVL run: its checks' noise preference over time (N: some AUROC below 0.5), how often
+    that changes, the final snapshot against the last three checks, and the first half's count."""
+    lines = ["| run | checks from step " + str(hc.warmup) + " (N: prefers some noise) | changes | "
+             "checks up to half preferring noise | last 3 checks | final export | lasting preference |",
+             "|---|---|---|---|---|---|---|"]
+    for r in group:
+        tl = noise_timeline(r, hc)
+        first_half = [prefers_noise(c["figures"]) for c in r["checks"] if hc.warmup <= c["step"] <= r["half_step"]]
+        lines.append(f"| {r['name']} | `{''.join('N' if x else '.' for x in tl)}` | "
+                     f"{sum(a != b for a, b in zip(tl, tl[1:]))} | {sum(first_half)} of {len(first_half)} | "
+                     f"{sum(tl[-3:])} of {len(tl[-3:])} | {'N' if prefers_noise(r['final']) else '.'} | "
+                     f"{'yes' if lasting_noise(r, hc) else 'no'} |")
+    return lines + [""]
+
+
+def rules_table(group: list[dict], hc) -> list[str]:
+    """Alternative policy rules on every BiDVL run: of the runs ending with a lasting preference for
+    noise, how many each rule catches by half their budget; of the others, how many it flags at all
+    (before their end, a false alarm against that failure mode)."""
+    rules = [
+        (f"{hc.patience} unhealthy checks in a row (the policy)", lambda r, v: policy_step(v, hc.patience)),
+        ("2 of the last 3 checks unhealthy",
+         lambda r, v: k_of_n_at([(x["step"], x["verdict"] == "unhealthy") for x in v], 2, 3, hc.warmup)),
+        ("2 of the last 3 checks prefer noise (AUROC < 0.5)",
+         lambda r, v: k_of_n_at([(c["step"], prefers_noise(c["figures"])) for c in r["checks"]], 2, 3, hc.warmup)),
+        ("a warning or worse (any check)", lambda r, v: flagged_at(v)),
+    ]
+    lasting = [r for r in group if lasting_noise(r, hc)]
+    others = [r for r in group if not lasting_noise(r, hc)]
+    lines = [f"Runs ending with a lasting preference for noise: {', '.join(r['name'] for r in lasting) or 'none'}; "
+             f"the others: {', '.join(r['name'] for r in others) or 'none'}.", "",
+             "| rule | lasting preference caught by half their budget | others flagged (false alarms) |",
+             "|---|---|---|"]
+    for name, at in rules:
+        caught = [r["name"] for r in lasting if (s := at(r, judged(r, hc))) is not None and s <= r["half_step"]]
+        false = [r["name"] for r in others if at(r, judged(r, hc)) is not None]
+        lines.append(f"| {name} | {len(caught)} of {len(lasting)} ({', '.join(caught) or '—'}) | "
+                     f"{len(false)} of {len(others)} ({', '.join(false) or '—'}) |")
+    return lines + [""]
+
+
 def first_signals(run: dict, hc) -> str:
     """Each signal's first crossing of its threshold past the warm-up (one check), in order."""
     firsts = []
@@ -236,8 +316,8 @@ def ood_cell(run: dict) -> str:
 def runs_table(group: list[dict], hc) -> list[str]:
     """A row per run: how it ended (both ways), when the policy would act, the signals in order."""
     lines = ["| run | steps | FID-style | AUROC uniform / shaped / constant / blurred | OOD | ends (strict) | "
-             "ends (failure modes) | first unhealthy check | caught at (patience) | caught by half | "
-             "signals in order (one check each) |", "|" + "---|" * 11]
+             "ends (failure modes) | first flagged (warning or worse) | first unhealthy check | caught at (patience) | "
+             "caught by half | signals in order (one check each) |", "|" + "---|" * 12]
     for r in group:
         verdicts = judged(r, hc)
         first = next((v["step"] for v in verdicts if v["verdict"] == "unhealthy"), None)
@@ -245,6 +325,7 @@ def runs_table(group: list[dict], hc) -> list[str]:
         by_half = caught is not None and caught <= r["half_step"]
         lines.append(f"| {r['name']} | {r['steps']} | {r['fid']:.2f} | {aurocs_cell(r)} | {ood_cell(r)} | "
                      f"{ends(r['why']['strict'])} | {ends(r['why']['modes'])} | "
+                     f"{flagged_at(verdicts) if flagged_at(verdicts) is not None else '—'} | "
                      f"{first if first is not None else '—'} | {caught if caught is not None else '—'} | "
                      f"{'yes' if by_half else 'no'} (half: {r['half_step']}) | {first_signals(r, hc)} |")
     return lines + [""]
@@ -257,10 +338,13 @@ def scorecard(group: list[dict], hc) -> str:
         bad = [r for r in group if r["why"][key]]
         good = [r for r in group if not r["why"][key]]
         caught = {r["name"]: policy_step(judged(r, hc), hc.patience) for r in group}
+        flagged = {r["name"]: flagged_at(judged(r, hc)) for r in group}
+        by_half = lambda at, r: at[r["name"]] is not None and at[r["name"]] <= r["half_step"]  # noqa: E731
         rows.append(f"{'strict' if key == 'strict' else 'by failure mode'}: "
-                    f"{sum(caught[r['name']] is not None and caught[r['name']] <= r['half_step'] for r in bad)} of "
-                    f"{len(bad)} ending badly caught by half their budget, "
-                    f"{sum(caught[r['name']] is not None for r in good)} of {len(good)} ending well caught")
+                    f"{sum(by_half(caught, r) for r in bad)} of {len(bad)} ending badly caught by half their "
+                    f"budget ({sum(by_half(flagged, r) for r in bad)} flagged, a warning or worse), "
+                    f"{sum(caught[r['name']] is not None for r in good)} of {len(good)} ending well caught "
+                    f"({sum(flagged[r['name']] is not None for r in good)} flagged)")
     return "; ".join(rows) + "."
 
 
@@ -287,11 +371,11 @@ def remedies_table(defaults: list[dict], remedies: list[dict], vae_fid: float) -
                      f"{sum(not r['why']['modes'] for r in group)} of {len(group)} | "
                      f"{spread([r['fid'] for r in group])} | {spread([min(final_aurocs(r)) for r in group])} |")
     lines += ["", "| run | steps | FID-style | AUROC uniform / shaped / constant / blurred | OOD | ends (failure modes) | "
-              "last check |", "|---|---|---|---|---|---|---|"]
+              "restarts | last check |", "|---|---|---|---|---|---|---|---|"]
     for method, group in groups.items():
         for r in sorted(group, key=lambda r: r["seed"]):
             lines.append(f"| {r['name']} | {r['steps']} | {r['fid']:.2f} | {aurocs_cell(r)} | {ood_cell(r)} | "
-                         f"{ends(r['why']['modes'])} | {health.summary(r['last'])} |")
+                         f"{ends(r['why']['modes'])} | {r['restarts']} | {health.summary(r['last'])} |")
     return lines + [""]
 
 
@@ -342,6 +426,12 @@ def main(argv=None) -> int:
     if vaes:
         lines += ["## VAE (scored by its ELBO; a low AUROC is a warning only)", "", *runs_table(vaes, hc)]
     lines += [f"![health figures over training]({Path('images/health_evidence/signals.png')})", ""]
+    lines += ["## Is a preference for noise lasting?", "",
+              "The final AUROCs are one snapshot. Over the checks the energy's ranking of noise against data "
+              "changes sign again and again; *lasting* below means that most of the last three checks prefer "
+              "some noise kind (an AUROC below 0.5).", "", *intermittency_table(bidvl_runs, hc),
+              "Policy rules against the lasting preference (all BiDVL runs; the thresholds above):", "",
+              *rules_table(bidvl_runs, hc)]
     if args.remedies:
         remedies = load_runs(load_study(Path(args.remedies)), features)
         lines += ["## Opt-in stabilisers", "", f"`{args.remedies}` against the default runs of the same seeds.", "",
