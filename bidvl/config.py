@@ -181,6 +181,9 @@ class LogConfig:
     every: int = 10
     images_every: int = 200
     num_images: int = 64
+    # The console (bidvl.tracking.Progress): `bar` (tqdm), `lines` (one plain line per log window,
+    # for log files and SLURM .out files), `auto`: a bar when stderr is a terminal, else lines.
+    progress: str = "auto"
 
 
 @dataclass
@@ -270,6 +273,7 @@ CHOICES = {
     "checkpoint.on_damaged": ("fallback", "stop"),
     "train.on_nonfinite": ("skip", "rollback", "stop"),
     "health.on_unhealthy": ("warn", "stop", "restart"),
+    "log.progress": ("auto", "bar", "lines"),
 }
 
 
