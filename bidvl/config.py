@@ -133,6 +133,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile each trained net (Accelerate's dynamo backend, inductor)
     grad_clip: float = 0.0  # 0: off
     ema: float = 0.0  # generator EMA decay; 0: off (as the authors)
+    # Ramp the EMA's decay up from 0.1: min(ema, (1 + k) / (10 + k)) at its k-th update
+    # (bidvl.models.ema; diffusers' schedule). Off: the decay is train.ema from the first update.
+    ema_warmup: bool = False
     # Stop (checkpoint + export, like reaching max_steps) once training has used this many minutes;
     # 0: off. Counted over data loading + training steps only (not evaluation or checkpoints) and
     # carried across resumes. budget_clock `wall` is elapsed time; `process` is the CPU time of

@@ -120,7 +120,7 @@ class Trainer:
             cast_buffers_to_bf16(self.unwrapped.values())
         self.state = TrainState()
         self.checkpointer = Checkpointer(acc, cfg)
-        self.ema = EMA(self.unwrapped["generator"], cfg.train.ema) if cfg.train.ema > 0 else None
+        self.ema = EMA(self.unwrapped["generator"], cfg.train.ema, cfg.train.ema_warmup) if cfg.train.ema > 0 else None
         self.steps_per_epoch = 1  # set from the data stream by fit()
         # Different noise on every rank from here on (same weights were made above).
         set_seed(cfg.run.seed, device_specific=True)
@@ -195,7 +195,8 @@ class Trainer:
             self._lower_level_phase(phase, batches, latents, result, loss_name="loss_ll" if len(phases) == 1
                                     else "loss_" + "_".join(phase))
         if self.ema is not None:
-            self.ema.update(self.unwrapped["generator"])
+            self.ema.update(self.unwrapped["generator"], self.state.ema_updates)
+            self.state.ema_updates += 1
 
     def _lower_level_phase(self, phase, batches, latents, result: StepResult, loss_name: str) -> None:
         """Trains the nets named in `phase` (the other lower-level net frozen)."""

@@ -690,3 +690,37 @@ def test_the_progress_line_counts_down_the_budget_it_runs_on(tmp_path, digits16,
     assert [duration(s) for s in (4, 185, 7620, 273600)] == ["4s", "3m05s", "2h07m", "3d04h"]
     Progress(SimpleNamespace(is_main_process=False), cfg, start=0).logged(100, logs)  # other ranks: silent
     assert capsys.readouterr().out == ""
+
+
+def test_an_ema_turned_on_at_resume_starts_from_the_loaded_generator(tmp_path, digits16):
+    """A run saved without an EMA resumes with train.ema on (the EMA starts from the checkpoint's
+    generator, said once) instead of calling every checkpoint damaged; with train.ema_warmup the
+    first update averages with decay 0.1, and the update count goes on across the next resume."""
+    import bidvl
+
+    run = tmp_path / "run"
+    p = run_train(tiny_args(run, digits16, 4, "checkpoint.every=4"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    on = ("train.ema=0.9", "train.ema_warmup=true", "checkpoint.every=1")
+    p = run_train(tiny_args(run, digits16, 5, *on))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "saved without an EMA (train.ema=0): the generator's EMA starts from its weights at step 4" in p.stderr
+    assert "damaged" not in p.stdout + p.stderr
+
+    def generator(ema, checkpoint):
+        return {k: t.clone() for k, t in bidvl.load(run, ema=ema, checkpoint=checkpoint).generator.state_dict().items()}
+
+    def buffer(key):
+        return "running_" in key or "num_batches_tracked" in key
+
+    def check(ema, before, after, decay):
+        for k, t in ema.items():
+            expected = after[k] if buffer(k) else decay * before[k] + (1 - decay) * after[k]
+            torch.testing.assert_close(t, expected, msg=k)
+
+    g4, g5, ema5 = generator(False, 4), generator(False, 5), generator(True, 5)
+    check(ema5, g4, g5, 0.1)  # decay_at(0) = 1/10: not 0.9 (no warm-up), not from the initial weights
+    p = run_train(tiny_args(run, digits16, 6, *on))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "saved without an EMA" not in p.stderr
+    check(generator(True, 6), ema5, generator(False, 6), 2 / 11)  # the second update: decay_at(1)
