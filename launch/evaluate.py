@@ -10,9 +10,10 @@ uses the trained generator; the report's "generator" says which ("ema" | "traine
 RUN_DIR/eval/step_XXXXXXXX.json and .md (merged with an earlier evaluation of the same step) and logs eval/fid, eval/rmse, eval/auroc_<name> to
 RUN_DIR/tensorboard at that step; evaluating the export also refreshes the Evaluation section of
 its model card (RUN_DIR/model/README.md). Under `accelerate launch` every process evaluates its share; the
-figures do not depend on the number of processes. FID weights are never downloaded: give
---inception-weights or BIDVL_INCEPTION_WEIGHTS (torch-fidelity's
-weights-inception-2015-12-05-6726825d.pth), or --features for an FID-style figure.
+figures do not depend on the number of processes. FID's Inception weights (torch-fidelity's
+weights-inception-2015-12-05-6726825d.pth) come from --inception-weights, BIDVL_INCEPTION_WEIGHTS
+or torch's hub cache (TORCH_HOME/hub/checkpoints, where torch-fidelity keeps them); they are
+downloaded there only with --download-weights. --features gives an FID-style figure instead.
 """
 
 import argparse
@@ -37,6 +38,17 @@ def check_args(args) -> None:
         raise ConfigError(f"--run {args.run}: cannot write the report: {problem}")
 
 
+def download_weights(accelerator, given: str) -> None:
+    """--download-weights: the main process fetches the weights into torch's hub cache unless a
+    file is found already; the other processes wait for it."""
+    from bidvl.evaluation import fid
+
+    if accelerator.is_main_process and not fid.inception_weights_file(given):
+        print(f"downloading the Inception weights to {fid.hub_cache_weights()}", file=sys.stderr, flush=True)
+        fid.download_inception_weights()
+    accelerator.wait_for_everyone()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder (holds config.yaml)")
@@ -50,7 +62,10 @@ def main(argv=None):
     p.add_argument("--max-test", type=int, default=0, help="use only the first N test images for rmse/ood (0: all)")
     p.add_argument("--fid-ref", choices=("train", "test"), default="train",
                    help="reference statistics from the train split (the authors) or the test split")
-    p.add_argument("--inception-weights", default="", help="local Inception weights file (or env BIDVL_INCEPTION_WEIGHTS)")
+    p.add_argument("--inception-weights", default="",
+                   help="local Inception weights file (default: env BIDVL_INCEPTION_WEIGHTS, else torch's hub cache)")
+    p.add_argument("--download-weights", action="store_true",
+                   help="for FID, fetch the Inception weights into torch's hub cache if no file is found (needs a network)")
     p.add_argument("--features", default="",
                    help="another feature extractor: TorchScript file, or timm-spec .safetensors (FID-style figure)")
     p.add_argument("--batch-size", type=int, default=100, help="per process (default: %(default)s)")
@@ -76,6 +91,8 @@ def main(argv=None):
         return 2
     accelerator = Accelerator()
     try:
+        if args.download_weights and "fid" in metrics and not args.features:
+            download_weights(accelerator, args.inception_weights)
         run = load_run(args.run, args.checkpoint, device=accelerator.device, ema=False if args.no_ema else None)
         opts = EvalOptions(
             metrics=metrics, num_samples=args.num_samples, batch_size=args.batch_size,
