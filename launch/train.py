@@ -21,12 +21,19 @@ def main(argv=None):
     sections = "\n".join(f"  {name:<11} {text}" for name, text in SECTIONS.items())
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"config sections (every key: --print-config; types and ranges: bidvl/config.py):\n{sections}")
+        epilog=f"config sections (every key with its default, range and meaning: --help-config, docs/config.md):\n{sections}")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (the file with the overrides) as YAML and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its default, what it accepts and what it means, and exit")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 run.dir=runs/x")
     args = parser.parse_args(argv)
+    if args.help_config:
+        from bidvl.config_reference import text
+
+        print(text())
+        return 0
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
