@@ -410,8 +410,9 @@ def test_periodic_evaluation(tiny_run, small_features, monkeypatch):
     report = evaluate_nets(None, cfg, run.nets, EvalOptions(metrics=("rmse",), max_test=50, batch_size=16))
     assert report["rmse"]["num_images"] == 50 and report["rmse"]["rmse"] == pytest.approx(figures["eval/rmse"])
 
-    # Without weights or features FID is skipped, with one warning.
+    # Without weights (none in an empty hub cache either) or features FID is skipped, with one warning.
     monkeypatch.delenv(fid_lib.ENV_WEIGHTS, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tiny_run.parent / "empty_torch_home"))
     monkeypatch.setattr(periodic, "_warned", set())
     cfg = load_config(tiny_run / "config.yaml", ["eval.metrics=fid,rmse", "eval.max_test=16"])
     with pytest.warns(UserWarning, match="FID is skipped"):
