@@ -463,7 +463,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.resolution={cfg.data.resolution}: model.arch={cfg.model.arch} supports "
                           f"{', '.join(map(str, supported))}")
     if cfg.model.arch == "timm":
-        import timm
+        from bidvl.extras import require
+
+        timm = require("timm", ConfigError)
 
         if not cfg.model.timm_name:
             raise ConfigError("model.timm_name is empty: model.arch=timm needs a timm model name")
@@ -487,14 +489,34 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data; `configs/` in the clone links here
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs that come with bidvl (`--config cifar10`)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_file(name: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (`cifar10`, `cifar10.yaml`) when no
+    such file exists here; a ConfigError naming both otherwise."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if len(path.parts) == 1 and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file {path} does not exist (shipped configs, by name: "
+                      f"{', '.join(shipped_configs())})")
+
+
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:
-    """defaults <- YAML file <- `key=value` overrides, type-checked and validated."""
+    """defaults <- YAML file (a path or a shipped config's name) <- `key=value` overrides,
+    type-checked and validated."""
     merged = OmegaConf.structured(Config)
     sources = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = config_file(path)
         try:
             sources.append((str(path), "?", OmegaConf.load(path)))
         except _UNREADABLE as exc:

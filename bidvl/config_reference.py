@@ -2,7 +2,7 @@
 means, generated from config.py itself (its dataclasses, CHOICES, RANGES and the comments beside
 each field), so that it cannot drift from the code.
 
-    python launch/train.py --help-config       # as text
+    bidvl train --help-config                  # as text (also python launch/train.py --help-config)
     python -m bidvl.config_reference > docs/config.md   # the Markdown page (tests/test_config.py checks it)
 """
 
@@ -94,8 +94,8 @@ def markdown() -> str:
     lines = ["# Config reference", "",
              "Generated from `bidvl/config.py` by `python -m bidvl.config_reference > docs/config.md` "
              "(tests/test_config.py fails when it is out of date). Every key can be set in a YAML "
-             "config or as a dotted override (`train.max_steps=100`); `python launch/train.py "
-             "--print-config [...]` prints a resolved config, `--help-config` this list.", ""]
+             "config or as a dotted override (`train.max_steps=100`); `bidvl train --print-config [...]` "
+             "prints a resolved config, `bidvl train --help-config` this list.", ""]
     for section, text in SECTIONS.items():
         lines += [f"## {section}", "", text[0].upper() + text[1:] + ".", "",
                   "| key | default | accepts | meaning |", "|---|---|---|---|"]

@@ -308,7 +308,7 @@ def test_no_arguments_from_a_fresh_clone(tmp_path):
     SIGTERM makes it checkpoint and exit."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    for path in ("launch", "configs", "accelerate_config.yaml"):  # the working tree's version
+    for path in ("launch", "bidvl/configs", "accelerate_config.yaml"):  # the working tree's version
         src, dst = REPO / path, clone / path
         if src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)

@@ -161,7 +161,10 @@ class InceptionFeatures(Features):
 
     def __init__(self, weights: str | os.PathLike, device="cpu"):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from bidvl.extras import require
+
+        FeatureExtractorInceptionV3 = require("torch_fidelity.feature_extractor_inceptionv3",
+                                              EvalError).FeatureExtractorInceptionV3
 
         path = Path(weights)
         if not path.is_file():
@@ -250,8 +253,9 @@ class TimmFeatures(Features):
 
     def __init__(self, path: str | os.PathLike, device="cpu"):
         super().__init__()
-        import timm
+        from bidvl.extras import require
 
+        timm = require("timm", EvalError)
         path = Path(path)
         meta, state = read_safetensors(path)
         if meta.get("bidvl.features") != "timm" or not meta.get("bidvl.timm_name"):
