@@ -12,7 +12,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,deepspeed]'
+	$(BIN)/pip install -q -e '.[all,test,deepspeed]'
 	touch $(STAMP)
 
 train: $(STAMP)

@@ -7,7 +7,8 @@
 `import bidvl` stays cheap: torch and the nets are imported on the first `load`.
 """
 
-__all__ = ["BiDVLModel", "load"]
+__all__ = ["BiDVLModel", "load", "__version__"]
+__version__ = "0.1.0"  # the package's version (pyproject.toml reads it from here)
 
 
 def load(path, device="cpu", ema=None, checkpoint=None):

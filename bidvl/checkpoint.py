@@ -117,6 +117,7 @@ class TrainState:
     health_lines: int = 0  # lines of RUN_DIR/health.jsonl written up to here (bidvl.health)
     restarts: int = 0  # health restarts (health.on_unhealthy=restart) so far
     noise_seed: int = -1  # the noise seed set by the last restart (-1: run.seed's, no restart)
+    ema_updates: int = 0  # generator EMA updates since the EMA started (train.ema_warmup's count)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self)) + "\n"
@@ -449,7 +450,11 @@ class Checkpointer:
         try:
             self.accelerator.load_state(str(folder))  # safetensors + weights_only torch.load
             state = TrainState.read(folder / TRAIN_STATE_FILE)
-            if ema is not None:
+            ema_starts = ema is not None and any(key == "train.ema" and not old for key, old, _ in changes)
+            if ema_starts:  # saved without an EMA: it starts here, from the loaded generator
+                ema.start_from(nets["generator"])
+                state.ema_updates = 0
+            elif ema is not None:
                 ema.load_state_dict(load_file(str(folder / EMA_FILE)))
             saved = json.loads((folder / "replicas.json").read_text())["sha256"][0]
         except Exception as exc:  # whatever a damaged file makes Accelerate, torch or JSON raise
@@ -460,6 +465,9 @@ class Checkpointer:
                                     f"digest in replicas.json")
         if self.accelerator.is_main_process:
             self._report_changes(folder, changes, state.world_size)
+            if ema_starts:
+                print(f"{folder} was saved without an EMA (train.ema=0): the generator's EMA starts "
+                      f"from its weights at step {state.step}", file=sys.stderr, flush=True)
         return state
 
     def _report_changes(self, folder: Path, changes: list, world_size: int) -> None:

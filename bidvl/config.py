@@ -36,28 +36,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/digits"
-    seed: int = 0
+    dir: str = "runs/digits"  # the run folder: config.yaml, checkpoints/, model/ (the export), logs
+    seed: int = 0  # seeds the nets' initial weights, the data order and the noise
 
 
 @dataclass
 class DataConfig:
     # Shard folders (each with meta.json). `auto_build` lets the default config build its own
     # shards on first use (only for sources that ship with a package: digits, fashion-mnist).
+    # `train`/`test` may also be a URL (http(s)://, s3://, gs://, hf://), a `pipe:` command
+    # template or a brace-expanded shard list (docs/data.md).
     train: str = "shards/digits"
     test: str = ""  # empty: same folder as `train`, split `test_split`
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str = "train"  # the split of meta.json the run trains on
+    test_split: str = "test"  # the split held out (evaluation, health checks)
     auto_build: str = ""  # dataset name to build into `train` when it has no meta.json yet
     resolution: int = 32  # must equal the shards' meta.json
     channels: int = 1  # must equal the shards' meta.json
     num_workers: int = 1  # DataLoader workers per process
-    shuffle_buffer: int = 2000
+    shuffle_buffer: int = 2000  # samples shuffled together in the stream (at most 1/4 of a rank's batches' samples)
     on_error: str = "raise"  # raise | skip: bad samples/shards stop the run, or are skipped and counted
     max_skipped: int = 100  # with on_error=skip: stop once more than this many were skipped
-    # `train`/`test` may also be a URL (http(s)://, s3://, gs://, hf://), a `pipe:` command
-    # template or a brace-expanded shard list (docs/data.md). For a shard list without meta.json:
-    train_count: int = 0  # samples in data.train's list (0: from the meta.json beside the shards)
+    train_count: int = 0  # for a shard list without meta.json: its samples (0: from the meta.json beside the shards)
     net_retries: int = 5  # remote reads: tries after the first (dropped connection, timeout, 5xx)
     net_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
     net_timeout: float = 60.0  # seconds an http(s) connect or read may stall
@@ -66,10 +66,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "dcgan"  # a key of bidvl.models.registry.BUILDERS
-    latent_dim: int = 100
-    energy_width: int = 64
-    encoder_width: int = 48
-    generator_width: int = 48
+    latent_dim: int = 100  # size of h, the generator's input and the encoder's output
+    energy_width: int = 64  # the energy net's base width (stages widen from it; the authors' Ebasec)
+    encoder_width: int = 48  # the encoder's base width (the authors' Qbasec)
+    generator_width: int = 48  # the generator's base width (the authors' Pbasec)
     energy_output: str = "softplus"  # softplus | identity
     spectral_norm: bool = True  # on the energy net (and the timm backbone when arch=timm)
     timm_name: str = ""  # arch=timm: timm backbone for energy net and encoder; generator is dcgan
@@ -94,7 +94,7 @@ class ObjectiveConfig:
     # recon + KL + E(G(h)) + w_latent x latent NLL (Han et al.: w_latent=0.1, see objectives.py).
     name: str = "bidvl"
     latent_term: str = "offset"  # offset | not_offset | none (bidvl only)
-    w_latent: float = 1.0
+    w_latent: float = 1.0  # weight of the latent term in the lower level
     r_basic: float = 0.05  # r' in the paper
     ratio_bias: str = "none"  # none | sigmoid
     upper_loss: str = "difference"  # difference | hinge
@@ -114,25 +114,28 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4
-    betas: list[float] = field(default_factory=lambda: [0.0, 0.9])
-    weight_decay: float = 1e-4
+    lr: float = 3e-4  # Adam's learning rate
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.9])  # Adam's (beta1, beta2)
+    weight_decay: float = 1e-4  # Adam's L2 weight decay
     lr_decay: float = 0.998  # multiplied into the LR once per epoch (ExponentialLR)
 
 
 @dataclass
 class TrainConfig:
     batch_size: int = 100  # per process
-    max_steps: int = 2000
+    max_steps: int = 2000  # bi-level iterations (optimizer steps of each level) to train for
     # auto: what the accelerate launcher says (`--mixed_precision`, its config file; `no` without
     # one); no | bf16 | fp16 win over the launcher. The run's config.yaml holds the resolved value.
     # (A bare `no` is fine: see BARE_NO_KEYS.)
     mixed_precision: str = "auto"
-    grad_accum: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step (the step sees grad_accum x batch_size per process)
     channels_last: bool = False  # nets and batches in NHWC memory format (a GPU speed option)
     compile: bool = False  # torch.compile each trained net (Accelerate's dynamo backend, inductor)
     grad_clip: float = 0.0  # 0: off
     ema: float = 0.0  # generator EMA decay; 0: off (as the authors)
+    # Ramp the EMA's decay up from 0.1: min(ema, (1 + k) / (10 + k)) at its k-th update
+    # (bidvl.models.ema; diffusers' schedule). Off: the decay is train.ema from the first update.
+    ema_warmup: bool = False
     # Stop (checkpoint + export, like reaching max_steps) once training has used this many minutes;
     # 0: off. Counted over data loading + training steps only (not evaluation or checkpoints) and
     # carried across resumes. budget_clock `wall` is elapsed time; `process` is the CPU time of
@@ -147,10 +150,10 @@ class TrainConfig:
     # rollback (at most
     # `max_rollbacks` times, then stops).
     on_nonfinite: str = "rollback"
-    nonfinite_patience: int = 10
-    rollback_lr_scale: float = 0.5
-    max_rollbacks: int = 3
-    energy_optim: OptimConfig = field(
+    nonfinite_patience: int = 10  # consecutive steps with a skip before on_nonfinite acts
+    rollback_lr_scale: float = 0.5  # factor on both LRs per rollback
+    max_rollbacks: int = 3  # rollbacks allowed, then the run stops
+    energy_optim: OptimConfig = field(  # energy net
         default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0)
     )
     latent_optim: OptimConfig = field(default_factory=OptimConfig)  # encoder + generator
@@ -161,8 +164,8 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500
-    keep: int = 3
+    every: int = 500  # steps between checkpoints (one is also saved at the end and on a stop signal)
+    keep: int = 3  # newest complete checkpoints kept (older ones are deleted)
     resume: str = "auto"  # auto | none | PATH
     # A complete checkpoint whose files do not match its manifest (bidvl.checkpoint): `fallback`
     # reports it and resumes from the previous complete one (resume=auto and rollbacks); `stop`
@@ -178,22 +181,25 @@ class LogConfig:
     # Accelerate trackers, a comma list (tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive,
     # swanlab, trackio); each must be installed. Empty: none. bidvl.tracking says where each one writes.
     trackers: str = "tensorboard"
-    every: int = 10
-    images_every: int = 200
-    num_images: int = 64
+    every: int = 10  # steps per logging window (scalars are its means)
+    images_every: int = 200  # steps between sample and reconstruction grids
+    num_images: int = 64  # images per grid
+    # The console (bidvl.tracking.Progress): `bar` (tqdm), `lines` (one plain line per log window,
+    # for log files and SLURM .out files), `auto`: a bar when stderr is a terminal, else lines.
+    progress: str = "auto"
 
 
 @dataclass
 class EvalConfig:
     """Periodic evaluation during training (bidvl.evaluation); every=0 turns it off."""
 
-    every: int = 0
+    every: int = 0  # steps between evaluations during training; 0: off
     metrics: str = "rmse,ood"  # comma list of EVAL_METRICS
     num_samples: int = 1000  # generated samples for FID during training (50,000 in launch/evaluate.py)
     max_test: int = 2000  # test images used for rmse/ood during training (0: all)
-    batch_size: int = 100
+    batch_size: int = 100  # images per forward pass of the evaluation
     features: str = ""  # FID feature extractor: "" = Inception (needs inception_weights) or a path
-    inception_weights: str = ""  # local file; env BIDVL_INCEPTION_WEIGHTS is used when empty
+    inception_weights: str = ""  # local file; empty: env BIDVL_INCEPTION_WEIGHTS, else torch's hub cache
 
 
 @dataclass
@@ -217,13 +223,14 @@ class HealthConfig:
     # (checkpoint and end the run with an error), `restart` (reload the newest checkpoint whose
     # check was healthy and go on with a new noise seed; at most max_restarts times, then stop).
     on_unhealthy: str = "warn"
-    patience: int = 2
-    max_restarts: int = 2
+    patience: int = 2  # unhealthy checks in a row before on_unhealthy acts
+    max_restarts: int = 2  # with on_unhealthy=restart: restarts allowed, then the run stops
 
 
 @dataclass
 class Config:
-    """The whole config; SECTIONS says what each section holds (launch/train.py --help prints it)."""
+    """The whole config; SECTIONS says what each section holds (launch/train.py --help prints it;
+    --help-config and docs/config.md list every key: bidvl.config_reference)."""
 
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -270,6 +277,7 @@ CHOICES = {
     "checkpoint.on_damaged": ("fallback", "stop"),
     "train.on_nonfinite": ("skip", "rollback", "stop"),
     "health.on_unhealthy": ("warn", "stop", "restart"),
+    "log.progress": ("auto", "bar", "lines"),
 }
 
 
@@ -455,7 +463,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.resolution={cfg.data.resolution}: model.arch={cfg.model.arch} supports "
                           f"{', '.join(map(str, supported))}")
     if cfg.model.arch == "timm":
-        import timm
+        from bidvl.extras import require
+
+        timm = require("timm", ConfigError)
 
         if not cfg.model.timm_name:
             raise ConfigError("model.timm_name is empty: model.arch=timm needs a timm model name")
@@ -479,14 +489,34 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"  # package data; `configs/` in the clone links here
+
+
+def shipped_configs() -> list[str]:
+    """The names of the configs that come with bidvl (`--config cifar10`)."""
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_file(name: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (`cifar10`, `cifar10.yaml`) when no
+    such file exists here; a ConfigError naming both otherwise."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if len(path.parts) == 1 and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config file {path} does not exist (shipped configs, by name: "
+                      f"{', '.join(shipped_configs())})")
+
+
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:
-    """defaults <- YAML file <- `key=value` overrides, type-checked and validated."""
+    """defaults <- YAML file (a path or a shipped config's name) <- `key=value` overrides,
+    type-checked and validated."""
     merged = OmegaConf.structured(Config)
     sources = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = config_file(path)
         try:
             sources.append((str(path), "?", OmegaConf.load(path)))
         except _UNREADABLE as exc:

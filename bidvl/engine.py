@@ -37,7 +37,6 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
 from . import objectives
 from .checkpoint import Checkpointer, TrainState
@@ -49,7 +48,7 @@ from .health import HealthMonitor, UnhealthyRun, summary
 from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
-from .tracking import MetricsWindow, StepResult, log_final, log_image_grids, start_trackers
+from .tracking import MetricsWindow, Progress, StepResult, closing_lines, log_final, log_image_grids, start_trackers
 
 # The last training window's figures that go into the run's final figures (tracking.log_final).
 FINAL_LOGS = ("loss/", "energy/")
@@ -121,7 +120,7 @@ class Trainer:
             cast_buffers_to_bf16(self.unwrapped.values())
         self.state = TrainState()
         self.checkpointer = Checkpointer(acc, cfg)
-        self.ema = EMA(self.unwrapped["generator"], cfg.train.ema) if cfg.train.ema > 0 else None
+        self.ema = EMA(self.unwrapped["generator"], cfg.train.ema, cfg.train.ema_warmup) if cfg.train.ema > 0 else None
         self.steps_per_epoch = 1  # set from the data stream by fit()
         # Different noise on every rank from here on (same weights were made above).
         set_seed(cfg.run.seed, device_specific=True)
@@ -196,7 +195,8 @@ class Trainer:
             self._lower_level_phase(phase, batches, latents, result, loss_name="loss_ll" if len(phases) == 1
                                     else "loss_" + "_".join(phase))
         if self.ema is not None:
-            self.ema.update(self.unwrapped["generator"])
+            self.ema.update(self.unwrapped["generator"], self.state.ema_updates)
+            self.state.ema_updates += 1
 
     def _lower_level_phase(self, phase, batches, latents, result: StepResult, loss_name: str) -> None:
         """Trains the nets named in `phase` (the other lower-level net frozen)."""
@@ -379,8 +379,8 @@ class Trainer:
 
         start = self.state.step
         batches_iter = stream.open(start * accum)
-        progress = tqdm(total=cfg.train.max_steps, initial=start, disable=not acc.is_main_process,
-                        desc="train", dynamic_ncols=True)
+        progress = Progress(acc, cfg, start)
+        how, model = "", None  # how the training ended, where its export went (the closing lines)
         window, logs, last_saved = MetricsWindow(acc), {}, (start if start else -1)
         eval_figures = {}  # the last evaluation during training (eval.every)
         clock = time.process_time if cfg.train.budget_clock == "process" else time.perf_counter
@@ -409,7 +409,7 @@ class Trainer:
                                  f"data.max_skipped={cfg.data.max_skipped} (see the warnings above)")
             if self.apply_nonfinite_policy(result):  # rolled back: reopen the data where that step was
                 batches_iter = stream.open(self.state.step * accum)
-                progress.n = self.state.step
+                progress.moved_to(self.state.step)
                 window.drop_steps()
                 continue
             step = self.state.step
@@ -418,8 +418,7 @@ class Trainer:
             last = step == cfg.train.max_steps or over_budget
             if window.steps and (step % cfg.log.every == 0 or last):
                 logs = window.flush(step, self._scalars(flags.skipped_samples))
-                progress.set_postfix(gap=f"{logs.get('energy/gap', float('nan')):.3f}",
-                                     recon=f"{logs.get('loss/recon', 0):.1f}")
+                progress.logged(step, logs, self._last_verdict(), self.state.budget_used_s)
             if step % cfg.log.images_every == 0 or last:
                 self._log_images(batches[0].to(acc.device))
             if cfg.eval.every and step % cfg.eval.every == 0:
@@ -435,19 +434,20 @@ class Trainer:
                     restarted = self.check_health(step, logs)
                 if restarted:  # reopen the data where the restart point was
                     batches_iter = stream.open(self.state.step * accum)
-                    progress.n = self.state.step
+                    progress.moved_to(self.state.step)
                     window.drop_steps()
                     last_saved = self.state.step
                     continue
             if step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
                 last_saved = step
-            progress.update(1)
+            progress.update()
             if flags.stop:
                 why = f"signal {self.stop_signal}" if self.stop_signal else "a stop signal on another rank"
                 acc.print(f"{why}: checkpointing at step {step} and exiting")
                 if last_saved != step:
                     self.save_checkpoint()
+                how = f"stopped by {why}"
                 break
         else:  # max_steps reached or time budget used up (a signal breaks out above)
             if over_budget:
@@ -455,14 +455,23 @@ class Trainer:
                           f"clock) used at step {self.state.step}: exporting and stopping")
             if last_saved != self.state.step:
                 self.save_checkpoint()
-            self.export()
-            log_final(acc, cfg, self.state.step, {**{k: v for k, v in logs.items() if k.startswith(FINAL_LOGS)},
-                                                  **eval_figures})
+            model = self.export()
+            how = "stopped by its time budget" if over_budget else "finished"
+        final = {**{k: v for k, v in logs.items() if k.startswith(FINAL_LOGS)}, **eval_figures}
+        if model is not None:
+            log_final(acc, cfg, self.state.step, final)
         progress.close()
+        for line in closing_lines(how, self.state.step, time.perf_counter() - progress.t0, final, model,
+                                  Path(cfg.run.dir)):
+            acc.print(line)
         if self.health is not None:
             acc.print(f"run health: {summary(self.health.history[-1] if self.health.history else None)} "
                       f"({self.health.path})")
         return logs
+
+    def _last_verdict(self) -> str:
+        history = self.health.history if self.health is not None else []
+        return history[-1]["verdict"] if history else ""
 
     def _scalars(self, skipped_samples: int) -> dict:
         return {

@@ -217,12 +217,9 @@ def measure(probe: Probe, energy_net, encoder, generator, extractor=None, device
 
 
 def feature_extractor(cfg, device):
-    """The FID-style feature extractor the evaluation settings name (eval.features,
-    eval.inception_weights or BIDVL_INCEPTION_WEIGHTS), or None: feature measures are then skipped."""
-    weights = cfg.eval.inception_weights or os.environ.get(fid_lib.ENV_WEIGHTS, "")
-    if not (cfg.eval.features or weights):
-        return None
-    return fid_lib.feature_extractor(cfg.eval.features, weights, device)
+    """The FID-style feature extractor of the evaluation settings (eval.features, or Inception with
+    the weights bidvl.evaluation.fid finds), or None: feature measures are then skipped."""
+    return fid_lib.feature_extractor(cfg.eval.features, cfg.eval.inception_weights, device, required=False)
 
 
 def replay(run_dir: str | os.PathLike, checkpoint: str | int | None = "latest", device="cpu",

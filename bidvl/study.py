@@ -23,8 +23,9 @@ in OUT/NAME/study.log:
   torch starts), and their output would mix with the other runs' instead of going to the run's
   log. In their own process they get the run's thread count and the device launch/evaluate.py
   and launch/sample.py would pick, so their figures and images are those of the commands.
-The processes run from the repository root (the folder above this package), from where the
-relative paths of the study files (base, shards folders, out) are read.
+The processes run in the folder the study was started from (the repository root in a clone),
+from where the relative paths of the study files (base, shards folders, out) are read; `base` may
+also name a shipped config (`fashion_mnist`).
 
 At the end it writes the report (`report`, Markdown) with the table, the grids, loss and
 evaluation curves (PNG, matplotlib, from the runs' TensorBoard logs), steps and time per run, and
@@ -68,7 +69,6 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent  # the stages' working folder (see the docstring)
 MARKER = "<!-- end of generated part -->"
 KEYS = {"base", "out", "report", "budget_minutes", "budgets", "budget_clock", "threads", "parallel",
         "common", "eval", "runs", "title", "notes"}
@@ -85,9 +85,23 @@ class StudyError(ValueError):
     pass
 
 
+def study_file(name: str | Path) -> Path:
+    """A study file path, or the name of a shipped study (`fashion_mnist_health`) when no such file
+    exists here."""
+    from bidvl.config import SHIPPED_CONFIGS
+
+    path, shipped = Path(name), SHIPPED_CONFIGS / "studies"
+    if path.is_file():
+        return path
+    candidate = shipped / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    if len(path.parts) == 1 and candidate.is_file():
+        return candidate
+    raise StudyError(f"study file {path} does not exist (shipped studies, by name: "
+                     f"{', '.join(sorted(p.stem for p in shipped.glob('*.yaml')))})")
+
+
 def load_study(path: Path, budget_override: float | None = None) -> dict:
-    if not path.is_file():
-        raise StudyError(f"study file {path} does not exist")
+    path = study_file(path)
     study = yaml.safe_load(path.read_text()) or {}
     unknown = set(study) - KEYS
     if unknown:
@@ -160,7 +174,7 @@ def _run_stage(stage: str, args: list[str], log: Path, env: dict) -> None:
     with open(log, "a") as f:
         f.write(f"\n$ {shlex.join(cmd)}\n")
         f.flush()
-        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
+        p = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, check=False)  # in our folder
     if p.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
         raise StudyError(f"{stage} failed (exit {p.returncode}); log {log}:\n" + "\n".join(tail))
@@ -316,9 +330,9 @@ def read_curves(run_dir: Path) -> dict:
 
 
 def plot_curves(study: dict, results: list[dict], path: Path) -> None:
-    import matplotlib
+    from bidvl.extras import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", StudyError).use("Agg")
     import matplotlib.pyplot as plt
 
     curves = {r["name"]: read_curves(Path(study["out"]) / r["name"]) for r in results}  # one read per run

@@ -22,7 +22,8 @@ import math
 import statistics
 from pathlib import Path
 
-from bidvl.study import fmt, image_cells, metrics_note, ood_names, report_header, write_keeping_findings
+from bidvl.study import (StudyError, fmt, image_cells, metrics_note, ood_names, report_header,
+                         write_keeping_findings)
 
 REFERENCE = "vae"
 # (scalar, label, lower is better)
@@ -138,9 +139,9 @@ def trend_text(points: list[tuple[float, float]]) -> str:
 
 
 def plot_scaling(groups: dict, budgets: list[float], path: Path) -> None:
-    import matplotlib
+    from bidvl.extras import require
 
-    matplotlib.use("Agg")
+    require("matplotlib", StudyError).use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.2))

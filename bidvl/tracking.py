@@ -8,6 +8,9 @@
     window.record(result, images=...)
     logs = window.flush(step, {"lr/energy_net": ...})   # means over steps and ranks -> trackers
 
+The console (`Progress`): a tqdm bar on a terminal, one plain line per log window in a log file
+(log.progress); `closing_lines` says how a training ended and where its model is.
+
 Trackers (log.trackers: TensorBoard, W&B, MLflow, ... through Accelerate) are started by
 `start_trackers`; image grids go through each one's image API (`log_images`); `log_final` writes
 the final figures once per finished training. Names are the tags: `loss/*` (the levels' losses and terms), `energy/{data,samples,gap}`
@@ -19,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -98,9 +102,116 @@ class MetricsWindow:
         logs["perf/images_per_sec"] = self.images / max(elapsed, 1e-9)
         logs["perf/step_ms"] = 1e3 * elapsed / len(self.steps)
         logs["perf/data_wait_fraction"] = self.data_wait / max(elapsed, 1e-9)  # main process's
+        if acc.device.type == "cuda":  # this rank's peak since the start (all ranks alike under DDP)
+            logs["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
         acc.log(logs, step=step)
         self.steps, self.t0, self.images, self.data_wait = [], time.perf_counter(), 0, 0.0
         return logs
+
+
+# ------------------------------------------------------------------ the console
+
+CONSOLE_LOSSES = ("energy/gap", "loss/recon", "loss/kl")  # shown when present, in this order
+
+
+def duration(seconds: float) -> str:
+    """`4s`, `3m05s`, `2h07m`, `3d04h`."""
+    s = int(max(seconds, 0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def progress_mode(cfg) -> str:
+    """log.progress resolved: `auto` is a bar when stderr is a terminal, else lines."""
+    if cfg.log.progress != "auto":
+        return cfg.log.progress
+    return "bar" if sys.stderr.isatty() else "lines"
+
+
+class Progress:
+    """Training progress on the main process's console. `bar`: tqdm on stderr, the gap and the
+    reconstruction loss beside it. `lines` (a log file, a SLURM .out file, a pipe): at each log
+    window one newline-terminated line on stdout, flushed:
+
+        step 1200/5000 (24.0%) | 310 img/s, 206 ms/step | 4m12s, ETA 13m03s | gap 0.160 recon 89.5 | health: healthy
+
+    The ETA is the steps left at the window's rate; with a time budget on the wall clock, the budget's
+    end when that is sooner; on the process clock the budget left is shown beside it (CPU seconds,
+    not wall seconds). Other ranks print nothing."""
+
+    def __init__(self, accelerator, cfg, start: int):
+        self.cfg, self.main = cfg, accelerator.is_main_process
+        self.mode = progress_mode(cfg) if self.main else "off"
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def moved_to(self, step: int) -> None:
+        """The run went back to `step` (a rollback or a restart)."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def logged(self, step: int, logs: dict, health: str = "", budget_used_s: float = 0.0) -> None:
+        """A log window closed at `step` with `logs` (MetricsWindow.flush); `health`: the last verdict."""
+        shown = " ".join(f"{k.split('/')[-1]} {logs[k]:.3g}" for k in CONSOLE_LOSSES if k in logs)
+        if self.bar is not None:
+            self.bar.set_postfix_str(shown)
+            return
+        if self.mode != "lines":
+            return
+        total, train = self.cfg.train.max_steps, self.cfg.train
+        step_s = logs.get("perf/step_ms", float("nan")) / 1e3
+        eta = (total - step) * step_s
+        budget_s = train.time_budget_min * 60.0
+        budget = ""
+        if budget_s > 0:
+            left = max(budget_s - budget_used_s, 0.0)
+            if train.budget_clock == "wall":
+                eta = min(eta, left)
+            else:
+                budget = f", budget {duration(left)} of {duration(budget_s)} left ({train.budget_clock} clock)"
+        parts = [f"step {step}/{total} ({100.0 * step / total:.1f}%)",
+                 f"{logs.get('perf/images_per_sec', float('nan')):.0f} img/s, {1e3 * step_s:.0f} ms/step"
+                 + (f", {logs['perf/peak_memory_gib']:.1f} GiB peak" if "perf/peak_memory_gib" in logs else ""),
+                 f"{duration(time.perf_counter() - self.t0)}, ETA "
+                 + (duration(eta) if math.isfinite(eta) else "?") + budget]
+        parts += [shown] if shown else []
+        parts += [f"health: {health}"] if health else []
+        print(" | ".join(parts), flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def closing_lines(how: str, step: int, seconds: float, figures: dict, model: Path | None, run_dir: Path) -> list[str]:
+    """What a training says when it ends: how and when it stopped, the final figures, where the model
+    (and its card) went and how to load it, or how to resume."""
+    lines = [f"training {how} at step {step} after {duration(seconds)}"]
+    shown = {k: v for k, v in figures.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if shown:
+        lines.append("final: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+    if model is not None:
+        model = Path(model).resolve()
+        lines.append(f"model: {model} (model card: {model / 'README.md'}); load it with "
+                     f"bidvl.load({str(model)!r}), or python launch/sample.py --run {run_dir} --out samples.png")
+    else:
+        lines.append(f"checkpoints: {run_dir / 'checkpoints'}; the same command resumes the run")
+    return lines
 
 
 # ------------------------------------------------------------------ trackers

@@ -1,35 +1,12 @@
 """Run a study: training runs of one engine at an equal time budget, evaluated alike.
 
-    python launch/study.py --config configs/studies/fashion_mnist.yaml
-    python launch/study.py --config configs/studies/fashion_mnist.yaml --only vae,bidvl_offset
-    python launch/study.py --config configs/studies/fashion_mnist.yaml --report-only
-
-What it does and the study file's keys: bidvl/study.py.
+The same as `bidvl study` (bidvl/cli/study.py, where the options are documented), kept so that
+`python launch/study.py ...` and `accelerate launch launch/study.py ...` work in a clone.
 """
 
-import argparse
 import sys
-from pathlib import Path
 
-from bidvl.study import StudyError, load_study, run_study
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="study YAML file")
-    p.add_argument("--only", default="", help="comma list of run names (default: all)")
-    p.add_argument("--budget-minutes", type=float, default=None, help="override budget_minutes")
-    p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
-    args = p.parse_args(argv)
-    try:
-        study = load_study(Path(args.config), args.budget_minutes)
-        only = [n.strip() for n in args.only.split(",") if n.strip()]
-        print(f"wrote {run_study(study, only, args.report_only)}")
-    except StudyError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
+from bidvl.cli.study import main
 
 if __name__ == "__main__":
     sys.exit(main())

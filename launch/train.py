@@ -1,51 +1,12 @@
-"""Train BiDVL: `accelerate launch launch/train.py [--config configs/X.yaml] [key=value ...]`.
+"""Train BiDVL (the default: the shipped `digits` config, shards built on first use).
 
-Without arguments it trains the embedded default, configs/digits.yaml (scikit-learn's digits,
-shards built on first use). Overrides are dotted config keys, e.g. `train.max_steps=100`.
+The same as `bidvl train` (bidvl/cli/train.py, where the options are documented), kept so that
+`python launch/train.py ...` and `accelerate launch launch/train.py ...` work in a clone.
 """
 
-import argparse
-import signal
 import sys
-from pathlib import Path
 
-from bidvl.config import SECTIONS, ConfigError, load_config, to_yaml
-from bidvl.data import ShardError
-from bidvl.evaluation.loading import EvalError
-from bidvl.health import UnhealthyRun
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "digits.yaml"
-
-
-def main(argv=None):
-    sections = "\n".join(f"  {name:<11} {text}" for name, text in SECTIONS.items())
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"config sections (every key: --print-config; types and ranges: bidvl/config.py):\n{sections}")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config (the file with the overrides) as YAML and exit")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 run.dir=runs/x")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(to_yaml(cfg), end="")
-            return 0
-        from bidvl.engine import train
-
-        stop_signal = train(cfg)
-    except KeyboardInterrupt:  # Ctrl-C before training started
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except (ConfigError, ShardError, EvalError, FloatingPointError, UnhealthyRun) as exc:
-        # Bad input or a diverged run: one clear line, no traceback.
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    # Ctrl-C: checkpointed, then 130 as for any interrupted command; SIGTERM/SIGUSR1 (SLURM's
-    # time limit, requeue): checkpointed, 0.
-    return 130 if stop_signal == signal.SIGINT else 0
-
+from bidvl.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

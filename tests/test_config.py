@@ -272,3 +272,42 @@ def test_scripts_exit_2_with_one_line_and_write_nothing(places):
         assert proc.stderr.strip().splitlines() == [error]
     assert tree(places) == before
 
+
+
+def test_the_config_reference_lists_every_key_and_is_up_to_date():
+    """docs/config.md and --help-config come from config.py: every key with its default, what it
+    accepts (CHOICES / RANGES) and a meaning; the committed page is what the generator writes now."""
+    from bidvl import config_reference
+
+    listed = {key.name: key for key in config_reference.keys()}
+    assert set(listed) == {key for key, _ in leaf_keys()}
+    assert [name for name, key in listed.items() if not key.meaning] == []
+    assert listed["train.energy_optim.lr"].default == 1e-4 and "energy net" in listed["train.energy_optim.lr"].meaning
+    assert listed["health.on_unhealthy"].accepts == "`warn` \\| `stop` \\| `restart`"
+    assert listed["train.ema"].accepts == RANGES["train.ema"].expected
+    assert (REPO / "docs/config.md").read_text() == config_reference.markdown(), (
+        "docs/config.md is out of date: python -m bidvl.config_reference > docs/config.md")
+    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--help-config"], env=ENV, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert all(f"  {name} = " in proc.stdout for name in listed), proc.stdout[-2000:]
+    assert "      Adam's learning rate" not in proc.stdout and "energy net: Adam's learning rate" in proc.stdout
+
+
+def test_a_missing_extra_is_named_with_what_installs_it(monkeypatch):
+    """The optional packages (bidvl/extras.py) fail where they are needed, in the caller's error
+    class, naming the extra: model.arch=timm without timm is a config error, not a traceback."""
+    from bidvl.extras import require
+
+    for module in ("timm", "torch_fidelity", "matplotlib"):
+        monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    with pytest.raises(ConfigError, match=r"^model.arch=timm and timm feature extractors needs the package "
+                                          r"timm, which is not installed: pip install 'bidvl\[timm\]'"):
+        load_config(REPO / "configs/cifar10.yaml", ["model.arch=timm", "model.timm_name=resnet18"])
+    from bidvl.evaluation import EvalError
+    from bidvl.study import StudyError
+
+    with pytest.raises(EvalError, match=r"pip install 'bidvl\[fid\]' \(or pip install torch-fidelity\)"):
+        require("torch_fidelity.feature_extractor_inceptionv3", EvalError)
+    with pytest.raises(StudyError, match=r"bidvl\[study\]"):
+        require("matplotlib", StudyError)

@@ -410,8 +410,9 @@ def test_periodic_evaluation(tiny_run, small_features, monkeypatch):
     report = evaluate_nets(None, cfg, run.nets, EvalOptions(metrics=("rmse",), max_test=50, batch_size=16))
     assert report["rmse"]["num_images"] == 50 and report["rmse"]["rmse"] == pytest.approx(figures["eval/rmse"])
 
-    # Without weights or features FID is skipped, with one warning.
+    # Without weights (none in an empty hub cache either) or features FID is skipped, with one warning.
     monkeypatch.delenv(fid_lib.ENV_WEIGHTS, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tiny_run.parent / "empty_torch_home"))
     monkeypatch.setattr(periodic, "_warned", set())
     cfg = load_config(tiny_run / "config.yaml", ["eval.metrics=fid,rmse", "eval.max_test=16"])
     with pytest.warns(UserWarning, match="FID is skipped"):
@@ -458,8 +459,11 @@ def test_bad_inputs_fail_with_clear_errors(tiny_run, tmp_path, capsys, monkeypat
     assert str(rgb) in err and "channels 3" in err and "channels 1" in err
 
     monkeypatch.delenv(fid_lib.ENV_WEIGHTS, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
     err = error_of(["--run", str(tiny_run), "--metrics", "fid"])
     assert "--inception-weights" in err and fid_lib.ENV_WEIGHTS in err and fid_lib.PUBLISHED_WEIGHTS in err
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / fid_lib.PUBLISHED_WEIGHTS) in err
+    assert "--download-weights" in err
     missing = tmp_path / "nowhere" / fid_lib.PUBLISHED_WEIGHTS
     err = error_of(["--run", str(tiny_run), "--metrics", "fid", "--inception-weights", str(missing)])
     assert str(missing) in err and "does not exist" in err
@@ -518,3 +522,70 @@ def test_evaluating_the_export_refreshes_its_model_card(tiny_run, tmp_path, caps
     assert f"## Evaluation\n\nFrom `eval/step_00000004.md`:\n\n{report}\n\n## Samples\n" in text
     assert "| steps | 4 (max_steps 4) |" in text and "![64 samples](samples.png)" in text  # the rest kept
     assert not list(card.parent.glob("*.tmp"))
+
+
+def test_inception_weights_are_looked_for_in_order(tmp_path, monkeypatch):
+    """The flag, else BIDVL_INCEPTION_WEIGHTS, else torch's hub cache (where torch-fidelity keeps
+    them), else none: periodic evaluation and health checks then go without, evaluate.py says where
+    to put them."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(fid_lib.ENV_WEIGHTS, raising=False)
+    assert fid_lib.inception_weights_file() == ""
+    assert fid_lib.feature_extractor(required=False) is None
+    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / fid_lib.PUBLISHED_WEIGHTS
+    assert fid_lib.hub_cache_weights() == cached
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert fid_lib.inception_weights_file() == str(cached)
+    monkeypatch.setenv(fid_lib.ENV_WEIGHTS, "from_env.pth")
+    assert fid_lib.inception_weights_file() == "from_env.pth"
+    assert fid_lib.inception_weights_file("given.pth") == "given.pth"
+
+
+@pytest.mark.slow
+def test_download_weights_fetches_into_the_hub_cache_once(tiny_run, tmp_path, monkeypatch, capsys):
+    """evaluate.py --download-weights on a machine without the weights: fetched over HTTP (a server on
+    127.0.0.1 stands in for the release URL) into TORCH_HOME/hub/checkpoints, then FID runs with them;
+    a second evaluation finds them there without the flag. A failing download names the URL and
+    leaves no file."""
+    import functools
+    import http.server
+    import threading
+
+
+    served = tmp_path / "served"
+    served.mkdir()
+    weights = random_inception_weights(served / fid_lib.PUBLISHED_WEIGHTS)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.delenv(fid_lib.ENV_WEIGHTS, raising=False)
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+        cached = fid_lib.hub_cache_weights()
+        run = tmp_path / "run"
+        shutil.copytree(tiny_run, run)
+        small = write_shards(tmp_path / "small", {"test": random_images(4, seed=1)})
+        cfg = load_config(run / "config.yaml", [f"data.test={small}"])
+        (run / "config.yaml").write_text(to_yaml(cfg))
+        args = ["--run", str(run), "--metrics", "fid", "--num-samples", "4", "--batch-size", "4", "--fid-ref", "test"]
+
+        missing = f"http://127.0.0.1:{httpd.server_port}/nothing-here.pth"
+        monkeypatch.setattr(fid_lib, "PUBLISHED_URL", missing)
+        assert evaluate_cli.main([*args, "--download-weights"]) == 2
+        err = capsys.readouterr().err
+        assert missing in err and "404" in err, err
+        assert not cached.exists() and not any(cached.parent.iterdir())  # no partial file left
+
+        monkeypatch.setattr(fid_lib, "PUBLISHED_URL",
+                            f"http://127.0.0.1:{httpd.server_port}/{fid_lib.PUBLISHED_WEIGHTS}")
+        assert evaluate_cli.main([*args, "--download-weights"]) == 0, capsys.readouterr().err
+        assert cached.read_bytes() == weights.read_bytes()
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert digest in read_report(run)["fid"]["extractor"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert evaluate_cli.main(args) == 0, capsys.readouterr().err  # the server is gone: found in the cache
+    assert digest in read_report(run)["fid"]["extractor"]

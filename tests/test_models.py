@@ -373,3 +373,27 @@ def test_ema_after_k_updates_is_the_closed_form():
     assert torch.equal(ema.module.seen, torch.full((2,), 4.0))
     assert all(torch.equal(p, v) for p, v in zip(net.parameters(), values[-1]))
     assert not ema.module.training and not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_ema_warmup_ramps_the_decay_and_start_from_copies_the_net():
+    """train.ema_warmup: decay min(decay, (1 + k) / (10 + k)) at the k-th update; without it the
+    decay from the first update; start_from makes the EMA a copy (parameters and buffers)."""
+    from bidvl.models.ema import EMA
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    ema = EMA(net, 0.99, warmup=True)
+    assert [ema.decay_at(k) for k in (0, 1, 8, 10_000)] == [0.1, 2 / 11, 0.5, 0.99]
+    assert EMA(net, 0.99).decay_at(0) == 0.99
+    before = [p.clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net[1].running_mean.add_(2.0)
+    ema.update(net, updates=1)
+    for e, b, p in zip(ema.module.parameters(), before, net.parameters()):
+        torch.testing.assert_close(e, 2 / 11 * b + 9 / 11 * p)
+    assert torch.equal(ema.module[1].running_mean, net[1].running_mean)
+    fresh = EMA(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)), 0.99)
+    fresh.start_from(net)
+    for e, t in zip([*fresh.module.parameters(), *fresh.module.buffers()], [*net.parameters(), *net.buffers()]):
+        assert torch.equal(e, t)

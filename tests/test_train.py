@@ -308,7 +308,7 @@ def test_no_arguments_from_a_fresh_clone(tmp_path):
     SIGTERM makes it checkpoint and exit."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-    for path in ("launch", "configs", "accelerate_config.yaml"):  # the working tree's version
+    for path in ("launch", "bidvl/configs", "accelerate_config.yaml"):  # the working tree's version
         src, dst = REPO / path, clone / path
         if src.is_dir():
             shutil.rmtree(dst, ignore_errors=True)
@@ -331,6 +331,9 @@ def test_no_arguments_from_a_fresh_clone(tmp_path):
         time.sleep(1)
     assert (clone / "shards/digits/meta.json").is_file(), out[-3000:]
     assert list(checkpoints.glob("step_*/COMPLETE")), out[-3000:]
+    # A pipe, not a terminal: plain lines, and the closing lines say how to go on.
+    assert "\r" not in out, out[-3000:]
+    assert "training stopped by signal 15 at step " in out and "the same command resumes the run" in out, out[-3000:]
 
 
 def test_vae_baseline_trains_encoder_and_generator_only(tmp_path, digits16):
@@ -634,3 +637,90 @@ def test_a_nonfinite_gradient_in_one_optimizer_step_marks_the_whole_step(tmp_pat
     trainer._optimizer_step(trainer.latent_opt, params, "encoder_generator", result)
     assert result.nonfinite and trainer.state.skipped_steps == 1
     trainer.close()
+
+
+def test_a_log_file_gets_plain_lines_and_a_closing_summary(tmp_path, digits16):
+    """Run as a cluster job runs it (stdout and stderr into one file, no terminal): no carriage
+    returns, one line per log window (step/total, speed, ETA, losses, the health verdict), and
+    closing lines saying how the run ended and where the model is, by a path that loads."""
+    import bidvl
+
+    run, log = tmp_path / "run", tmp_path / "slurm-1.out"
+    with open(log, "w") as out:
+        proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"),
+                               *tiny_args(run, digits16, 6, "health.every=2", "health.num_images=16")],
+                              stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              cwd=tmp_path, timeout=300)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"], text[-3000:]
+    for line in lines:
+        assert " img/s, " in line and " ms/step | " in line and ", ETA " in line and " gap " in line, line
+        assert " recon " in line, line
+    assert "health: " not in lines[0] and "| health: " in lines[1], lines  # the check at step 2 comes after its log line
+    assert "training finished at step 6 after " in text
+    assert "final: " in text and "loss/recon " in text.split("final: ", 1)[1].splitlines()[0]
+    model = text.split("model: ", 1)[1].split(" (model card: ")[0]
+    assert Path(model) == (run / "model").resolve()
+    assert bidvl.load(model).sample(2).shape[0] == 2
+
+
+def test_the_progress_line_counts_down_the_budget_it_runs_on(tmp_path, digits16, capsys):
+    """`lines`: the ETA is the steps left at the window's rate, or the wall-clock budget's end when
+    sooner; a process-clock budget is shown beside it, in CPU time."""
+    from types import SimpleNamespace
+
+    from bidvl.tracking import Progress, duration
+
+    cfg = load_config(REPO / "configs/digits.yaml", [*TINY, "log.progress=lines", "train.max_steps=1000",
+                                                     "train.time_budget_min=10", "train.budget_clock=wall"])
+    progress = Progress(SimpleNamespace(is_main_process=True), cfg, start=0)
+    logs = {"perf/step_ms": 1000.0, "perf/images_per_sec": 16.0, "loss/recon": 1.5}
+    progress.logged(100, logs, "warning", budget_used_s=300.0)  # steps: 900 s left; budget: 300 s
+    progress.logged(900, logs, "", budget_used_s=300.0)  # steps: 100 s left
+    cfg.train.budget_clock = "process"
+    progress.logged(100, logs, "", budget_used_s=300.0)
+    first, second, third = capsys.readouterr().out.splitlines()
+    assert first.startswith("step 100/1000 (10.0%) | 16 img/s, 1000 ms/step | ") and first.endswith(
+        ", ETA 5m00s | recon 1.5 | health: warning"), first
+    assert ", ETA 1m40s | recon 1.5" in second and "health" not in second, second
+    assert ", ETA 15m00s, budget 5m00s of 10m00s left (process clock) | " in third, third
+    assert [duration(s) for s in (4, 185, 7620, 273600)] == ["4s", "3m05s", "2h07m", "3d04h"]
+    Progress(SimpleNamespace(is_main_process=False), cfg, start=0).logged(100, logs)  # other ranks: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_an_ema_turned_on_at_resume_starts_from_the_loaded_generator(tmp_path, digits16):
+    """A run saved without an EMA resumes with train.ema on (the EMA starts from the checkpoint's
+    generator, said once) instead of calling every checkpoint damaged; with train.ema_warmup the
+    first update averages with decay 0.1, and the update count goes on across the next resume."""
+    import bidvl
+
+    run = tmp_path / "run"
+    p = run_train(tiny_args(run, digits16, 4, "checkpoint.every=4"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    on = ("train.ema=0.9", "train.ema_warmup=true", "checkpoint.every=1")
+    p = run_train(tiny_args(run, digits16, 5, *on))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "saved without an EMA (train.ema=0): the generator's EMA starts from its weights at step 4" in p.stderr
+    assert "damaged" not in p.stdout + p.stderr
+
+    def generator(ema, checkpoint):
+        return {k: t.clone() for k, t in bidvl.load(run, ema=ema, checkpoint=checkpoint).generator.state_dict().items()}
+
+    def buffer(key):
+        return "running_" in key or "num_batches_tracked" in key
+
+    def check(ema, before, after, decay):
+        for k, t in ema.items():
+            expected = after[k] if buffer(k) else decay * before[k] + (1 - decay) * after[k]
+            torch.testing.assert_close(t, expected, msg=k)
+
+    g4, g5, ema5 = generator(False, 4), generator(False, 5), generator(True, 5)
+    check(ema5, g4, g5, 0.1)  # decay_at(0) = 1/10: not 0.9 (no warm-up), not from the initial weights
+    p = run_train(tiny_args(run, digits16, 6, *on))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "saved without an EMA" not in p.stderr
+    check(generator(True, 6), ema5, generator(False, 6), 2 / 11)  # the second update: decay_at(1)

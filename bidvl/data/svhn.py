@@ -22,7 +22,9 @@ SIZE = 32
 
 def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images N x 32 x 32 x 3, labels N in 0..9) from one `<split>_32x32.mat` file."""
-    from scipy.io import loadmat
+    from bidvl.extras import require
+
+    loadmat = require("scipy.io", ShardError).loadmat
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing (expected the official SVHN {path.name})")

@@ -33,13 +33,50 @@ from .sampling import dealt_batches, generate, index_of, local_batchnorm
 ENV_WEIGHTS = "BIDVL_INCEPTION_WEIGHTS"
 PUBLISHED_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 PUBLISHED_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{PUBLISHED_WEIGHTS}"
-WEIGHTS_HELP = (
-    f"FID needs the TF-compatible Inception-v3 weights as a local file: pass --inception-weights PATH "
-    f"(eval.inception_weights in a config) or set {ENV_WEIGHTS}=PATH. The file is torch-fidelity's "
-    f"{PUBLISHED_WEIGHTS}; fetch it once on a machine with internet access (e.g. `wget "
-    f"{PUBLISHED_URL}`) and copy it over; nothing is downloaded at run time. "
-    f"Or pass --features PATH for an FID-style figure in another feature space"
-)
+
+
+def hub_cache_weights() -> Path:
+    """Where torch.hub (and so torch-fidelity, which fetches them with
+    torch.hub.load_state_dict_from_url) keeps the published weights: TORCH_HOME/hub/checkpoints
+    (default ~/.cache/torch/hub/checkpoints)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / PUBLISHED_WEIGHTS
+
+
+def inception_weights_file(given: str = "") -> str:
+    """The Inception weights to use, the one place that looks for them: `given` (--inception-weights,
+    eval.inception_weights), else BIDVL_INCEPTION_WEIGHTS, else the copy in torch's hub cache if there
+    is one; "" when there is none. Nothing is downloaded here (see `download_inception_weights`)."""
+    if given or os.environ.get(ENV_WEIGHTS):
+        return given or os.environ[ENV_WEIGHTS]
+    cached = hub_cache_weights()
+    return str(cached) if cached.is_file() else ""
+
+
+def weights_help() -> str:
+    return (f"FID needs the TF-compatible Inception-v3 weights (torch-fidelity's {PUBLISHED_WEIGHTS}): "
+            f"pass --inception-weights PATH (eval.inception_weights in a config), set {ENV_WEIGHTS}=PATH, "
+            f"or put the file in torch's hub cache, {hub_cache_weights()}, where torch-fidelity keeps it "
+            f"(it is found there). Where a network is at hand, launch/evaluate.py --download-weights "
+            f"fetches it there once ({PUBLISHED_URL}); training never downloads. "
+            f"Or pass --features PATH for an FID-style figure in another feature space")
+
+
+def download_inception_weights(url: str = "") -> Path:
+    """Fetches the published weights into torch's hub cache (opt-in: launch/evaluate.py
+    --download-weights); the file appears whole or not at all (torch.hub writes a temporary file
+    beside it and renames it). Returns its path; an existing file is kept."""
+    dst = hub_cache_weights()
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url or PUBLISHED_URL, str(dst), progress=False)
+    except Exception as exc:  # URLError, HTTPError, OSError, ...
+        raise EvalError(f"could not download the Inception weights from {url or PUBLISHED_URL} to {dst} "
+                        f"({type(exc).__name__}: {exc}). {weights_help()}") from None
+    return dst
+
+
 CACHE_VERSION = "bidvl-fid-reference/1"
 
 
@@ -124,11 +161,14 @@ class InceptionFeatures(Features):
 
     def __init__(self, weights: str | os.PathLike, device="cpu"):
         super().__init__()
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        from bidvl.extras import require
+
+        FeatureExtractorInceptionV3 = require("torch_fidelity.feature_extractor_inceptionv3",
+                                              EvalError).FeatureExtractorInceptionV3
 
         path = Path(weights)
         if not path.is_file():
-            raise EvalError(f"Inception weights file {path} does not exist. {WEIGHTS_HELP}")
+            raise EvalError(f"Inception weights file {path} does not exist. {weights_help()}")
         try:  # tensors only: refuses a file that would run code when unpickled
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -213,8 +253,9 @@ class TimmFeatures(Features):
 
     def __init__(self, path: str | os.PathLike, device="cpu"):
         super().__init__()
-        import timm
+        from bidvl.extras import require
 
+        timm = require("timm", EvalError)
         path = Path(path)
         meta, state = read_safetensors(path)
         if meta.get("bidvl.features") != "timm" or not meta.get("bidvl.timm_name"):
@@ -254,8 +295,12 @@ def save_timm_features(model: torch.nn.Module, timm_name: str, path: str | os.Pa
                         "bidvl.in_chans": str(in_chans), "bidvl.input_size": str(input_size)})
 
 
-def feature_extractor(features: str = "", inception_weights: str = "", device="cpu") -> Features:
-    """The extractor for `--features` if given, else Inception with local weights (flag or env)."""
+def feature_extractor(features: str = "", inception_weights: str = "", device="cpu",
+                      required: bool = True) -> Features | None:
+    """The extractor for `features` (--features, eval.features) if given, else Inception with the
+    weights `inception_weights_file` finds. None when there are none and not `required` (periodic
+    evaluation and health checks then skip their feature figures); an EvalError saying where to put
+    them when `required`."""
     if features:
         path = Path(features)
         if not path.is_file():
@@ -264,9 +309,11 @@ def feature_extractor(features: str = "", inception_weights: str = "", device="c
             kind = read_safetensors(path, tensors=False)[0].get("bidvl.features")
             return (ClassifierFeatures if kind == "classifier" else TimmFeatures)(path, device)
         return TorchScriptFeatures(path, device)
-    weights = inception_weights or os.environ.get(ENV_WEIGHTS, "")
+    weights = inception_weights_file(inception_weights)
     if not weights:
-        raise EvalError(f"no Inception weights given. {WEIGHTS_HELP}")
+        if not required:
+            return None
+        raise EvalError(f"no Inception weights found. {weights_help()}")
     return InceptionFeatures(weights, device)
 
 

@@ -87,7 +87,7 @@ def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = N
     found = complete_checkpoints(run_dir)
     where = (f"{run_dir} has no exported model ({run_dir / 'model'}/{{energy,encoder,generator}}"
              f".safetensors) and no complete checkpoint ({run_dir / 'checkpoints'}/step_*/"
-             f"{MARKER}); train it first with launch/train.py run.dir={run_dir}")
+             f"{MARKER}); train it first with `bidvl train run.dir={run_dir}`")
     if checkpoint in (None, ""):
         if _has_export(run_dir):
             return "export", run_dir / "model", _export_step(run_dir / "model")

@@ -10,9 +10,9 @@ itself. Nets may be DDP-wrapped; they are evaluated through their unwrapped modu
 in the mode they came in (train, inside the training loop; an EMA copy stays in eval), with weights
 and buffers unchanged (train-mode sampling restores buffers).
 No global RNG is used (latents and noise come from their own seeded generators), so a run with
-periodic evaluation trains exactly as one without. FID runs only when `eval.features`,
-`eval.inception_weights` or BIDVL_INCEPTION_WEIGHTS gives an extractor; otherwise it is skipped with
-one warning. The feature extractor is built once and kept for later calls.
+periodic evaluation trains exactly as one without. FID runs only when `eval.features` or Inception
+weights (`eval.inception_weights`, BIDVL_INCEPTION_WEIGHTS or torch's hub cache:
+fid.inception_weights_file) give an extractor; otherwise it is skipped with one warning. The feature extractor is built once and kept for later calls.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ _warned: set = set()
 
 
 def _extractor(cfg: Config, device):
-    weights = cfg.eval.inception_weights or os.environ.get(fid_lib.ENV_WEIGHTS, "")
-    key = (cfg.eval.features, weights, str(device))
+    """eval.features, or Inception with the weights fid.inception_weights_file finds; None: none."""
+    key = (cfg.eval.features, fid_lib.inception_weights_file(cfg.eval.inception_weights), str(device))
     if key not in _extractors:
-        _extractors[key] = fid_lib.feature_extractor(cfg.eval.features, weights, device)
+        _extractors[key] = fid_lib.feature_extractor(cfg.eval.features, key[1], device, required=False)
     return _extractors[key]
 
 
@@ -45,15 +45,14 @@ def evaluate_during_training(accelerator, cfg: Config, energy_net, encoder, gene
     metrics = parse_metrics(cfg.eval.metrics) if cfg.eval.metrics.strip() else ()
     extractor = None
     if "fid" in metrics:
-        if cfg.eval.features or cfg.eval.inception_weights or os.environ.get(fid_lib.ENV_WEIGHTS):
-            extractor = _extractor(cfg, process_layout(accelerator).device)
-        else:
+        extractor = _extractor(cfg, process_layout(accelerator).device)
+        if extractor is None:
             metrics = tuple(m for m in metrics if m != "fid")
             if "fid" not in _warned:
                 _warned.add("fid")
-                warnings.warn("eval.metrics includes fid but neither eval.inception_weights, "
-                              f"{fid_lib.ENV_WEIGHTS} nor eval.features is set: FID is skipped "
-                              "during training", stacklevel=2)
+                warnings.warn("eval.metrics includes fid but no Inception weights were found and "
+                              "eval.features is not set: FID is skipped during training. "
+                              + fid_lib.weights_help(), stacklevel=2)
     if not metrics:
         return {}
     opts = EvalOptions(

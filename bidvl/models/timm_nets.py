@@ -28,7 +28,9 @@ SPECTRAL_NORM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.
 
 
 def create_backbone(timm_name: str, channels: int) -> nn.Module:
-    import timm  # imported here: it takes seconds, and only arch=timm needs it
+    from bidvl.extras import require
+
+    timm = require("timm")  # imported here: it takes seconds, and only arch=timm needs it
 
     return timm.create_model(timm_name, pretrained=False, num_classes=0, in_chans=channels)
 

@@ -1,0 +1,61 @@
+"""Train BiDVL: `bidvl train [--config NAME|PATH] [key=value ...]`; on several processes
+`accelerate launch -m bidvl train ...` (or, in the repository, `accelerate launch launch/train.py ...`).
+
+Without arguments it trains the embedded default, the shipped config `digits` (scikit-learn's
+digits, shards built on first use). --config takes a YAML file or the name of a shipped config
+(cifar10, celeba64, ...: bidvl/configs). Overrides are dotted config keys, e.g. `train.max_steps=100`.
+"""
+
+import argparse
+import signal
+import sys
+
+from bidvl.config import SECTIONS, SHIPPED_CONFIGS, ConfigError, load_config, shipped_configs, to_yaml
+from bidvl.data import ShardError
+from bidvl.evaluation.loading import EvalError
+from bidvl.health import UnhealthyRun
+
+DEFAULT_CONFIG = SHIPPED_CONFIGS / "digits.yaml"
+
+
+def main(argv=None):
+    sections = "\n".join(f"  {name:<11} {text}" for name, text in SECTIONS.items())
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config sections (every key with its default, range and meaning: --help-config, docs/config.md):\n{sections}")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help=f"YAML config file, or a shipped config's name ({', '.join(shipped_configs())}); "
+                             "default: digits")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the file with the overrides) as YAML and exit")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its default, what it accepts and what it means, and exit")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 run.dir=runs/x")
+    args = parser.parse_args(argv)
+    if args.help_config:
+        from bidvl.config_reference import text
+
+        print(text())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+        from bidvl.engine import train
+
+        stop_signal = train(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before training started
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ConfigError, ShardError, EvalError, FloatingPointError, UnhealthyRun) as exc:
+        # Bad input or a diverged run: one clear line, no traceback.
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # Ctrl-C: checkpointed, then 130 as for any interrupted command; SIGTERM/SIGUSR1 (SLURM's
+    # time limit, requeue): checkpointed, 0.
+    return 130 if stop_signal == signal.SIGINT else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
