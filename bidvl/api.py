@@ -18,10 +18,12 @@ is what the evaluation's reconstruction RMSE uses. `energy` and `ood_score` alwa
 The generator is the EMA (`generator_ema.safetensors`, written with train.ema > 0) when the folder
 has one, unless ema=False; `m.generator_kind` says which ("ema" | "trained").
 
-Hugging Face Hub-style round trip on a local folder (nothing is uploaded or downloaded):
-`m.save_pretrained(folder)` writes the export format (what `bidvl.load` reads), and
-`BiDVLModel.from_pretrained(folder)` is `bidvl.load(folder)`. Push the folder with
-`huggingface_hub.upload_folder` if you want it on the Hub.
+The Hugging Face Hub, through huggingface_hub's ModelHubMixin: `m.save_pretrained(folder)` writes
+the export format (what `bidvl.load` reads) with the model card (Hub front matter: library_name
+bidvl, license, tags; the paper's BibTeX), samples.png and health.json; `m.push_to_hub("user/name")`
+uploads that folder; `BiDVLModel.from_pretrained("user/name")` downloads it into the Hub cache
+(or finds it there: `local_files_only=True` offline) and loads it, and `from_pretrained(folder)`
+on a local folder is `bidvl.load(folder)`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelHubMixin
 
 from bidvl import objectives
 from bidvl.checkpoint import CHECKPOINT_FILES, EMA_FILE, EXPORT_FILES
@@ -40,7 +43,8 @@ from bidvl.evaluation.sampling import forward_in_mode, restored_buffers, sample_
 from bidvl.health import verdict_of
 
 
-class BiDVLModel:
+class BiDVLModel(ModelHubMixin, library_name="bidvl", license="apache-2.0",
+                 pipeline_tag="unconditional-image-generation", tags=["bidvl", "energy-based-model"]):
     """The three nets of a run (eval mode, requires_grad off), its config and step.
 
     Attributes: energy_net, encoder, generator (torch modules), cfg, step, source (the folder the
@@ -51,6 +55,7 @@ class BiDVLModel:
         self.run = run
         self.energy_net, self.encoder, self.generator = run.nets
         self.device = torch.device(device)
+        self._hub_mixin_config = None  # the mixin's record of init arguments: not a config of ours
 
     cfg: Config = property(lambda self: self.run.cfg)
     step: int = property(lambda self: self.run.step)
@@ -107,15 +112,27 @@ class BiDVLModel:
         launch/evaluate.py reports (in-distribution images as positives)."""
         return -self.energy(x)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> Path:
-        """Writes the model as an export folder: {energy,encoder,generator}.safetensors (step in
-        their metadata), config.yaml and, when the EMA is loaded, generator_ema.safetensors with
-        the trained generator beside it, so that loading the folder gives this model again."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
+        """Writes the model as an export folder (see `_save_pretrained`) and returns its path;
+        `push_to_hub=True, repo_id=...` also uploads it (huggingface_hub's ModelHubMixin)."""
+        pushed = super().save_pretrained(save_directory, **kwargs)
+        return pushed if kwargs.get("push_to_hub") else Path(save_directory)
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """{energy,encoder,generator}.safetensors (step in their metadata), config.yaml and, when
+        the EMA is loaded, generator_ema.safetensors with the trained generator beside it, so that
+        loading the folder gives this model again; the model card (README.md with the Hub's front
+        matter), samples.png, health.json and config.json (for the Hub): the export's own when the
+        weights come from one, else written here from the checkpoint's train state and 64 samples."""
+        import shutil
+
         from safetensors.torch import load_file, save_file
 
+        from bidvl.checkpoint import TRAIN_STATE_FILE, TrainState
+        from bidvl.model_card import HUB_CONFIG, NUM_SAMPLES, SEED, write_hub_config, write_model_card
         from bidvl.models import cpu_state_dict
 
-        folder = Path(folder)
+        folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"step": str(self.step)}
         generator = cpu_state_dict(self.generator)
@@ -129,12 +146,32 @@ class BiDVLModel:
                                               generator)):
             save_file(state, str(folder / name), metadata=meta)
         (folder / "config.yaml").write_text(to_yaml(self.cfg))
-        return folder
+        card_files = ("README.md", "samples.png", "health.json", HUB_CONFIG)
+        if self.kind == "export" and (self.source / "README.md").is_file():
+            if self.source.resolve() != folder.resolve():
+                for name in card_files:
+                    if (self.source / name).is_file():
+                        shutil.copyfile(self.source / name, folder / name)
+        else:  # a checkpoint: the card the export would have had, from its train state
+            state = TrainState.read(self.source / TRAIN_STATE_FILE)
+            samples = sample_images(self.generator, NUM_SAMPLES, self.cfg.model.latent_dim, SEED, device=self.device)
+            write_model_card(folder, self.cfg, state, "not recorded (saved from a checkpoint)", samples,
+                             self.generator_kind == "ema", max(state.world_size, 1), self.health)
+        write_hub_config(folder, self.cfg, self.step)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, device: torch.device | str = "cpu",
-                        ema: bool | None = None) -> BiDVLModel:
-        """`bidvl.load(folder, device, ema)`: a folder written by save_pretrained, an export or a run."""
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
+                         local_files_only: bool, token, device: torch.device | str = "cpu",
+                         ema: bool | None = None, **_) -> BiDVLModel:
+        """A local folder: `bidvl.load(folder, device, ema)`. A Hub id ("user/name"): the repository's
+        files through the Hub cache (huggingface_hub.snapshot_download), then loaded the same way."""
+        if os.path.isdir(model_id):
+            return load(model_id, device=device, ema=ema)
+        from huggingface_hub import snapshot_download
+
+        folder = snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
+                                   force_download=force_download, local_files_only=local_files_only,
+                                   token=token)
         return load(folder, device=device, ema=ema)
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ export.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,29 @@ from .config import Config
 NUM_SAMPLES = 64
 SEED = 0
 EVALUATION, SAMPLES = "## Evaluation\n\n", "\n\n## Samples\n"  # the section refresh_evaluation rewrites
+
+
+BIBTEX = """@inproceedings{kan2022bidvl,
+  title     = {Bi-level Doubly Variational Learning for Energy-based Latent Variable Models},
+  author    = {Kan, Ge and L{\\"u}, Jinhu and Wang, Tian and Zhang, Baochang and Zhu, Aichun and
+               Huang, Lei and Guo, Guodong and Snoussi, Hichem},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}"""
+
+
+def front_matter(cfg: Config) -> str:
+    """The card's YAML front matter for the Hugging Face Hub (huggingface_hub's ModelCardData):
+    library, license, pipeline tag and tags naming the method, objective, nets and data."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        library_name="bidvl", license="apache-2.0", pipeline_tag="unconditional-image-generation",
+        tags=["bidvl", "energy-based-model", "latent-variable-model", "generative-model", "pytorch",
+              f"objective:{cfg.objective.name}", f"arch:{cfg.model.arch}",
+              f"resolution:{cfg.data.resolution}",
+              "data:" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.data.train).name).strip("-") or "unnamed")[:48]])
+    return f"---\n{data.to_yaml()}\n---\n"
 
 
 def _objective_line(cfg: Config) -> str:
@@ -97,7 +121,8 @@ def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: to
         ("run health", summary(health) + (" (health.json; every check: RUN_DIR/health.jsonl)" if health else "")),
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    text = f"""# BiDVL model: `{run_dir.name}`
+    text = f"""{front_matter(cfg)}
+# BiDVL model: `{run_dir.name}`
 
 An energy-based latent variable model trained with bidvl (Bi-level Doubly Variational Learning,
 Kan et al., CVPR 2022): an energy net E(v), a Gaussian encoder q(h|v) and a generator G(h), as
@@ -123,11 +148,35 @@ model = bidvl.load("{run_dir / 'model'}")   # or the run folder
 images = model.sample(16)                    # (16, {d.channels}, {d.resolution}, {d.resolution}) in [-1, 1]
 ```
 
-Or from the command line: `python launch/sample.py --run {run_dir} --num 64 --out grid.png`, and
-`python launch/evaluate.py --run {run_dir}` for FID, reconstruction RMSE and OOD AUROC.
+Pushed to the Hugging Face Hub (`model.push_to_hub("user/name")`), it loads with
+`bidvl.BiDVLModel.from_pretrained("user/name")` (through the Hub cache). From the command line:
+`bidvl sample --run {run_dir} --num 64 --out grid.png`, and `bidvl evaluate --run {run_dir}` for
+FID, reconstruction RMSE and OOD AUROC.
+
+## Citation
+
+```bibtex
+{BIBTEX}
+```
 """
     (folder / "README.md").write_text(text)
+    write_hub_config(folder, cfg, state.step)
     write_export(folder, health)
+
+
+HUB_CONFIG = "config.json"  # for the Hub's tools and huggingface_hub's from_pretrained; config.yaml is the config
+
+
+def write_hub_config(folder: Path, cfg: Config, step: int) -> None:
+    """config.json: what the weights are, for the Hub (the training config is config.yaml)."""
+    import json
+
+    from . import __version__
+
+    (Path(folder) / HUB_CONFIG).write_text(json.dumps(
+        {"library_name": "bidvl", "bidvl_version": __version__, "step": step, "objective": cfg.objective.name,
+         "arch": cfg.model.arch, "resolution": cfg.data.resolution, "channels": cfg.data.channels},
+        indent=1) + "\n")
 
 
 def model_card_writer(accelerator, cfg: Config, state, generator, autocast, ema: bool, health: dict | None = None):

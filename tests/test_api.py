@@ -148,3 +148,84 @@ def test_energy_probe_samples_from_the_ema_unless_no_ema(ema_run):
     assert (ema["generator"], trained["generator"]) == ("ema", "trained")
     assert ema["sets"]["test"] == trained["sets"]["test"]  # the energy net and the data are the same
     assert ema["sets"]["samples"]["mean_energy"] != trained["sets"]["samples"]["mean_energy"]
+
+
+def front_matter(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n"), card[:200]
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_save_pretrained_keeps_the_card_and_writes_one_for_a_checkpoint(ema_run, tmp_path):
+    """The export's card (Hub front matter, BibTeX), samples.png, health.json and config.json travel
+    with save_pretrained; weights from a checkpoint get the card the export would have had."""
+    from_export = bidvl.load(ema_run).save_pretrained(tmp_path / "from_export")
+    for name in ("README.md", "samples.png", "config.json"):  # (health.json: none, no check in 2 steps)
+        assert (from_export / name).read_bytes() == (ema_run / "model" / name).read_bytes(), name
+    meta = front_matter((from_export / "README.md").read_text())
+    assert meta["library_name"] == "bidvl" and meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "unconditional-image-generation"
+    assert {"bidvl", "energy-based-model", "objective:bidvl", "arch:dcgan", "resolution:16"} <= set(meta["tags"])
+    assert "@inproceedings{kan2022bidvl" in (from_export / "README.md").read_text()
+    assert json.loads((from_export / "config.json").read_text())["step"] == 2
+
+    m = bidvl.load(ema_run, checkpoint="latest")
+    folder = m.save_pretrained(tmp_path / "from_checkpoint")
+    card = (folder / "README.md").read_text()
+    assert front_matter(card)["library_name"] == "bidvl" and "| steps | 2 " in card and "| generator EMA | decay 0.9" in card
+    assert (folder / "samples.png").is_file() and (folder / "config.json").is_file()
+    assert bidvl.load(folder).step == 2
+
+
+def hub_snapshot(cache: Path, repo_id: str, files: Path, commit: str = "0" * 40) -> Path:
+    """The Hub cache's layout for a model repository (as huggingface_hub writes it): blobs under
+    snapshots/<commit>/, refs/main naming the commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(files, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_push_to_hub_uploads_the_export_folder_and_from_pretrained_reads_the_hub_cache(
+        ema_run, tmp_path, monkeypatch):
+    """push_to_hub through huggingface_hub's mixin (the upload mocked: no network): the folder it
+    uploads is the save_pretrained folder; from_pretrained("user/name") loads a model found in a
+    pre-filled Hub cache, offline, identical to the original."""
+    from huggingface_hub import HfApi
+
+    uploaded = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(repo_id=repo_id)  # what push_to_hub reads of the RepoUrl
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        uploaded["repo_id"] = repo_id
+        shutil.copytree(folder_path, tmp_path / "uploaded")
+        return "commit-url"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    m = bidvl.load(ema_run)
+    assert m.push_to_hub("someone/bidvl-digits") == "commit-url"
+    assert uploaded["repo_id"] == "someone/bidvl-digits"
+    files = sorted(p.name for p in (tmp_path / "uploaded").iterdir())
+    assert files == ["README.md", "config.json", "config.yaml", "encoder.safetensors", "energy.safetensors",
+                     "generator.safetensors", "generator_ema.safetensors", "samples.png"]
+
+    cache = tmp_path / "hub"
+    hub_snapshot(cache, "someone/bidvl-digits", tmp_path / "uploaded")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = bidvl.BiDVLModel.from_pretrained("someone/bidvl-digits", cache_dir=cache, local_files_only=True)
+    assert again.step == m.step and again.generator_kind == "ema"
+    for name in ("energy_net", "encoder", "generator"):
+        assert same(state(getattr(again, name)), state(getattr(m, name))), name
+    trained = bidvl.BiDVLModel.from_pretrained("someone/bidvl-digits", cache_dir=cache, local_files_only=True,
+                                               ema=False)
+    assert trained.generator_kind == "trained"
+    with pytest.raises(Exception, match="someone/nothing-here|cache|offline|local"):
+        bidvl.BiDVLModel.from_pretrained("someone/nothing-here", cache_dir=cache, local_files_only=True)
