@@ -44,7 +44,7 @@ class RunConfig:
 class DataConfig:
     # Shard folders (each with meta.json). `auto_build` lets the default config build its own
     # shards on first use (only for sources that ship with a package: digits, fashion-mnist).
-    # `train`/`test` may also be a URL (http(s)://, s3://, gs://, hf://), a `pipe:` command
+    # `train`/`test` may also be a URL (http(s)://, s3://, gs://, az://, hf://), a `pipe:` command
     # template or a brace-expanded shard list (docs/data.md).
     train: str = "shards/digits"
     test: str = ""  # empty: same folder as `train`, split `test_split`

@@ -9,7 +9,7 @@
     python launch/make_shards.py digits --out /srv/www/shards/digits      # any folder, e.g. one
                                                                           # a web server serves
     python launch/make_shards.py digits --out shards/digits \
-        --publish 'pipe:aws s3 cp - s3://bucket/shards/digits/{}'         # then copied to S3
+        --publish s3://bucket/shards/digits                               # then copied to S3
 
 See shards/README.md for where to get each dataset and what to expect, and docs/data.md for
 training from shards on a web server or in object storage.
@@ -44,9 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="replace shards already in --out (once the new ones are complete)")
     parser.add_argument("--limit", type=int, help="only the first N samples of each split")
     parser.add_argument("--publish", metavar="DEST",
-                        help="then copy the shards and meta.json (last) to DEST: a folder, a "
-                             "'pipe:' command template with {} for the file name (e.g. 'pipe:aws "
-                             "s3 cp - s3://bucket/shards/digits/{}') or a URL webdataset can write")
+                        help="then copy the shards and meta.json (last) to DEST: a folder, an object "
+                             "store (s3://bucket/shards/digits, gs://..., through fsspec) or a 'pipe:' "
+                             "command template with {} for the file name")
     fit = parser.add_mutually_exclusive_group()
     fit.add_argument("--pad", dest="fit", action="store_const", const="pad",
                      help="fashion-mnist: pad 28 px with background to the resolution (default)")

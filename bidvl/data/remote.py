@@ -5,7 +5,10 @@ an explicit brace-expanded shard list, read with bounded retries.
 
     shards/digits                                   local folder (memory-mapped, the fast path)
     https://host/shards/digits                      folder URL: URL/meta.json, URL/train-000000.tar, ...
-    s3://bucket/shards/digits  gs://...  hf://...   the same through webdataset.gopen's handlers
+    s3://bucket/shards/digits  gs://...  az://...   the same through fsspec (s3fs, gcsfs, adlfs:
+    hf://datasets/user/name/shards                  `pip install 'bidvl[s3]'` for S3; endpoint and
+                                                    credentials as their SDKs take them, e.g.
+                                                    AWS_ENDPOINT_URL, AWS_PROFILE, instance roles)
     pipe:aws s3 cp s3://bucket/shards/digits/{} -  a command template; {} becomes a file name
                                                     (meta.json, train-000000.tar, ...)
     https://host/shards/digits/train-{000000..000063}.tar   an explicit shard list (braceexpand, as
@@ -15,7 +18,9 @@ an explicit brace-expanded shard list, read with bounded retries.
 http(s) is read with the standard library's urllib rather than webdataset's curl handler: that
 handler retries for up to a minute on its own and reports a 404 and a 503 with the same exit
 status, while we need a 404 to fail at once and a 5xx or a dropped connection to be retried within
-data.net_retries. Every other scheme, and `pipe:`, goes through `webdataset.gopen`.
+data.net_retries. Object stores and every other scheme go through fsspec (a missing object fails
+at once, a missing backend or credentials fail naming what to install or set, anything else is
+retried like a dropped connection); `pipe:` goes through `webdataset.gopen`.
 
 A remote shard is read whole into memory (one shard per loader worker at a time, at most
 meta.MAX_PER_SHARD samples) before any of its samples is used, then parsed by the same strict tar
@@ -172,6 +177,43 @@ def _http_check(url: str, timeout: float) -> None:
     _http(url, lambda: urllib.request.urlopen(request, timeout=timeout).close())
 
 
+STORE_PACKAGES = {"s3": "s3fs (pip install 'bidvl[s3]')", "s3a": "s3fs (pip install 'bidvl[s3]')",
+                  "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs", "abfss": "adlfs"}
+
+
+def _fsspec_call(url: str, action):
+    """action() (an fsspec read or write of `url`) with fsspec's and the stores' errors as ours: a
+    missing object NotFound, a missing backend or refused credentials a ShardError saying what to
+    install or set (neither retried), anything else _Transient (retried: stores raise many types
+    for a dropped connection, a throttle or a timeout)."""
+    scheme = urlparse(url).scheme
+    try:
+        return action()
+    except FileNotFoundError:
+        raise NotFound(f"{url}: no such object") from None
+    except ImportError as exc:  # fsspec: "Install s3fs to access S3"
+        package = STORE_PACKAGES.get(scheme, "the fsspec backend for " + scheme)
+        raise ShardError(f"{url}: reading {scheme}:// needs {package} ({_why(exc)})") from None
+    except ValueError as exc:  # fsspec: "Protocol not known: ..."
+        raise ShardError(f"{url}: cannot open ({_why(exc)})") from None
+    except PermissionError as exc:
+        raise ShardError(f"{url}: access denied ({_why(exc)}); the store's credentials come from its "
+                         "SDK's settings (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                         "an instance role; AWS_ENDPOINT_URL for other S3 servers)") from None
+    except Exception as exc:  # noqa: BLE001 - connection errors of every store
+        raise _Transient(f"{type(exc).__name__}: {_why(exc)}") from None
+
+
+def _fsspec_read(url: str) -> bytes:
+    import fsspec
+
+    def read():
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+
+    return _fsspec_call(url, read)
+
+
 def _gopen_read(url: str) -> bytes:
     try:
         stream = webdataset.gopen(url, "rb")
@@ -213,14 +255,25 @@ def read_bytes(url: str, net: NetOptions = DEFAULT, what: str = "shard") -> byte
     ShardError naming the URL; a 404 is a NotFound (a ShardError) at once."""
     if urlparse(url).scheme in HTTP_SCHEMES:
         return _with_retries(url, what, lambda: _http_read(url, net.timeout), net)
-    return _with_retries(url, what, lambda: _gopen_read(url), net)
+    if is_pipe(url):
+        return _with_retries(url, what, lambda: _gopen_read(url), net)
+    return _with_retries(url, what, lambda: _fsspec_read(url), net)
 
 
 def check_exists(url: str, net: NetOptions = DEFAULT, what: str = "shard") -> None:
-    """Fails (NotFound naming the URL) when an http(s) file is missing; other schemes and pipe
+    """Fails (NotFound naming the URL) when an http(s) file or a store's object is missing; pipe
     commands cannot be asked cheaply and are checked by their first read."""
     if urlparse(url).scheme in HTTP_SCHEMES:
         _with_retries(url, what, lambda: _http_check(url, net.timeout), net)
+    elif not is_pipe(url):
+        import fsspec
+
+        def check():
+            fs, path = fsspec.core.url_to_fs(url)
+            if not fs.exists(path):
+                raise FileNotFoundError(url)
+
+        _with_retries(url, what, lambda: _fsspec_call(url, check), net)
 
 
 
@@ -231,7 +284,8 @@ def publish(folder, dest: str) -> list[str]:
     """Copies a shards folder (its meta.json's shards, then meta.json itself, so that a reader
     never sees a meta.json naming a shard not yet there) to `dest`: a local folder, a pipe:
     template with {} for the file name (`pipe:aws s3 cp - s3://bucket/shards/digits/{}`), or a
-    URL webdataset.gopen can write. Returns the destinations written, in order."""
+    URL of a store fsspec writes (`s3://bucket/shards/digits`; each object written whole, as the
+    store does). Returns the destinations written, in order."""
     import json
     import shutil
     from pathlib import Path
@@ -253,11 +307,24 @@ def publish(folder, dest: str) -> list[str]:
         return written
     for name in names:
         target = member(dest, name)
-        try:
-            stream = webdataset.gopen(target, "wb")
-            stream.write((folder / name).read_bytes())
-            stream.close()  # a pipe's exit status is checked here
-        except (OSError, ValueError) as exc:
-            raise ShardError(f"publishing {folder / name} to {target} failed: {_why(exc)}") from None
+        data = (folder / name).read_bytes()
+        if is_pipe(dest):
+            try:
+                stream = webdataset.gopen(target, "wb")
+                stream.write(data)
+                stream.close()  # a pipe's exit status is checked here
+            except (OSError, ValueError) as exc:
+                raise ShardError(f"publishing {folder / name} to {target} failed: {_why(exc)}") from None
+        else:
+            import fsspec
+
+            def write(target=target, data=data):
+                with fsspec.open(target, "wb") as f:
+                    f.write(data)
+
+            try:
+                _fsspec_call(target, write)
+            except (_Transient, ShardError) as exc:
+                raise ShardError(f"publishing {folder / name} to {target} failed: {exc}") from None
         written.append(target)
     return written
