@@ -40,6 +40,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import socket
@@ -124,13 +125,50 @@ class TrainState:
 
     @classmethod
     def read(cls, path: Path) -> "TrainState":
-        """From a checkpoint's train_state.json; missing keys keep their defaults."""
+        """From a checkpoint's train_state.json; missing keys keep their defaults. A value of the
+        wrong type or out of its range (a step of -5 or 10**12, a NaN budget) is a ValueError
+        naming the file and key: the checkpoint counts as damaged."""
         saved = json.loads(Path(path).read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"{path}: not a JSON object")
         state = cls()
         for f in dataclasses.fields(cls):
-            if f.name in saved:
-                setattr(state, f.name, type(getattr(state, f.name))(saved[f.name]))
+            if f.name not in saved:
+                continue
+            kind, value = type(getattr(state, f.name)), saved[f.name]
+            value = _coerced(value, kind)
+            if value is None:
+                raise ValueError(f"{path}: {f.name}={saved[f.name]!r}, expected "
+                                 f"{'a number' if kind is float else 'an integer' if kind is int else 'text'}")
+            low, high = STATE_RANGES.get(f.name, (0, 2**31 - 1))
+            if kind is not str and not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{path}: {f.name}={value!r}, expected a value in [{low}, {high}]")
+            if f.name == "health" and value not in ("", "healthy", "warning", "unhealthy"):
+                raise ValueError(f"{path}: health={value!r}, expected '', healthy, warning or unhealthy")
+            setattr(state, f.name, kind(value))
         return state
+
+
+def _coerced(value, kind):
+    """`value` as `kind` (int, float or str) when it is one (an integral float or a decimal string
+    for an int, as older versions may have written), else None."""
+    if isinstance(value, bool):
+        return None
+    if kind is str:
+        return value if isinstance(value, str) else None
+    if isinstance(value, str):
+        try:
+            value = float(value) if kind is float else int(value, 10)
+        except ValueError:
+            return None
+    if kind is int and isinstance(value, float):
+        return int(value) if value.is_integer() else None
+    return kind(value) if isinstance(value, (int, float)) else None
+
+
+# TrainState fields whose range is not [0, 2**31): a budget in seconds (up to ~300 years), the LR
+# scale rollbacks lower, the noise seed (-1: none set).
+STATE_RANGES = {"budget_used_s": (0.0, 1e10), "lr_scale": (1e-30, 1.0), "noise_seed": (-1, 2**32 - 1)}
 
 
 def replica_digest(nets: Iterable[torch.nn.Module]) -> str:

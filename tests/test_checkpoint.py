@@ -592,3 +592,29 @@ def test_a_save_replaces_a_stale_temp_folder_and_refuses_diverged_replicas(tmp_p
         trainer.save_checkpoint()
     assert [step_of(p) for p in complete_checkpoints(tmp_path / "run")] == [1]
     trainer.close()
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("step", -5, r"step=-5, expected a value in \[0, 2147483647\]"),
+    ("step", 10**12, r"step=1000000000000, expected a value in"),
+    ("step", "seven", r"step='seven', expected an integer"),
+    ("step", 4.5, r"step=4.5, expected an integer"),
+    ("step", True, r"step=True, expected an integer"),
+    ("budget_used_s", float("nan"), r"budget_used_s=nan, expected a value in \[0.0, 10000000000.0\]"),
+    ("lr_scale", 0.0, r"lr_scale=0.0, expected a value in"),
+    ("lr_scale", 2.0, r"lr_scale=2.0, expected a value in"),
+    ("noise_seed", -2, r"noise_seed=-2, expected a value in \[-1, "),
+    ("health", "great", r"health='great', expected '', healthy, warning or unhealthy"),
+])
+def test_train_state_values_out_of_range_are_named(tmp_path, key, value, expected):
+    """train_state.json is range-checked when read (a checkpoint holding such a value is damaged:
+    Checkpointer.load falls back past it); a good file reads back as written."""
+    from bidvl.checkpoint import TrainState
+
+    path = tmp_path / "train_state.json"
+    good = TrainState(step=12, budget_used_s=3.5, lr_scale=0.25, health="warning", noise_seed=-1)
+    path.write_text(good.to_json())
+    assert TrainState.read(path) == good
+    path.write_text(json.dumps({**json.loads(good.to_json()), key: value}))
+    with pytest.raises(ValueError, match=rf"^{path}: {expected}"):
+        TrainState.read(path)

@@ -212,6 +212,24 @@ def test_meta_json_cannot_point_outside_its_folder(tmp_path):
             train_stream(folder, "train", batch_size=1, seed=0)
 
 
+@pytest.mark.parametrize("edit,error", [
+    (lambda m: m["splits"]["train"]["shards"][0].update(count=0), r"splits.train.shards\[0\].count 0, expected an integer in \[1, 5000\]"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(count="1"), r"splits.train.shards\[0\].count '1'"),
+    (lambda m: m["splits"]["train"].update(shards="train-000000.tar"), r"splits.train.shards must be a list of objects"),
+    (lambda m: m.update(resolution=0), r"resolution 0, expected an integer in \[1, 4096\]"),
+    (lambda m: m.update(channels=2), r"channels 2, expected 1 or 3"),
+    (lambda m: m.update(splits={}), r"splits must be a non-empty object"),
+], ids=["count-0", "count-text", "shards-text", "resolution-0", "channels-2", "no-splits"])
+def test_meta_json_values_out_of_range_are_named(tmp_path, edit, error):
+    """A crafted meta.json (a shard count of 0 was a ZeroDivisionError) fails naming the file and key."""
+    folder = write_shards(tmp_path / "s", [good(0)])
+    meta = json.loads((folder / "meta.json").read_text())
+    edit(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match=rf"meta.json: {error}"):
+        train_stream(folder, "train", batch_size=1, seed=0)
+
+
 def test_skip_budget_stops_training_clearly(tmp_path):
     samples = [good(i) for i in range(40)]
     for i in (3, 9, 17):

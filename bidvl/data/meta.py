@@ -85,16 +85,32 @@ def _json(text: bytes, where) -> dict:
     return meta
 
 
+def _int_in(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def check_meta(meta: dict, path) -> dict:
     for key in ("format", "resolution", "channels", "splits"):
         if key not in meta:
             raise ShardError(f"{path}: key {key!r} missing")
     if meta["format"] != FORMAT:
         raise ShardError(f"{path}: format {meta['format']!r}, expected {FORMAT!r}")
+    if not _int_in(meta["resolution"], 1, 4096):
+        raise ShardError(f"{path}: resolution {meta['resolution']!r}, expected an integer in [1, 4096]")
+    if meta["channels"] not in (1, 3) or isinstance(meta["channels"], bool):
+        raise ShardError(f"{path}: channels {meta['channels']!r}, expected 1 or 3")
+    if not isinstance(meta["splits"], dict) or not meta["splits"]:
+        raise ShardError(f"{path}: splits must be a non-empty object")
     for split, info in meta["splits"].items():
         if not isinstance(info, dict) or "count" not in info or "shards" not in info:
             raise ShardError(f"{path}: splits.{split} needs 'count' and 'shards'")
-        if sum(s["count"] for s in info["shards"]) != info["count"]:
+        if not isinstance(info["shards"], list) or not all(isinstance(x, dict) for x in info["shards"]):
+            raise ShardError(f"{path}: splits.{split}.shards must be a list of objects")
+        for i, shard in enumerate(info["shards"]):  # a count of 0 would divide by zero later
+            if not _int_in(shard.get("count"), 1, MAX_PER_SHARD):
+                raise ShardError(f"{path}: splits.{split}.shards[{i}].count {shard.get('count')!r}, expected "
+                                 f"an integer in [1, {MAX_PER_SHARD}]")
+        if not _int_in(info["count"], 1, 2**31 - 1) or sum(s["count"] for s in info["shards"]) != info["count"]:
             raise ShardError(f"{path}: splits.{split}: shard counts do not add up to 'count'")
         for s in info["shards"]:
             name = s.get("name", "")
