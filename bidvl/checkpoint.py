@@ -268,10 +268,35 @@ def _write_manifest(folder: Path) -> None:
         os.fsync(f.fileno())
 
 
+MARKER_MANIFEST = "manifest sha256 "  # the marker's second line: the manifest's own digest
+
+
+def _write_marker(folder: Path, step: int) -> None:
+    """The COMPLETE marker, written last: the step, then the manifest's sha256, so that a manifest
+    deleted or rewritten afterwards is damage, not a checkpoint "from before manifests"."""
+    with open(folder / MARKER, "w") as f:
+        f.write(f"{step}\n{MARKER_MANIFEST}{file_sha256(folder / MANIFEST)}\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def verify(folder: Path) -> bool:
-    """Checks every file of a complete checkpoint against its manifest; raises DamagedCheckpoint
-    naming the first bad file. False: a checkpoint written before manifests (not verifiable)."""
+    """Checks every file of a complete checkpoint against its manifest, and the manifest against
+    the digest its marker records; raises DamagedCheckpoint naming the first bad file. False: a
+    checkpoint written before manifests (its marker records none: not verifiable)."""
     folder = Path(folder)
+    try:
+        lines = (folder / MARKER).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DamagedCheckpoint(f"checkpoint {folder}: unreadable {MARKER} marker ({exc})") from None
+    recorded = next((x[len(MARKER_MANIFEST):] for x in lines if x.startswith(MARKER_MANIFEST)), None)
+    if recorded is not None:
+        if not (folder / MANIFEST).is_file():
+            raise DamagedCheckpoint(f"checkpoint {folder}: {MANIFEST} is missing (its {MARKER} marker "
+                                    f"records one)")
+        if file_sha256(folder / MANIFEST) != recorded:
+            raise DamagedCheckpoint(f"checkpoint {folder}: {MANIFEST} does not match the sha256 its "
+                                    f"{MARKER} marker records (edited or corrupted)")
     if not (folder / MANIFEST).is_file():
         return False
     try:
@@ -424,10 +449,7 @@ class Checkpointer:
                 if ema is not None:
                     save_file(ema.state_dict(), str(tmp / EMA_FILE))
                 _write_manifest(tmp)
-                with open(tmp / MARKER, "w") as f:
-                    f.write(f"{state.step}\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+                _write_marker(tmp, state.step)
             except OSError as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointError(_write_error(exc, tmp, self.run_dir)) from None

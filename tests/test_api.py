@@ -229,3 +229,31 @@ def test_push_to_hub_uploads_the_export_folder_and_from_pretrained_reads_the_hub
     assert trained.generator_kind == "trained"
     with pytest.raises(Exception, match="someone/nothing-here|cache|offline|local"):
         bidvl.BiDVLModel.from_pretrained("someone/nothing-here", cache_dir=cache, local_files_only=True)
+
+
+def test_an_untrusted_model_folder_fails_naming_the_file(ema_run, tmp_path):
+    """A model folder from elsewhere: a pickle named energy.safetensors, a link out of the folder,
+    garbage in a weights file: each an EvalError naming the path, nothing unpickled or followed."""
+    import pickle
+
+    export = ema_run / "model"
+    folder = tmp_path / "untrusted"
+    shutil.copytree(export, folder)
+    (folder / "energy.safetensors").write_bytes(pickle.dumps({"weight": [1, 2, 3]}))
+    with pytest.raises(EvalError, match=rf"^{folder / 'energy.safetensors'}: not a readable safetensors file"):
+        bidvl.load(folder)
+    secret = tmp_path / "outside.safetensors"
+    shutil.copy(export / "energy.safetensors", secret)
+    (folder / "energy.safetensors").unlink()
+    (folder / "energy.safetensors").symlink_to(secret)
+    with pytest.raises(EvalError, match=rf"^{folder / 'energy.safetensors'} is a link to {secret}, outside {folder}: refused"):
+        bidvl.load(folder)
+    (folder / "energy.safetensors").unlink()
+    shutil.copy(export / "energy.safetensors", folder / "energy.safetensors")
+    (folder / "encoder.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(EvalError, match=rf"^{folder / 'encoder.safetensors'}: not a readable safetensors file"):
+        bidvl.load(folder)
+    (folder / "encoder.safetensors").unlink()
+    (folder / "encoder.safetensors").symlink_to("energy.safetensors")  # a link inside the folder: read, then
+    with pytest.raises(EvalError, match=r"does not fit the net"):  # refused for its content
+        bidvl.load(folder)

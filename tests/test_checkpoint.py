@@ -132,10 +132,10 @@ def _remanifest(folder):
     """The manifest rewritten for the folder's files as they now are (as `save` writes it: before
     the marker, and not listing itself)."""
     (folder / checkpoint.MANIFEST).unlink()
-    marker = (folder / MARKER).read_text()
+    step = int((folder / MARKER).read_text().splitlines()[0])
     (folder / MARKER).unlink()
     checkpoint._write_manifest(folder)
-    (folder / MARKER).write_text(marker)
+    checkpoint._write_marker(folder, step)
 
 
 def _same(a, b):
@@ -158,7 +158,8 @@ def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tm
     folder = trainer.save_checkpoint()
     assert folder == tmp_path / "run" / "checkpoints" / "step_00000003"  # the layout other tools read
     assert not list(folder.parent.glob(".tmp_*"))
-    assert (folder / MARKER).read_text() == "3\n"
+    manifest_digest = checkpoint.file_sha256(folder / checkpoint.MANIFEST)
+    assert (folder / MARKER).read_text() == f"3\nmanifest sha256 {manifest_digest}\n"
     files = json.loads((folder / checkpoint.MANIFEST).read_text())["files"]
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
     assert set(files) == on_disk - {checkpoint.MANIFEST, MARKER}
@@ -229,12 +230,21 @@ def test_verify_names_the_first_bad_file_and_how_it_is_bad(tmp_path, digits16):
     good = manifest.read_text()
     for bad in ("{not json", json.dumps({"file": {}}), json.dumps({"files": {"a": {"size": 1}}}),
                 json.dumps({"files": {"a": {"size": "x", "sha256": "y"}}}), json.dumps({"files": ["a"]})):
-        manifest.write_text(bad)
+        manifest.write_text(bad)  # edited after the marker: the marker's digest catches it
+        with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: manifest.json does not match the "
+                                                    r"sha256 its COMPLETE marker records \(edited or corrupted\)$"):
+            verify(folder)
+        checkpoint._write_marker(folder, 1)  # written so: the manifest itself is read and refused
         with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: unreadable manifest.json \("):
             verify(folder)
     manifest.write_text(good)
+    checkpoint._write_marker(folder, 1)
+    assert verify(folder) is True
     manifest.unlink()
-    assert verify(folder) is False  # written before manifests: not verifiable, not damaged
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: manifest.json is missing"):
+        verify(folder)
+    (folder / MARKER).write_text("1\n")  # as versions before manifests wrote it
+    assert verify(folder) is False  # not verifiable, not damaged
 
 
 def test_resume_and_rollback_fall_back_past_a_damaged_checkpoint_or_stop_naming_it(tmp_path, digits16, capsys):
@@ -305,7 +315,11 @@ def test_a_load_checks_the_weights_against_replicas_json_and_reports_changes(tmp
     _remanifest(folder)
     with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: cannot be loaded \(TypeError: "):
         trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
-    (folder / checkpoint.MANIFEST).unlink()  # an older checkpoint: loads with a warning
+    (folder / checkpoint.MANIFEST).unlink()  # its marker records the manifest: damaged, not "older"
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: manifest.json is missing \(its COMPLETE "
+                                                r"marker records one\)$"):
+        trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    (folder / MARKER).write_text(f"{step_of(folder)}\n")  # an older checkpoint: loads with a warning
     digest = checkpoint.replica_digest(trainer.unwrapped.values())
     (folder / "replicas.json").write_text(json.dumps({"sha256": [digest]}))
     trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)

@@ -196,11 +196,17 @@ def test_damaged_checkpoint_stops_the_run_with_on_damaged_stop(tmp_path, digits1
 
 
 def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, digits16, trained_twice):
+    """A checkpoint from before manifests (its marker records none) loads with a warning; a current
+    one whose manifest was deleted is damaged (verification cannot be turned off by deleting it)."""
     run = two_checkpoints(tmp_path, trained_twice)
-    (run / "checkpoints" / step_name(4) / checkpoint.MANIFEST).unlink()
+    newest = run / "checkpoints" / step_name(4)
+    (newest / checkpoint.MANIFEST).unlink()
+    code, out, err = run_bounded(train_cmd(run, digits16, 6, "checkpoint.on_damaged=stop"), timeout=120)
+    assert code == 2 and f"error: checkpoint {newest}: manifest.json is missing (its COMPLETE marker records one)" in err
+    (newest / checkpoint.MARKER).write_text("4\n")  # as versions before manifests wrote it
     code, out, err = run_bounded(train_cmd(run, digits16, 6, "checkpoint.every=2"), timeout=120)
     assert code == 0, err[-2000:]
-    assert "cannot be verified" in err and f"resumed from {run / 'checkpoints' / step_name(4)}" in out + err
+    assert "cannot be verified" in err and f"resumed from {newest}" in out + err
 
 
 def test_a_full_disk_names_enospc_and_keeps_the_previous_checkpoint(tmp_path, digits16, monkeypatch):

@@ -110,7 +110,8 @@ def check_meta(meta: dict, path) -> dict:
             if not _int_in(shard.get("count"), 1, MAX_PER_SHARD):
                 raise ShardError(f"{path}: splits.{split}.shards[{i}].count {shard.get('count')!r}, expected "
                                  f"an integer in [1, {MAX_PER_SHARD}]")
-        if not _int_in(info["count"], 1, 2**31 - 1) or sum(s["count"] for s in info["shards"]) != info["count"]:
+        # An empty split (no shards, count 0) is allowed here; split_info refuses it when used.
+        if not _int_in(info["count"], 0, 2**31 - 1) or sum(s["count"] for s in info["shards"]) != info["count"]:
             raise ShardError(f"{path}: splits.{split}: shard counts do not add up to 'count'")
         for s in info["shards"]:
             name = s.get("name", "")

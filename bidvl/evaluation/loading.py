@@ -62,9 +62,22 @@ def _has_export(run_dir: Path) -> bool:
     return all((run_dir / "model" / name).is_file() for name in EXPORT_FILES)
 
 
+def own_file(folder: Path, name: str) -> Path:
+    """`folder / name`, refused (EvalError) when it is a link to a file outside `folder`: a model
+    folder from elsewhere cannot make bidvl read files it does not hold."""
+    path = Path(folder) / name
+    if path.is_symlink() and not path.resolve().is_relative_to(Path(folder).resolve()):
+        raise EvalError(f"{path} is a link to {path.resolve()}, outside {folder}: refused")
+    return path
+
+
 def _export_step(export: Path) -> int:
-    with safe_open(str(export / EXPORT_FILES[0]), framework="pt") as f:
-        step = (f.metadata() or {}).get("step", "")
+    path = own_file(export, EXPORT_FILES[0])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            step = (f.metadata() or {}).get("step", "")
+    except Exception as exc:  # safetensors raises its own error types for files that are not its
+        raise EvalError(f"{path}: not a readable safetensors file ({_first(exc)})") from None
     if not step.isdigit():
         raise EvalError(f"{export / EXPORT_FILES[0]}: no 'step' in its metadata")
     return int(step)
@@ -132,13 +145,18 @@ def run_config(run_dir: str | os.PathLike) -> Config:
     raise EvalError(f"{run_dir / 'config.yaml'} is missing: {run_dir} is not a run folder")
 
 
+def _first(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
 def _load_into(net: torch.nn.Module, path: Path) -> None:
+    path = own_file(path.parent, path.name)
     if not path.is_file():
         raise EvalError(f"weights file {path} is missing")
     try:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise EvalError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise EvalError(f"{path}: not a readable safetensors file ({_first(exc)})") from None
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
