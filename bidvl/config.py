@@ -51,13 +51,17 @@ class DataConfig:
     train_split: str = "train"  # the split of meta.json the run trains on
     test_split: str = "test"  # the split held out (evaluation, health checks)
     auto_build: str = ""  # dataset name to build into `train` when it has no meta.json yet
-    resolution: int = 32  # must equal the shards' meta.json
-    channels: int = 1  # must equal the shards' meta.json
+    # Shards with a meta.json (bidvl make-shards) must match these; shards written by other tools
+    # (no meta.json: img2dataset, webdataset's ShardWriter, ...) are fitted to them as they are read.
+    resolution: int = 32  # image side in pixels
+    channels: int = 1  # 1 (grey) or 3 (RGB)
+    crop: str = "center"  # training images larger than data.resolution (other tools' shards): center or random crop after resizing the shorter side
+    flip: bool = False  # mirror half the training images left to right (random per image, exact on resume)
     num_workers: int = 1  # DataLoader workers per process
     shuffle_buffer: int = 2000  # samples shuffled together in the stream (at most 1/4 of a rank's batches' samples)
     on_error: str = "raise"  # raise | skip: bad samples/shards stop the run, or are skipped and counted
     max_skipped: int = 100  # with on_error=skip: stop once more than this many were skipped
-    train_count: int = 0  # for a shard list without meta.json: its samples (0: from the meta.json beside the shards)
+    train_count: int = 0  # for a shard list without meta.json beside it: its samples (0: counted from the shards)
     net_retries: int = 5  # remote reads: tries after the first (dropped connection, timeout, 5xx)
     net_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
     net_timeout: float = 60.0  # seconds an http(s) connect or read may stall
@@ -274,6 +278,7 @@ CHOICES = {
     "model.encoder_heads": ("auto", "bias", "no_bias"),
     "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
     "data.on_error": ("raise", "skip"),
+    "data.crop": ("center", "random"),
     "checkpoint.on_damaged": ("fallback", "stop"),
     "train.on_nonfinite": ("skip", "rollback", "stop"),
     "health.on_unhealthy": ("warn", "stop", "restart"),

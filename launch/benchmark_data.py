@@ -7,7 +7,10 @@ object; `*_per_core` divides by the reader processes (1, or --workers).
 
 Shards are built in a temp folder: 32 px from FashionMNIST when its IDX files are installed
 (else scikit-learn's digits), 128 px from random crops of scikit-learn's two sample photos (real
-photographic content, so PNG sizes are realistic).
+photographic content, so PNG sizes are realistic). "foreign" rows: the same 1000 photos as
+160 px JPEGs (quality 90) in shards written by webdataset's ShardWriter without meta.json, read at
+128 px (resize + centre crop at load time) and at 32 px; `count_s_per_1000` is the time to count
+the samples of such a folder (what replaces meta.json's counts), per 1000 samples.
 """
 
 import argparse
@@ -24,12 +27,12 @@ import urllib.request
 from pathlib import Path
 
 from bidvl.benchmarking import photo_folder
-from bidvl.data import build_shards, train_stream
+from bidvl.data import build_shards, split_info, train_stream
 from bidvl.data.fashion_mnist import DEFAULT_SRC as FASHION_SRC
 
 
-def throughput(folder: Path, batch_size: int, workers: int, images: int) -> float:
-    stream = train_stream(folder, "train", batch_size, seed=0, num_workers=workers)
+def throughput(folder: Path, batch_size: int, workers: int, images: int, **fit) -> float:
+    stream = train_stream(folder, "train", batch_size, seed=0, num_workers=workers, **fit)
     it = iter(stream)
     next(it)  # start-up (workers, first shard, shuffle buffer) is not throughput
     batches = max(1, images // batch_size)
@@ -37,6 +40,63 @@ def throughput(folder: Path, batch_size: int, workers: int, images: int) -> floa
     for _ in itertools.islice(it, batches):
         pass
     return batches * batch_size / (time.perf_counter() - t0)
+
+
+def foreign_folder(folder: Path, photos: Path) -> Path:
+    """The photos as 160 px JPEGs in WebDataset shards of 100, written by webdataset's ShardWriter."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    folder.mkdir()
+    with wds.ShardWriter(str(folder / "%06d.tar"), maxcount=100, verbose=0) as sink:
+        for i, path in enumerate(sorted(photos.glob("*.png"))):
+            buf = io.BytesIO()
+            Image.open(path).save(buf, format="JPEG", quality=90)
+            sink.write({"__key__": f"{i:06d}", "jpg": buf.getvalue(), "cls": i % 10})
+    return folder
+
+
+def jpeg_draft_rows(count: int = 200, size: int = 256) -> dict:
+    """ms per image fitting `count` size x size photo JPEGs (quality 90) to 32/64/128 px, RGB, with
+    the reduced-scale JPEG decode (`draft`, what the reader does) and without it (a full decode),
+    and the mean absolute pixel difference between the two."""
+    import io
+
+    import numpy as np
+    from PIL import Image, JpegImagePlugin
+    from sklearn.datasets import load_sample_images
+
+    from bidvl.data.reader import SampleDecoder
+
+    photo = load_sample_images().images[0]
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(count):
+        y, x = rng.integers(0, photo.shape[0] - size), rng.integers(0, photo.shape[1] - size)
+        buf = io.BytesIO()
+        Image.fromarray(photo[y: y + size, x: x + size]).save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+    rows, draft = {}, JpegImagePlugin.JpegImageFile.draft
+    for res in (32, 64, 128):
+        decoder = SampleDecoder(res, 3, fit=True)
+        timed = {}
+        for label in ("full", "draft", "full", "draft"):  # the second pair is the one kept (warm)
+            JpegImagePlugin.JpegImageFile.draft = draft if label == "draft" else (lambda self, *a, **k: None)
+            try:
+                t0 = time.perf_counter()
+                out = [decoder({"__key__": "k", "jpg": b})[0] for b in blobs]
+                timed[label] = ((time.perf_counter() - t0) / count * 1e3, out)
+            finally:
+                JpegImagePlugin.JpegImageFile.draft = draft
+        diff = float(np.mean([np.abs(a.astype(int) - b.astype(int)).mean()
+                              for a, b in zip(timed["full"][1], timed["draft"][1])]))
+        rows[f"jpeg{size}_to_{res}px_ms_full_decode"] = round(timed["full"][0], 3)
+        rows[f"jpeg{size}_to_{res}px_ms_draft"] = round(timed["draft"][0], 3)
+        rows[f"jpeg{size}_to_{res}px_draft_speedup"] = round(timed["full"][0] / timed["draft"][0], 2)
+        rows[f"jpeg{size}_to_{res}px_mean_abs_diff_of_255"] = round(diff, 2)
+    return rows
 
 
 def serve(folder: Path) -> tuple[subprocess.Popen, str]:
@@ -77,6 +137,16 @@ def main():
         photos = photo_folder(tmp / "photos", 1000, 160)
         build_shards("imagefolder", out=str(tmp / "s128"), src=str(photos), resolution=128)
         results["source_128px"] = "1000 crops of scikit-learn sample photos"
+        results.update(jpeg_draft_rows())
+        foreign = foreign_folder(tmp / "foreign", photos)
+        t0 = time.perf_counter()
+        count = split_info(foreign, "train", resolution=128, channels=3)[0]["splits"]["train"]["count"]
+        results["foreign_count_s_per_1000"] = round((time.perf_counter() - t0) / count * 1000, 4)
+        for res in (128, 32):
+            n = max(args.batch_size, args.images // 4)
+            for label, workers in (("1_core", 0), (f"{args.workers}_workers", args.workers)):
+                results[f"{res}px_foreign_jpeg_images_per_s_{label}"] = round(
+                    throughput(foreign, args.batch_size, workers, n, resolution=res, channels=3))
         server, base = (None, None) if args.no_http else serve(tmp)
         try:
             for res in (32, 128):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 FORMAT = "bidvl-shards/1"
@@ -57,8 +58,9 @@ def read_meta(folder: str | os.PathLike, net=None) -> dict:
         try:
             text = remote.read_bytes(url, net or remote.DEFAULT, what="meta.json")
         except remote.NotFound as exc:
-            raise ShardError(f"{exc}: {folder} is not a shards folder written by "
-                             f"launch/make_shards.py (no meta.json)") from None
+            raise remote.NotFound(f"{exc}: {folder} is not a shards folder written by bidvl make-shards "
+                             f"(no meta.json); shards written by another tool are read from a list "
+                             f"of them, e.g. {str(folder).rstrip('/')}/{{000000..000099}}.tar") from None
         return check_meta(_json(text, url), url)
     folder = Path(remote.local_path(str(folder)))
     path = folder / "meta.json"
@@ -121,22 +123,85 @@ def check_meta(meta: dict, path) -> dict:
     return meta
 
 
+FOREIGN = "webdataset"  # meta["format"] of shards without a meta.json (written by other tools)
+
+
+def is_foreign_folder(source) -> bool:
+    """True for a local folder without meta.json that holds tar shards: a WebDataset written by
+    another tool (img2dataset, webdataset's ShardWriter, ...)."""
+    from . import remote
+
+    if remote.is_remote(source) or remote.is_list(str(source)):
+        return False
+    folder = Path(remote.local_path(str(source)))
+    return folder.is_dir() and not (folder / "meta.json").exists() and \
+        (any(folder.glob("*.tar")) or any(folder.glob("*/*.tar")))
+
+
+def foreign_shards(folder: Path, split: str) -> list[Path]:
+    """The shards of `split` in a folder without meta.json: `<split>/*.tar`, else the tars named
+    `<split>-*.tar` or `<split>_*.tar`, else, for split "train" only, every `*.tar` of the folder
+    (the common case: one folder of training shards); sorted by name."""
+    for found in (sorted((folder / split).glob("*.tar")) if (folder / split).is_dir() else [],
+                  sorted(p for p in folder.glob("*.tar") if p.name.startswith((f"{split}-", f"{split}_")))):
+        if found:
+            return found
+    tars = sorted(folder.glob("*.tar"))
+    if split == "train":
+        return tars
+    raise ShardError(f"{folder}: no shards of split {split!r} (no meta.json; its {len(tars)} tar files "
+                     f"are split 'train'; name held-out shards {split}-*.tar or put them in {split}/)")
+
+
+def _foreign_meta(where, split: str, shards: list, net, count: int, resolution: int, channels: int):
+    """meta, shards, per-shard counts of shards without a meta.json; the counts are read from the
+    shards (headers only for local ones, one download each for remote ones) unless `count` gives
+    the total (per-shard counts are then None)."""
+    from .tarstream import count_samples
+
+    if not resolution or not channels:
+        raise ShardError(f"{where}: shards without a meta.json are read at data.resolution and "
+                         f"data.channels, which the caller did not give")
+    counts = None
+    if count <= 0:
+        if any(isinstance(s, str) for s in shards):  # remote: each is downloaded once to count it
+            print(f"counting the samples of {len(shards)} shards of {where} (no meta.json; "
+                  f"data.train_count skips this)", file=sys.stderr, flush=True)
+        counts = [count_samples(s, net) for s in shards]
+        empty = [s for s, c in zip(shards, counts) if c == 0]
+        if empty:
+            raise ShardError(f"shard {empty[0]}: holds no samples")
+        count = sum(counts)
+    entries = [{"name": Path(str(s)).name} if counts is None else {"name": Path(str(s)).name, "count": c}
+               for s, c in zip(shards, counts or [0] * len(shards))]
+    meta = {"format": FOREIGN, "resolution": resolution, "channels": channels, "num_classes": None,
+            "splits": {split: {"count": count, "shards": entries}}}
+    return meta, shards, counts
+
+
 def split_info(folder: str | os.PathLike, split: str, net=None, count: int = 0, resolution: int = 0,
                channels: int = 0) -> tuple[dict, list, list[int] | None]:
     """(meta, shards, per-shard counts) for one split; errors name the source and split.
 
     `folder` is a shards folder (local path, URL or pipe: template: its meta.json lists the
     shards) or an explicit shard list `.../train-{000000..000003}.tar`, whose counts come from the
-    meta.json beside the shards, or, given `count` > 0 (data.train_count), from the caller, with
-    `resolution` and `channels` (per-shard counts are then None: training needs only the total).
-    Local shards are Paths (memory-mapped), remote ones URL or command strings. http(s) shards are
-    checked to exist (HEAD) here, so a missing one fails before training starts."""
+    meta.json beside the shards, or, given `count` > 0 (data.train_count), from the caller (per-shard
+    counts are then None: training needs only the total). A local folder without meta.json, or a
+    list without one beside it, holds shards written by another tool (`foreign_shards`; meta
+    format FOREIGN): their images are fitted to `resolution` and `channels` (data.resolution,
+    data.channels) as they are read, and their counts are read from the shards. Local shards are
+    Paths (memory-mapped), remote ones URL or command strings. http(s) shards are checked to exist
+    (HEAD) here, so a missing one fails before training starts."""
     from . import remote
 
     net = net or remote.DEFAULT
     source = str(folder)
     if remote.is_list(source):
         return _list_info(source, split, net, count, resolution, channels)
+    if is_foreign_folder(source):
+        folder = Path(remote.local_path(source))
+        shards = foreign_shards(folder, split)
+        return _foreign_meta(folder, split, shards, net, count, resolution, channels)
     meta = read_meta(folder, net)
     where = remote.member(source, "meta.json") if remote.is_remote(source) else \
         Path(remote.local_path(source)) / "meta.json"
@@ -175,6 +240,8 @@ def _check_remote(urls, net, why: str) -> None:
 
 
 def _list_info(source: str, split: str, net, count: int, resolution: int, channels: int):
+    """An explicit shard list: counts from the meta.json beside the shards when there is one (and
+    `count` is 0), else read as shards without a meta.json (`_foreign_meta`)."""
     from . import remote
 
     urls = remote.expand(source)
@@ -182,33 +249,36 @@ def _list_info(source: str, split: str, net, count: int, resolution: int, channe
         raise ShardError(f"{source}: names the same shard twice")
     remote_list = remote.is_remote(urls[0])
     shards = urls if remote_list else [Path(remote.local_path(u)) for u in urls]
-    if count > 0:
-        meta = {"format": FORMAT, "resolution": resolution, "channels": channels,
-                "splits": {split: {"count": count, "shards": [{"name": u} for u in urls]}}}
-        counts = None
-    else:
-        folders = {remote.parent(u) for u in urls}
-        if remote.is_pipe(source) or len(folders) != 1:
-            raise ShardError(f"{source}: an explicit shard list needs its sample count: set "
-                             f"data.train_count, or list shards of one folder that has a meta.json")
-        folder = folders.pop()
-        meta = read_meta(folder, net)
-        where = remote.member(folder, "meta.json") if remote_list else Path(folder) / "meta.json"
-        if split not in meta["splits"]:
-            raise ShardError(f"{where}: no split {split!r} (has {', '.join(meta['splits'])})")
-        known = {s["name"]: s["count"] for s in meta["splits"][split]["shards"]}
-        missing = [u for u in urls if remote.basename(u) not in known]
-        if missing:
-            raise ShardError(f"shard {missing[0]} of {source} is not listed in {where} "
-                             f"(split {split!r})")
-        counts = [known[remote.basename(u)] for u in urls]
-        meta = {**meta, "splits": {split: {"count": sum(counts),
-                                            "shards": [{"name": remote.basename(u), "count": c}
-                                                       for u, c in zip(urls, counts)]}}}
     if remote_list:
         _check_remote(urls, net, f"listed in {source}")
     else:
         _check_local(shards, f"of {source}")
+    folders = {remote.parent(u) for u in urls}
+    meta = None
+    if count <= 0 and not remote.is_pipe(source) and len(folders) == 1:
+        folder = folders.pop()
+        try:
+            meta = read_meta(folder, net)
+        except remote.NotFound:
+            meta = None
+        except ShardError:
+            if remote_list or (Path(remote.local_path(folder)) / "meta.json").exists():
+                raise
+            meta = None  # a local folder without meta.json
+        where = remote.member(folder, "meta.json") if remote_list else Path(folder) / "meta.json"
+    if meta is None:
+        return _foreign_meta(source, split, shards, net, count, resolution, channels)
+    if split not in meta["splits"]:
+        raise ShardError(f"{where}: no split {split!r} (has {', '.join(meta['splits'])})")
+    known = {s["name"]: s["count"] for s in meta["splits"][split]["shards"]}
+    missing = [u for u in urls if remote.basename(u) not in known]
+    if missing:
+        raise ShardError(f"shard {missing[0]} of {source} is not listed in {where} "
+                         f"(split {split!r})")
+    counts = [known[remote.basename(u)] for u in urls]
+    meta = {**meta, "splits": {split: {"count": sum(counts),
+                                        "shards": [{"name": remote.basename(u), "count": c}
+                                                   for u, c in zip(urls, counts)]}}}
     return meta, shards, counts
 
 

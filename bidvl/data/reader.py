@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import remote
-from .meta import ShardError, split_info
+from .meta import FOREIGN, ShardError, split_info
 from .tarstream import tar_samples
 from . import workers as loader_workers
 
@@ -55,6 +55,7 @@ MAX_PIXELS = 4096 * 4096
 # data.on_error=skip warns in full about the first few bad samples or shards of each loader worker,
 # then with one summary line at the 8th, 16th, 32nd, ... (a shard of only bad data is not a flood).
 FULL_WARNINGS = 5
+AUGMENT = 0x415547  # a seed part of the crop/flip RNG, apart from the sample-order RNG
 
 
 def _seed(*parts: int) -> int:
@@ -64,19 +65,40 @@ def _seed(*parts: int) -> int:
 class SampleDecoder:
     """Turns a raw sample into (CHW uint8 array, label); strict about content.
 
+    bidvl's own shards (meta.json) hold images at the final size and mode: anything else is an
+    error. Shards written by other tools (`fit=True`: no meta.json) hold images of any size and
+    mode: each is converted to the mode of `channels`, resized so that its shorter side is
+    `resolution` (bicubic, as torchvision's Resize(int); JPEGs decoded at a reduced scale first
+    where they are at least twice as large, see `__call__`) and cropped to a square, in the centre or,
+    in training with `crop="random"`, at a random place (torchvision's RandomCrop), as diffusers'
+    training scripts offer. `flip=True` mirrors half the training images left to right (either
+    kind of shard). The random choices come from the `rng` the caller gives per batch (a pure
+    function of seed, rank, worker role, epoch and batch: exact on resume); without one (evaluation)
+    images are centre-cropped and never flipped.
+
     Conversion to float in [-1, 1] happens once per batch in `_collate` (cheaper than per image).
     """
 
-    def __init__(self, resolution: int, channels: int):
+    def __init__(self, resolution: int, channels: int, fit: bool = False, crop: str = "center",
+                 flip: bool = False):
+        if crop not in ("center", "random"):
+            raise ValueError(f"data.crop={crop!r}: expected center or random")
         self.resolution = resolution
         self.channels = channels
         self.mode = {1: "L", 3: "RGB"}[channels]
+        self.fit, self.crop, self.flip = fit, crop, flip
 
-    def __call__(self, sample: dict) -> tuple[np.ndarray, int]:
+    @property
+    def random(self) -> bool:
+        """Whether training images need an rng (random crop of fitted images, or flips)."""
+        return self.flip or (self.fit and self.crop == "random")
+
+    def __call__(self, sample: dict, rng: random.Random | None = None) -> tuple[np.ndarray, int]:
         where = f"shard {sample.get('__url__', '?')}, sample {sample.get('__key__', '?')}"
         members = [k for k in sample if not k.startswith("__")]
+        allowed = ALLOWED | ({"txt"} if self.fit else set())  # captions of other tools' shards: unused
         for k in members:
-            if k not in ALLOWED:
+            if k not in allowed:
                 raise ShardError(
                     f"{where}: member .{k} is not allowed (expected an image, .cls or .json; "
                     f"pickles are never decoded)"
@@ -89,9 +111,15 @@ class SampleDecoder:
             if im.width * im.height > MAX_PIXELS:
                 raise ShardError(
                     f"{where}: image header says {im.width}x{im.height}, refusing to decode "
-                    f"(expected {self.resolution}x{self.resolution})"
+                    f"(more than {MAX_PIXELS} pixels)"
                 )
+            if self.fit and im.format == "JPEG":
+                # Decode at the smallest 1/2, 1/4 or 1/8 scale whose shorter side is still at
+                # least `resolution` (libjpeg's DCT scaling): 2-4x faster for large photos.
+                im.draft(self.mode, (self.resolution, self.resolution))
             im.load()
+            if self.fit:
+                im = self._fitted(im, rng)
         except ShardError:
             raise
         except Exception as exc:  # PIL raises many types for corrupt data
@@ -105,6 +133,8 @@ class SampleDecoder:
             raise ShardError(f"{where}: image mode {im.mode}, expected {self.mode} ({self.channels} channels)")
         array = np.asarray(im, dtype=np.uint8)
         image = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+        if self.flip and rng is not None and rng.random() < 0.5:
+            image = np.ascontiguousarray(image[:, :, ::-1])
         label = -1
         if "cls" in sample:
             try:
@@ -112,6 +142,23 @@ class SampleDecoder:
             except (UnicodeDecodeError, ValueError):
                 raise ShardError(f"{where}: member .cls is not an integer") from None
         return image, label
+
+    def _fitted(self, im: Image.Image, rng: random.Random | None) -> Image.Image:
+        if im.mode != self.mode:
+            # Transparent pixels over black, palettes and CMYK resolved, as PIL converts them.
+            im = im.convert(self.mode)
+        r = self.resolution
+        w, h = im.size
+        if min(w, h) != r:  # the shorter side to r, the longer one scaled with it (truncated)
+            w, h = (r, max(r, int(r * h / w))) if w <= h else (max(r, int(r * w / h)), r)
+            im = im.resize((w, h), Image.Resampling.BICUBIC)
+        if (w, h) != (r, r):
+            if self.crop == "random" and rng is not None:
+                left, top = rng.randint(0, w - r), rng.randint(0, h - r)
+            else:
+                left, top = int(round((w - r) / 2.0)), int(round((h - r) / 2.0))
+            im = im.crop((left, top, left + r, top + r))
+        return im
 
 
 def shuffled(samples: Iterator, bufsize: int, initial: int, rng: random.Random) -> Iterator:
@@ -141,6 +188,10 @@ def _pick(buf: list, rng: random.Random):
     buf[k] = buf[-1]
     buf.pop()
     return item
+
+
+def _decoder(meta: dict, crop: str = "center", flip: bool = False) -> SampleDecoder:
+    return SampleDecoder(meta["resolution"], meta["channels"], meta["format"] == FOREIGN, crop, flip)
 
 
 def _own_generator() -> torch.Generator:
@@ -235,12 +286,12 @@ class _TrainRoles(IterableDataset):
                   f"(data.on_error=skip; warnings are now summarised), the latest: {exc}",
                   file=sys.stderr, flush=True)
 
-    def _decoded(self, stream):
+    def _decoded(self, stream, rng):
         if self.on_error != "skip":
-            return self.decoder(next(stream))
+            return self.decoder(next(stream), rng)
         while True:
             try:
-                return self.decoder(next(stream))
+                return self.decoder(next(stream), rng)
             except ShardError as exc:
                 self._report(exc)
 
@@ -253,9 +304,13 @@ class _TrainRoles(IterableDataset):
                 self.skipped_in_batch = 0
                 for _ in range(self.batch_size):
                     next(stream)
-            for _ in range(self.per_role - skip):
+            for local in range(skip, self.per_role):
                 self.skipped_in_batch = 0
-                images, labels = _collate([self._decoded(stream) for _ in range(self.batch_size)])
+                # Crops and flips of this batch: their own RNG, so skipping batches on resume
+                # (which decodes nothing) leaves the later ones exactly as they were.
+                rng = random.Random(_seed(self.seed, self.rank, role, epoch, local, AUGMENT)) \
+                    if self.decoder.random else None
+                images, labels = _collate([self._decoded(stream, rng) for _ in range(self.batch_size)])
                 skipped, self.skipped = self.skipped, 0
                 yield images, labels, skipped
             epoch, skip = epoch + 1, 0
@@ -281,11 +336,12 @@ class TrainStream:
 
     def __init__(self, folder, split, batch_size, *, seed, rank=0, world_size=1, num_workers=0,
                  start_batch=0, shuffle_buffer=2000, on_error="raise", max_skipped=100, net=None,
-                 count=0, resolution=0, channels=0):
+                 count=0, resolution=0, channels=0, crop="center", flip=False):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}: expected raise or skip")
-        # `folder`: any source of bidvl.data.remote; `count`, `resolution`, `channels`: for an
-        # explicit shard list without meta.json (data.train_count, data.resolution, data.channels).
+        # `folder`: any source of bidvl.data.remote; `count`, `resolution`, `channels`: for shards
+        # without meta.json (data.train_count, data.resolution, data.channels); `crop`, `flip`:
+        # data.crop, data.flip (SampleDecoder).
         self.meta, shards, _ = split_info(folder, split, net, count, resolution, channels)
         count = self.meta["splits"][split]["count"]
         roles = max(1, num_workers)
@@ -296,8 +352,7 @@ class TrainStream:
         # its leftover is read but not used: cap it at a quarter of a role's epoch.
         buffer = max(1, min(shuffle_buffer, per_role * batch_size // 4))
         self.dataset = _TrainRoles(
-            shards, SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size,
-            per_role, roles, seed, rank, start_batch, buffer, on_error, max_skipped, net,
+            shards, _decoder(self.meta, crop, flip), batch_size, per_role, roles, seed, rank, start_batch, buffer, on_error, max_skipped, net,
         )
 
     def __iter__(self):
@@ -362,8 +417,10 @@ def _pad(batch, batch_size):
 class EvalStream:
     """Finite iterable of (images, labels, index) padded batches; same batch count on every rank."""
 
-    def __init__(self, folder, split, batch_size, *, rank=0, world_size=1, num_workers=0, net=None):
-        self.meta, shards, counts = split_info(folder, split, net)
+    def __init__(self, folder, split, batch_size, *, rank=0, world_size=1, num_workers=0, net=None,
+                 resolution=0, channels=0):
+        # `resolution`, `channels`: what images of shards without meta.json are fitted to.
+        self.meta, shards, counts = split_info(folder, split, net, 0, resolution, channels)
         # Whole shards are dealt to ranks when there are enough of them; otherwise every rank reads
         # every shard and keeps the samples i with i % world_size == rank (in one worker).
         by_sample = len(counts) < world_size
@@ -381,7 +438,7 @@ class EvalStream:
         self.batch_size = batch_size
         self.dataset = _EvalShards(
             shards, counts, shards_of[rank], rank if by_sample else None,
-            SampleDecoder(self.meta["resolution"], self.meta["channels"]), batch_size, world_size, net,
+            _decoder(self.meta), batch_size, world_size, net,
         )
 
     def __len__(self):

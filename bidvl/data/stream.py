@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import Config, ConfigError
 from . import remote
-from .meta import read_meta, split_info
+from .meta import FOREIGN, is_foreign_folder, read_meta, split_info
 from .reader import train_stream
 
 
@@ -46,14 +46,18 @@ class ShardStream:
                 build_once(cfg.data.auto_build, folder, cfg.data.resolution)
             accelerator.wait_for_everyone()
         self.net = remote.NetOptions.of(cfg.data)
-        if not remote.is_list(source):
+        if not remote.is_list(source) and not is_foreign_folder(source):
             splits = read_meta(source, self.net)["splits"]
             if cfg.data.train_split not in splits:
                 raise ConfigError(f"data.train_split={cfg.data.train_split!r}: "
                                   f"{remote.member(source, 'meta.json')} has splits {', '.join(splits)}")
         meta, _, _ = split_info(source, cfg.data.train_split, self.net, cfg.data.train_count,
                                 cfg.data.resolution, cfg.data.channels)
-        where = remote.member(source, "meta.json") if not remote.is_list(source) else source
+        where = source if remote.is_list(source) or is_foreign_folder(source) else remote.member(source, "meta.json")
+        # Shards without meta.json are counted once, here (a download per remote shard), not again
+        # on every open.
+        self.count = meta["splits"][cfg.data.train_split]["count"] if meta["format"] == FOREIGN \
+            else cfg.data.train_count
         for key, value in (("resolution", cfg.data.resolution), ("channels", cfg.data.channels)):
             if meta[key] != value:
                 raise ConfigError(f"data.{key}={value} but {where} says {key}={meta[key]}")
@@ -65,8 +69,9 @@ class ShardStream:
             cfg.data.train, cfg.data.train_split, cfg.train.batch_size, seed=cfg.run.seed,
             rank=acc.process_index, world_size=acc.num_processes, num_workers=cfg.data.num_workers,
             start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
-            max_skipped=cfg.data.max_skipped, net=self.net, count=cfg.data.train_count,
-            resolution=cfg.data.resolution, channels=cfg.data.channels,
+            max_skipped=cfg.data.max_skipped, net=self.net, count=self.count,
+            resolution=cfg.data.resolution, channels=cfg.data.channels, crop=cfg.data.crop,
+            flip=cfg.data.flip,
         )
 
     def open(self, start_batch: int):

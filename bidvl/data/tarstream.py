@@ -70,15 +70,16 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
-def tar_members(shard: str, net=None) -> Iterator[tuple[str, bytes]]:
-    """(member name, content) of every regular file of one tar shard, in order. A remote shard
+def tar_members(shard: str, net=None, content: bool = True) -> Iterator[tuple[str, bytes | None]]:
+    """(member name, content) of every regular file of one tar shard, in order (content None when
+    not wanted: a local shard's members are then never copied out of the map). A remote shard
     (URL or pipe: command, see bidvl.data.remote) is read whole, with retries (`net`), then parsed
     the same way."""
     if remote.is_remote(shard):
         data = remote.read_bytes(str(shard), net or remote.DEFAULT)
         if not data:
             raise ShardError(f"shard {shard}: empty file, expected a tar archive")
-        yield from _parse(data, str(shard))
+        yield from _parse(data, str(shard), content)
         return
     try:
         f = open(shard, "rb")
@@ -92,7 +93,7 @@ def tar_members(shard: str, net=None) -> Iterator[tuple[str, bytes]]:
         except OSError as exc:
             raise ShardError(f"shard {shard}: cannot map ({exc.strerror})") from None
         with data:
-            yield from _parse(data, shard)
+            yield from _parse(data, shard, content)
 
 
 def _utf8(name: bytes, shard: str, pos: int, last: str) -> str:
@@ -104,7 +105,7 @@ def _utf8(name: bytes, shard: str, pos: int, last: str) -> str:
                          f"name {name[:200]!r} is not UTF-8") from None
 
 
-def _parse(data, shard: str) -> Iterator[tuple[str, bytes]]:
+def _parse(data, shard: str, content: bool = True) -> Iterator[tuple[str, bytes | None]]:
     """Members of a whole tar image. Ends on any bytes: every header moves `pos` forward by at least
     one block (sizes are never negative), or raises a ShardError naming the shard, the header's
     byte offset and the member before it."""
@@ -157,7 +158,7 @@ def _parse(data, shard: str) -> Iterator[tuple[str, bytes]]:
             else:
                 name = _utf8(name, shard, pos, last)
             last = f"member {name}"
-            yield name, data[start: start + size]
+            yield name, (data[start: start + size] if content else None)
         pos = start + (size + BLOCK - 1) // BLOCK * BLOCK
 
 
@@ -186,7 +187,13 @@ def tar_samples(shard: str, net=None) -> Iterator[dict]:
         yield sample
 
 
-def samples_of(shards) -> Iterator[dict]:
-    """Samples of several shards, one after the other (shards may be an infinite iterator)."""
-    for shard in shards:
-        yield from tar_samples(shard)
+def count_samples(shard: str, net=None) -> int:
+    """The number of samples of one shard (consecutive members sharing a key), read the way
+    `tar_samples` reads it, so a shard that cannot be read fails here naming it. Local shards:
+    headers only."""
+    count, key = 0, None
+    for name, _ in tar_members(shard, net, content=False):
+        k, _ = split_name(name)
+        if k != key:
+            count, key = count + 1, k
+    return count

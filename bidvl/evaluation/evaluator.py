@@ -89,7 +89,7 @@ def check_options(cfg: Config, opts: EvalOptions) -> list[tuple[str, str, str]]:
                         f"--max-test {opts.max_test}: expected >= 2, >= 1, >= 0")
     if "fid" in opts.metrics:
         ref_folder, ref_split = train_data(cfg) if opts.fid_ref == "train" else heldout_data(cfg, opts.split)
-        _, _, counts = split_info(ref_folder, ref_split)
+        _, _, counts = split_info(ref_folder, ref_split, None, 0, cfg.data.resolution, cfg.data.channels)
         if sum(counts) < 2:
             raise EvalError(f"--fid-ref {opts.fid_ref}: split {ref_split!r} of {ref_folder} has "
                             f"{sum(counts)} image(s); FID needs at least 2")
@@ -109,6 +109,7 @@ def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
     if "fid" in opts.metrics:
         extractor = opts.extractor or fid_lib.feature_extractor(opts.features, opts.inception_weights, device)
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    fit = (cfg.data.resolution, cfg.data.channels)  # what shards without meta.json are fitted to
     report: dict = {"world_size": world}
     scalars: dict = {}
 
@@ -121,11 +122,11 @@ def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
     if "rmse" in opts.metrics or "ood" in opts.metrics:
         held = heldout_pass(accelerator, nets, folder, split, opts.batch_size,
                             max_count=opts.max_test, reconstruct="rmse" in opts.metrics,
-                            energy="ood" in opts.metrics, num_workers=opts.num_workers)
+                            energy="ood" in opts.metrics, num_workers=opts.num_workers, fit=fit)
         data = {"folder": str(folder), "split": split, "count": int(len(held["index"]))}
     if "rmse" in opts.metrics:  # the authors' BatchNorm mode first (see metrics.py)
         sse = batch_statistics_pass(accelerator, nets, folder, split, opts.batch_size,
-                                    max_count=opts.max_test, num_workers=opts.num_workers)
+                                    max_count=opts.max_test, num_workers=opts.num_workers, fit=fit)
         figures = rmse_figures(sse, math.prod(shape))
         running = rmse_figures(held["sse"], math.prod(shape))
         report["rmse"] = {**figures, "data": data, "batch_size": opts.batch_size,
@@ -143,7 +144,7 @@ def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
         results["uniform"], counts["uniform"] = auroc(in_scores, -noise), len(noise)
         for name, ood_folder, ood_split_name in ood_sets:
             rows = heldout_pass(accelerator, nets, ood_folder, ood_split_name, opts.batch_size,
-                                reconstruct=False, energy=True, num_workers=opts.num_workers)
+                                reconstruct=False, energy=True, num_workers=opts.num_workers, fit=fit)
             results[name], counts[name] = auroc(in_scores, -rows["energy"]), len(rows["energy"])
         report["ood"] = {
             "score": score, "model": cfg.objective.name, "in_distribution": data, "auroc": results,
@@ -154,7 +155,7 @@ def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
     if "fid" in opts.metrics:
         ref_folder, ref_split = train_data(cfg) if opts.fid_ref == "train" else (folder, split)
         reference = reference_statistics(accelerator, extractor, ref_folder, ref_split,
-                                         opts.batch_size, opts.cache_dir, opts.num_workers)
+                                         opts.batch_size, opts.cache_dir, opts.num_workers, fit)
         generated = sample_features(accelerator, extractor, nets.generator, opts.num_samples,
                                     cfg.model.latent_dim, shape, opts.seed, opts.batch_size, opts.bn_mode)
         if is_main:

@@ -320,7 +320,8 @@ def feature_extractor(features: str = "", inception_weights: str = "", device="c
 # ---------------------------------------------------------------- statistics
 
 
-def reference_key(extractor: Features, folder: str | os.PathLike, split: str) -> str:
+def reference_key(extractor: Features, folder: str | os.PathLike, split: str,
+                  fit: tuple[int, int] = (0, 0)) -> str:
     """sha256 of the extractor identity, the split's meta.json and its shards' contents.
 
     Local shards: the bytes of meta.json and of every shard (a rewritten shard is a new key).
@@ -331,11 +332,14 @@ def reference_key(extractor: Features, folder: str | os.PathLike, split: str) ->
     cached statistics are reused until the cache file is deleted (a warning says so)."""
     from bidvl.data import remote
 
-    meta, shards, counts = split_info(folder, split)
+    meta, shards, counts = split_info(folder, split, None, 0, *fit)
     h = hashlib.sha256()
     h.update(f"{CACHE_VERSION}\n{extractor.identity}\n{split}\n".encode())
     if not remote.is_remote(str(folder)) and not remote.is_list(str(folder)):
-        h.update((Path(remote.local_path(str(folder))) / "meta.json").read_bytes())
+        meta_file = Path(remote.local_path(str(folder))) / "meta.json"
+        # Shards without meta.json: their images are fitted to the run's size (part of the key).
+        h.update(meta_file.read_bytes() if meta_file.is_file() else
+                 f"{meta['format']} {meta['resolution']} {meta['channels']}\n".encode())
         for shard, count in zip(shards, counts):
             h.update(f"{shard.name}:{count}:{file_sha256(shard)}\n".encode())
         return h.hexdigest()
@@ -388,20 +392,21 @@ def _save_npz(path: Path, **arrays) -> None:
 
 def reference_statistics(accelerator, extractor: Features, folder: str, split: str,
                          batch_size: int = 100, fallback_dir: str | os.PathLike = "",
-                         num_workers: int = 0) -> Optional[dict]:
+                         num_workers: int = 0, fit: tuple[int, int] = (0, 0)) -> Optional[dict]:
     """{"mu", "sigma", "count", "cache"} of every image of the split on the main process (None on
     the others). Computed over all ranks on a cache miss, then cached (docs/fid.md)."""
     device, rank, world, is_main = process_layout(accelerator)
     key, cached = None, None
     if is_main:
-        key = reference_key(extractor, folder, split)
+        key = reference_key(extractor, folder, split, fit)
         cached = next(filter(None, (_load_cached(p, key) for p in _cache_paths(
             folder, split, key, fallback_dir))), None)
     key, hit = broadcast_from_main(accelerator, (key, cached is not None))
     if hit:
         return cached
     rows = IndexedRows(accelerator)
-    stream = eval_stream(folder, split, batch_size, rank=rank, world_size=world, num_workers=num_workers)
+    stream = eval_stream(folder, split, batch_size, rank=rank, world_size=world, num_workers=num_workers,
+                         resolution=fit[0], channels=fit[1])
     for images, _, index in progress(stream, accelerator, f"reference features ({split})", len(stream)):
         if (index >= 0).any():
             rows.add(index, features=extractor(images.to(device)))

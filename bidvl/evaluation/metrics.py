@@ -32,7 +32,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from bidvl.data import eval_stream, read_meta
+from bidvl.data import ShardError, eval_stream, read_meta
 
 from .gather import IndexedRows, process_layout, progress, rounds
 from .loading import EvalError
@@ -79,14 +79,14 @@ def _limited(index: torch.Tensor, max_count: int) -> torch.Tensor:
 
 def heldout_pass(accelerator, nets, folder: str, split: str, batch_size: int, *,
                  max_count: int = 0, reconstruct: bool = True, energy: bool = True,
-                 num_workers: int = 0) -> dict[str, np.ndarray]:
+                 num_workers: int = 0, fit: tuple[int, int] = (0, 0)) -> dict[str, np.ndarray]:
     """One pass over a split (this rank's share) -> gathered {"index", "sse"?, "energy"?} in index
     order; only the first `max_count` images (by index) when max_count > 0."""
     device, rank, world, _ = process_layout(accelerator)
     columns = [name for name, wanted in (("sse", reconstruct), ("energy", energy)) if wanted]
     rows = IndexedRows(accelerator)
     stream = eval_stream(folder, split, batch_size, rank=rank, world_size=world,
-                         num_workers=num_workers)
+                         num_workers=num_workers, resolution=fit[0], channels=fit[1])
     for images, _, index in progress(stream, accelerator, f"{Path(folder).name}/{split}", len(stream)):
         index = _limited(index, max_count)
         if not (index >= 0).any():  # nothing of ours in this batch: skip the nets
@@ -103,7 +103,7 @@ def heldout_pass(accelerator, nets, folder: str, split: str, batch_size: int, *,
 
 
 def batch_statistics_pass(accelerator, nets, folder: str, split: str, batch_size: int, *,
-                          max_count: int = 0, num_workers: int = 0) -> np.ndarray:
+                          max_count: int = 0, num_workers: int = 0, fit: tuple[int, int] = (0, 0)) -> np.ndarray:
     """The authors' reconstruction SSE per image (nets in train mode: BatchNorm normalises with
     each batch's statistics), gathered in index order; the first `max_count` images when > 0.
 
@@ -112,7 +112,8 @@ def batch_statistics_pass(accelerator, nets, folder: str, split: str, batch_size
     b with b % world_size == rank."""
     device, rank, world, _ = process_layout(accelerator)
     rows = IndexedRows(accelerator)
-    stream = eval_stream(folder, split, batch_size, rank=0, world_size=1, num_workers=num_workers)
+    stream = eval_stream(folder, split, batch_size, rank=0, world_size=1, num_workers=num_workers,
+                         resolution=fit[0], channels=fit[1])
     for b, (images, _, index) in enumerate(progress(stream, accelerator, f"{Path(folder).name}/{split} "
                                                     "(batch statistics)", len(stream))):
         keep = (index >= 0) & (index < max_count) if max_count > 0 else index >= 0  # no padding rows:
@@ -144,7 +145,16 @@ def uniform_pass(accelerator, energy_net: nn.Module, count: int, shape: tuple[in
 
 def ood_split(folder: str | Path, resolution: int, channels: int, preferred: str = "test") -> str:
     """The split of an OOD shards folder to score (`preferred`, else its only split); checks that
-    its images have the run's resolution and channels."""
+    its images have the run's resolution and channels. A folder of shards written by another tool
+    (no meta.json) is fitted to them: its `preferred` split where it has one, else its 'train'."""
+    from bidvl.data.meta import foreign_shards, is_foreign_folder
+
+    if is_foreign_folder(folder):
+        try:
+            foreign_shards(Path(folder), preferred)
+            return preferred
+        except ShardError:
+            return "train"
     meta = read_meta(folder)
     for key, expected in (("resolution", resolution), ("channels", channels)):
         if meta[key] != expected:

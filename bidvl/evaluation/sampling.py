@@ -155,7 +155,8 @@ def first_test_images(cfg, num: int, batch_size: int, source: tuple[str, str] | 
 
     folder, split = source or heldout_data(cfg)
     real = []
-    for images, _, index in eval_stream(folder, split, batch_size, net=NetOptions.of(cfg.data)):
+    for images, _, index in eval_stream(folder, split, batch_size, net=NetOptions.of(cfg.data),
+                                         resolution=cfg.data.resolution, channels=cfg.data.channels):
         real.append(images[index >= 0])
         if sum(len(r) for r in real) >= num:
             break
