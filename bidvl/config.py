@@ -65,6 +65,7 @@ class DataConfig:
     net_retries: int = 5  # remote reads: tries after the first (dropped connection, timeout, 5xx)
     net_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
     net_timeout: float = 60.0  # seconds an http(s) connect or read may stall
+    net_shard_timeout: float = 600.0  # seconds one remote file (http(s), pipe:) may take in all, then a retry
 
 
 @dataclass
@@ -148,6 +149,10 @@ class TrainConfig:
     # thread and data.num_workers=0).
     time_budget_min: float = 0.0
     budget_clock: str = "wall"  # wall | process
+    # A stop request (SIGTERM, SIGUSR1, Ctrl-C) while the data loader is stalled: one process
+    # checkpoints and exits at once; several wait this many seconds for the data (the other ranks
+    # may be inside the next step), then exit without a checkpoint (exit 2).
+    stop_wait_s: float = 10.0
     # Non-finite loss/gradients skip the optimizer step (always). After `nonfinite_patience`
     # consecutive steps with a skip: `skip` goes on, `stop` ends the run with an error, `rollback`
     # reloads the last complete checkpoint with the LRs scaled by `rollback_lr_scale` once more per
@@ -191,6 +196,9 @@ class LogConfig:
     # The console (bidvl.tracking.Progress): `bar` (tqdm), `lines` (one plain line per log window,
     # for log files and SLURM .out files), `auto`: a bar when stderr is a terminal, else lines.
     progress: str = "auto"
+    # perf/mfu: the device's peak TFLOP/s per process; 0: from bidvl.tracking.PEAK_TFLOPS for the GPUs
+    # it knows (H100, H200, A100 at the run's precision), else perf/mfu is not logged (perf/tflops is).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -376,6 +384,9 @@ RANGES: dict[str, Range] = {
     "data.net_retries": COUNT_OR_ZERO,
     "data.net_backoff": NON_NEGATIVE,
     "data.net_timeout": POSITIVE,
+    "data.net_shard_timeout": POSITIVE,
+    "train.stop_wait_s": POSITIVE,
+    "log.peak_tflops": NON_NEGATIVE,
     "model.latent_dim": COUNT,
     "model.energy_width": COUNT,
     "model.encoder_width": COUNT,

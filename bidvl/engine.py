@@ -48,7 +48,8 @@ from .health import HealthMonitor, UnhealthyRun, summary
 from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
-from .tracking import MetricsWindow, Progress, StepResult, closing_lines, log_final, log_image_grids, start_trackers
+from .tracking import (MetricsWindow, Progress, StepResult, closing_lines, counting_flops, log_final, log_image_grids,
+                       peak_tflops, start_trackers)
 
 # The last training window's figures that go into the run's final figures (tracking.log_final).
 FINAL_LOGS = ("loss/", "energy/")
@@ -90,14 +91,22 @@ def train(cfg: Config) -> int:
     return trainer.stop_signal
 
 
+class StopRequested(BaseException):
+    """Raised by the signal handler into a wait for data (Trainer._on_signal): a BaseException, so
+    that no retry loop of the data path takes it for a read error."""
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self._waiting_for_data = False  # the main loop is blocked on the data stream (a safe place to stop)
+        self._processes = 1
         # From the start: a SLURM time-limit signal during start-up or resume must not be lost
         # (the per-node launcher starts us with SIGUSR1 ignored).
         self.stop_signal = 0  # the stop signal this process received (SIGTERM, SIGUSR1, SIGINT), else 0
         self._previous_handlers = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+            sig: signal.signal(sig, self._on_signal)
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGALRM)
         }
         end_with_the_launcher()
         cfg.train.mixed_precision = resolve_precision(cfg)  # `auto` -> the launcher's; in config.yaml
@@ -105,6 +114,7 @@ class Trainer:
         self.deepspeed = plugins is not None
         self.bf16_weights = self.deepspeed and cfg.train.mixed_precision == "bf16"  # DeepSpeed's bf16
         self.accelerator = acc = make_accelerator(cfg, plugins)
+        self._processes = acc.num_processes
         self.objective = objectives.build(cfg)
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -346,7 +356,18 @@ class Trainer:
 
     def _on_signal(self, signum, frame):
         """Stop signals end the run after the current step with a checkpoint. Ctrl-C (SIGINT) too;
-        a second Ctrl-C, once this one was handled, aborts at once (the process dies of SIGINT)."""
+        a second Ctrl-C, once this one was handled, aborts at once (the process dies of SIGINT).
+
+        A stop that arrives while the loop waits for data (a stalled server, a hung `pipe:`
+        command) does not wait for the data: one process stops at once (StopRequested out of the
+        wait; the state is that of the last step, so it checkpoints); several processes give the
+        data train.stop_wait_s (SIGALRM) to arrive, since the other ranks may be inside the next
+        step, then end without a checkpoint (`_stop_while_waiting`)."""
+        if signum == signal.SIGALRM:
+            if self._waiting_for_data:
+                self._waiting_for_data = False
+                raise StopRequested
+            return
         if signum == signal.SIGINT:
             # The next Ctrl-C takes the default action, in the kernel: it ends the process even
             # inside a long C call, where a Python handler would wait (and two signals would merge).
@@ -354,6 +375,46 @@ class Trainer:
             print("interrupted: checkpointing after this step, then exiting (Ctrl-C again aborts "
                   "without a checkpoint)", file=sys.stderr, flush=True)
         self.stop_signal = self.stop_signal or signum
+        if self._waiting_for_data:
+            self._interrupt_the_wait()
+
+    def _interrupt_the_wait(self) -> None:
+        if self._processes == 1:
+            self._waiting_for_data = False
+            raise StopRequested
+        signal.setitimer(signal.ITIMER_REAL, self.cfg.train.stop_wait_s)
+
+    def _next_batches(self, batches_iter, accum: int) -> list | None:
+        """The next step's micro-batches, or None when a stop request interrupted the wait."""
+        batches = []
+        try:
+            self._waiting_for_data = True
+            if self.stop_signal:  # received after the last step's flags were agreed
+                self._interrupt_the_wait()
+            for _ in range(accum):
+                batch, _, skipped = next(batches_iter)
+                batches.append(batch)
+                self.skipped_samples += skipped
+        except StopRequested:
+            return None
+        finally:
+            self._waiting_for_data = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return batches
+
+    def _stop_while_waiting(self, last_saved: int) -> str:
+        """A stop request ended a wait for data: one process checkpoints the last step; several
+        end without a checkpoint (ShardError: exit 2), as a checkpoint needs every rank."""
+        step, sig = self.state.step, self.stop_signal
+        if self._processes > 1:
+            raise ShardError(f"signal {sig} arrived while rank {self.accelerator.process_index} waited for "
+                             f"data, and no data came within train.stop_wait_s={self.cfg.train.stop_wait_s:g} s: "
+                             f"exiting without a checkpoint (a checkpoint needs every rank at the same step); "
+                             f"a restart resumes from the newest complete one")
+        self.accelerator.print(f"signal {sig} while waiting for data: checkpointing at step {step} and exiting")
+        if last_saved != step and step > 0:  # (a new run stopped before its first step: nothing to save)
+            self.save_checkpoint()
+        return f"stopped by signal {sig} while waiting for data"
 
     def fit(self, stream=None) -> dict:
         """Trains to train.max_steps (or the time budget, or a stop signal); returns the last logs.
@@ -381,7 +442,10 @@ class Trainer:
         batches_iter = stream.open(start * accum)
         progress = Progress(acc, cfg, start)
         how, model = "", None  # how the training ended, where its export went (the closing lines)
-        window, logs, last_saved = MetricsWindow(acc), {}, (start if start else -1)
+        window, logs, last_saved = MetricsWindow(acc, 0, peak_tflops(cfg, acc)), {}, (start if start else -1)
+        # The first step's FLOPs are counted (perf/tflops, perf/mfu); not under train.compile, whose
+        # graphs the counter would have to trace again.
+        count_flops = not cfg.train.compile
         eval_figures = {}  # the last evaluation during training (eval.every)
         clock = time.process_time if cfg.train.budget_clock == "process" else time.perf_counter
         budget_s = cfg.train.time_budget_min * 60.0
@@ -393,12 +457,15 @@ class Trainer:
         while self.state.step < cfg.train.max_steps and not over_budget:
             tick = clock()
             with window.waiting_for_data():
-                batches = []
-                for _ in range(accum):
-                    batch, _, skipped = next(batches_iter)
-                    batches.append(batch)
-                    self.skipped_samples += skipped
-            result = self.train_step(batches)
+                batches = self._next_batches(batches_iter, accum)
+            if batches is None:
+                how = self._stop_while_waiting(last_saved)
+                break
+            if count_flops:
+                result, window.step_flops = counting_flops(lambda: self.train_step(batches))
+                count_flops = False
+            else:
+                result = self.train_step(batches)
             self.state.step += 1
             self.state.budget_used_s += clock() - tick
             window.record(result, images=sum(len(b) for b in batches) * acc.num_processes)

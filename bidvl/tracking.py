@@ -57,11 +57,49 @@ class StepResult:
         self.counts[name] = 1
 
 
-class MetricsWindow:
-    """Steps since the last flush, their wall time, images and the time spent waiting for data."""
+# Dense tensor-core peaks (TFLOP/s) of the GPUs bidvl is measured on, by precision, from the
+# vendors' datasheets (no sparsity). Under "no" (fp32), cuDNN convolutions run in TF32 by default
+# (torch.backends.cudnn.allow_tf32), so the TF32 peak is the ceiling of these convnets. Matched
+# against torch.cuda.get_device_name in order; log.peak_tflops overrides (any other device).
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "no": 378.0}),
+    ("H100", {"bf16": 989.4, "fp16": 989.4, "no": 494.7}),  # SXM (HBM3) and NVL-class names
+    ("H200", {"bf16": 989.4, "fp16": 989.4, "no": 494.7}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "no": 156.0}),
+)
 
-    def __init__(self, accelerator):
+
+def peak_tflops(cfg, accelerator) -> float:
+    """The peak TFLOP/s of one process's device for perf/mfu: log.peak_tflops when set, else the
+    table's entry for this GPU and precision, else 0 (MFU unknown: not logged)."""
+    if cfg.log.peak_tflops > 0:
+        return float(cfg.log.peak_tflops)
+    if accelerator.device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(accelerator.device)
+    precision = str(accelerator.mixed_precision)
+    return next((peaks.get(precision, 0.0) for key, peaks in PEAK_TFLOPS if key in name), 0.0)
+
+
+def counting_flops(fn):
+    """(fn(), the FLOPs it ran) by torch's FlopCounterMode (matmuls and convolutions, forward and
+    backward, as MFU counts them). The mode only observes the operators it dispatches: fn's results
+    are bit-identical to a plain call (tests/test_tracking.py)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return result, counter.get_total_flops()
+
+
+class MetricsWindow:
+    """Steps since the last flush, their wall time, images and the time spent waiting for data.
+    `step_flops` (FLOPs of one step on one process, when counted) and `peak` (TFLOP/s, 0 when
+    unknown) give perf/tflops and perf/mfu."""
+
+    def __init__(self, accelerator, step_flops: int = 0, peak: float = 0.0):
         self.accelerator = accelerator
+        self.step_flops, self.peak = step_flops, peak
         self.steps: list[StepResult] = []
         self.t0 = time.perf_counter()
         self.images = 0
@@ -104,6 +142,10 @@ class MetricsWindow:
         logs["perf/data_wait_fraction"] = self.data_wait / max(elapsed, 1e-9)  # main process's
         if acc.device.type == "cuda":  # this rank's peak since the start (all ranks alike under DDP)
             logs["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(acc.device) / 2**30
+        if self.step_flops:  # achieved per process, over the window's whole time (data waits included)
+            logs["perf/tflops"] = self.step_flops * len(self.steps) / max(elapsed, 1e-9) / 1e12
+            if self.peak > 0:
+                logs["perf/mfu"] = logs["perf/tflops"] / self.peak
         acc.log(logs, step=step)
         self.steps, self.t0, self.images, self.data_wait = [], time.perf_counter(), 0, 0.0
         return logs
@@ -185,7 +227,8 @@ class Progress:
                 budget = f", budget {duration(left)} of {duration(budget_s)} left ({train.budget_clock} clock)"
         parts = [f"step {step}/{total} ({100.0 * step / total:.1f}%)",
                  f"{logs.get('perf/images_per_sec', float('nan')):.0f} img/s, {1e3 * step_s:.0f} ms/step"
-                 + (f", {logs['perf/peak_memory_gib']:.1f} GiB peak" if "perf/peak_memory_gib" in logs else ""),
+                 + (f", {logs['perf/peak_memory_gib']:.1f} GiB peak" if "perf/peak_memory_gib" in logs else "")
+                 + (f", MFU {100 * logs['perf/mfu']:.1f}%" if "perf/mfu" in logs else ""),
                  f"{duration(time.perf_counter() - self.t0)}, ETA "
                  + (duration(eta) if math.isfinite(eta) else "?") + budget]
         parts += [shown] if shown else []

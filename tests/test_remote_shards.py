@@ -53,6 +53,20 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             if action == "503":
                 self.send_error(503, "Service Unavailable")
                 return
+            if action == "drip":  # announce the whole shard, then send a byte every 0.2 s
+                data = (owner.root / self.path.lstrip("/")).read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                try:
+                    for i in range(len(data)):
+                        self.wfile.write(data[i: i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:  # the client gave up
+                    pass
+                self.close_connection = True
+                return
             if action == "drop":  # announce the whole shard, send half of it, hang up
                 data = (owner.root / self.path.lstrip("/")).read_bytes()
                 self.send_response(200)
@@ -67,7 +81,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 class ShardServer:
     """http.server over a shards root; `faults` maps a shard path to the actions of its next GETs
-    ("503", "drop"); `hold_after` N holds every .tar GET after the N-th until `release()`."""
+    ("503", "drop", "drip"); `hold_after` N holds every .tar GET after the N-th until `release()`;
+    `drip_after` N drips every .tar GET after the N-th (a byte every 0.2 s)."""
 
     def __init__(self, root: Path):
         self.root, self.port, self.httpd = root, 0, None
@@ -75,6 +90,7 @@ class ShardServer:
         self.tar_gets = 0
         self.faults: dict[str, list[str]] = {}
         self.hold_after = None
+        self.drip_after = None
         self.released = threading.Event()
         self.lock = threading.Lock()
 
@@ -84,6 +100,8 @@ class ShardServer:
             held = self.hold_after is not None and self.tar_gets > self.hold_after
             queue = self.faults.get(path)
             action = queue.pop(0) if queue else "ok"
+            if self.drip_after is not None and self.tar_gets > self.drip_after:
+                action = "drip"
         if held:
             self.released.wait(120)
         return action
@@ -502,3 +520,88 @@ def test_a_404_fails_before_the_first_step_naming_the_url(tmp_path, server):
     assert code != 0
     assert f"{url}/meta.json: HTTP 404" in err, err[-2000:]
     assert not complete_checkpoints(run) and not (run / "model").exists()
+
+
+def test_a_dripping_server_and_a_hung_command_are_bounded_by_the_file_deadline(server, digits16):
+    """data.net_timeout bounds each wait for bytes, so a server that sends one byte every 0.2 s
+    never trips it; data.net_shard_timeout bounds the whole file. A pipe: command that never
+    exits is killed with its children at the same deadline."""
+    name = split_info(digits16, "train")[1][0].name
+    server.faults[f"/digits16/{name}"] = ["drip"] * 2
+    start = time.perf_counter()
+    with pytest.raises(ShardError, match=rf"shard {server.url('digits16/' + name)}: could not be read after 2 tries "
+                                         r"\(data.net_retries=1\): not read within 1 s \(data.net_shard_timeout; \d+ bytes so far\)"):
+        remote_read(server.url(f"digits16/{name}"), NetOptions(retries=1, backoff=0.05, timeout=10, file_timeout=1))
+    assert time.perf_counter() - start < 5
+    marker = f"{random.random():.9f}"  # a sleep only this test starts
+    start = time.perf_counter()
+    with pytest.raises(ShardError, match=r"could not be read after 1 try \(data.net_retries=0\): the command did not "
+                                         r"finish within 1 s \(data.net_shard_timeout\); killed"):
+        remote_read(f"pipe:sleep 3{marker} | cat", NetOptions(retries=0, file_timeout=1))
+    assert time.perf_counter() - start < 5
+    left = subprocess.run(["pgrep", "-f", f"sleep 3{marker}"], capture_output=True, text=True).stdout
+    assert not left.strip(), "the command's children outlived it"
+    with pytest.raises(ShardError, match=r"the command exited with status 3"):
+        remote_read("pipe:exit 3", NetOptions(retries=0))
+
+
+def remote_read(url, net):
+    from bidvl.data import remote
+
+    return remote.read_bytes(url, net)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stop_while_the_data_is_stalled_checkpoints_within_seconds(tmp_path, server, digits16, workers):
+    """SIGTERM while the loader waits on a server that drips bytes (one process): the run does not
+    wait for the data; it checkpoints the last step and exits 0 within seconds, and a resume from
+    that checkpoint on the local folder ends normally."""
+    run = tmp_path / "run"
+    server.drip_after = 24
+    cmd = [sys.executable, str(REPO / "launch/train.py"), *TINY, f"run.dir={run}", f"data.train={server.url('digits16')}",
+           f"data.num_workers={workers}", "train.max_steps=1000", "checkpoint.every=1000", "health.every=0"]
+    proc = start(cmd, env=ENV)
+    deadline = time.monotonic() + 120
+    while server.tar_gets <= 24:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    time.sleep(2.0)  # the loader now waits on the drip (a shard takes minutes)
+    assert proc.poll() is None
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc, 60)
+    assert code == 0, err[-3000:]
+    assert time.monotonic() - sent < 15
+    assert "while waiting for data: checkpointing at step" in out + err
+    saved = complete_checkpoints(run)
+    assert len(saved) == 1 and step_of(saved[0]) > 0 and verify(saved[0])
+    assert f"training stopped by signal {signal.SIGTERM.value} while waiting for data at step {step_of(saved[0])}" in out + err
+    code, out, err = finish(start([*cmd[:-4], f"data.train={digits16}", f"train.max_steps={step_of(saved[0]) + 2}",
+                                   "health.every=0"], env=ENV), 120)
+    assert code == 0, err[-3000:]
+    assert f"resumed from {saved[0]}" in out + err
+
+
+@pytest.mark.slow
+def test_two_ranks_stopped_while_the_data_is_stalled_exit_within_the_wait(tmp_path, server):
+    """Two processes, the server drips: SIGTERM to every process of the run (as SLURM sends it) ends
+    the run within train.stop_wait_s and a few seconds, exit 2, each stalled rank saying that it
+    exits without a checkpoint (a checkpoint needs every rank at the same step)."""
+    run = tmp_path / "run"
+    server.drip_after = 24
+    proc = start(two_ranks(run, server.url("digits16"), "health.every=0", "train.stop_wait_s=2",
+                           "train.max_steps=1000"))
+    deadline = time.monotonic() + 120
+    while server.tar_gets <= 24:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    time.sleep(2.0)
+    sent = time.monotonic()
+    for line in subprocess.run(["pgrep", "-f", f"run.dir={run}"], capture_output=True, text=True).stdout.split():
+        try:
+            os.kill(int(line), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    code, out, err = finish(proc, 90)
+    assert code != 0 and time.monotonic() - sent < 30, (code, time.monotonic() - sent)
+    assert "waited for data, and no data came within train.stop_wait_s=2 s: exiting without a checkpoint" in err

@@ -724,3 +724,39 @@ def test_an_ema_turned_on_at_resume_starts_from_the_loaded_generator(tmp_path, d
     assert p.returncode == 0, p.stderr[-3000:]
     assert "saved without an EMA" not in p.stderr
     check(generator(True, 6), ema5, generator(False, 6), 2 / 11)  # the second update: decay_at(1)
+
+
+def test_fit_logs_the_flops_of_a_step_and_the_mfu_against_the_peak(tmp_path, digits16, capsys):
+    """perf/tflops from the first step's FLOPs (torch's FlopCounterMode) over the window's time;
+    perf/mfu against log.peak_tflops (or the GPU table); counting leaves the step bit-identical."""
+    import torch
+
+    from bidvl.tracking import PEAK_TFLOPS, counting_flops, peak_tflops
+
+    peak = 1e-3
+    trainer = make_trainer(tmp_path, digits16, "train.max_steps=4", "log.every=2", "log.images_every=1000",
+                           "checkpoint.every=1000", f"log.peak_tflops={peak}", "log.progress=lines")
+    logs = trainer.fit()
+    trainer.close()
+    assert logs["perf/tflops"] > 0 and logs["perf/mfu"] == pytest.approx(logs["perf/tflops"] / peak)
+    assert f"MFU {100 * logs['perf/mfu']:.1f}%" in capsys.readouterr().out
+    # The count is a step's matmul/conv FLOPs, the same each time; the step is unchanged by it.
+    a = make_trainer(tmp_path / "a", digits16)
+    b = make_trainer(tmp_path / "b", digits16)
+    batch = next(iter(ShardStream(a.cfg, a.accelerator).open(0)))[0]
+    torch.manual_seed(5)
+    _, flops = counting_flops(lambda: a.train_step([batch]))
+    torch.manual_seed(5)
+    b.train_step([batch])
+    torch.manual_seed(6)
+    assert counting_flops(lambda: a.train_step([batch]))[1] == flops > 0
+    torch.manual_seed(6)
+    b.train_step([batch])
+    for net in ("energy_net", "encoder", "generator"):
+        for (name, x), (_, y) in zip(getattr(a, net).state_dict().items(), getattr(b, net).state_dict().items()):
+            assert torch.equal(x, y), (net, name)
+    a.close()
+    b.close()
+    # Without a peak, on the CPU: no MFU (perf/tflops still); the table names GPUs it knows.
+    assert peak_tflops(load_config(REPO / "configs/digits.yaml", []), a.accelerator) == 0.0
+    assert dict(PEAK_TFLOPS)["H100"]["bf16"] == 989.4

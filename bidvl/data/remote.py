@@ -20,7 +20,12 @@ handler retries for up to a minute on its own and reports a 404 and a 503 with t
 status, while we need a 404 to fail at once and a 5xx or a dropped connection to be retried within
 data.net_retries. Object stores and every other scheme go through fsspec (a missing object fails
 at once, a missing backend or credentials fail naming what to install or set, anything else is
-retried like a dropped connection); `pipe:` goes through `webdataset.gopen`.
+retried like a dropped connection); a `pipe:` command runs in its own session (`sh -c`), killed
+with its children when it outlives the file deadline.
+
+A stalled read cannot hang a run: `data.net_timeout` bounds each connect and each wait for bytes,
+and `data.net_shard_timeout` the whole file (a server that drips a byte at a time, a command that
+never exits), after which the read counts as failed and is retried like any other.
 
 A remote shard is read whole into memory (one shard per loader worker at a time, at most
 meta.MAX_PER_SHARD samples) before any of its samples is used, then parsed by the same strict tar
@@ -31,11 +36,14 @@ never yield a sample twice or half a sample, and the data order stays a pure fun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.error
@@ -54,17 +62,19 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_+-][A-Za-z0-9_.+-]*$")
 
 @dataclasses.dataclass(frozen=True)
 class NetOptions:
-    """Retries of remote reads (data.net_retries, data.net_backoff, data.net_timeout): a failed
-    read is tried again `retries` times, waiting backoff, 2 x backoff, 4 x backoff, ... seconds
-    (each wait at most MAX_WAIT); `timeout` bounds each http(s) connect and read."""
+    """Retries of remote reads (data.net_retries, data.net_backoff, data.net_timeout,
+    data.net_shard_timeout): a failed read is tried again `retries` times, waiting backoff,
+    2 x backoff, 4 x backoff, ... seconds (each wait at most MAX_WAIT); `timeout` bounds each
+    http(s) connect and wait for bytes, `file_timeout` one whole file (http(s) and pipe:)."""
 
     retries: int = 5
     backoff: float = 1.0
     timeout: float = 60.0
+    file_timeout: float = 600.0
 
     @classmethod
     def of(cls, data_cfg) -> "NetOptions":
-        return cls(data_cfg.net_retries, data_cfg.net_backoff, data_cfg.net_timeout)
+        return cls(data_cfg.net_retries, data_cfg.net_backoff, data_cfg.net_timeout, data_cfg.net_shard_timeout)
 
     def waits(self) -> list[float]:
         return [min(MAX_WAIT, self.backoff * 2**i) for i in range(self.retries)]
@@ -160,10 +170,23 @@ def _http(url: str, action):
         raise _Transient(_why(exc)) from None
 
 
-def _http_read(url: str, timeout: float) -> bytes:
+CHUNK = 1 << 20
+
+
+def _http_read(url: str, timeout: float, file_timeout: float = DEFAULT.file_timeout) -> bytes:
     def read():
+        deadline = time.monotonic() + file_timeout
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read()
+            chunks = []
+            while True:  # in chunks, so that the file's deadline is checked as bytes trickle in
+                chunk = response.read1(CHUNK)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise _Transient(f"not read within {file_timeout:g} s (data.net_shard_timeout; "
+                                     f"{sum(map(len, chunks))} bytes so far)")
+            data = b"".join(chunks)
             announced = response.headers.get("Content-Length")
             if announced is not None and len(data) != int(announced):
                 raise _Transient(f"connection ended after {len(data)} of {announced} bytes")
@@ -214,18 +237,22 @@ def _fsspec_read(url: str) -> bytes:
     return _fsspec_call(url, read)
 
 
-def _gopen_read(url: str) -> bytes:
+def _pipe_read(url: str, file_timeout: float = DEFAULT.file_timeout) -> bytes:
+    """A pipe: command's stdout. It runs in its own session, so that a command outliving
+    `file_timeout` is killed with every process it started (a `sleep` in a shell pipeline too)."""
+    proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, start_new_session=True)
     try:
-        stream = webdataset.gopen(url, "rb")
-    except ValueError as exc:  # no handler for the scheme
-        raise ShardError(f"{url}: cannot open ({exc})") from None
-    except OSError as exc:
-        raise _Transient(_why(exc)) from None
-    try:
-        data = stream.read()
-        stream.close()  # a pipe's exit status is checked here
-    except OSError as exc:
-        raise _Transient(_why(exc)) from None
+        data, _ = proc.communicate(timeout=file_timeout)
+    except subprocess.TimeoutExpired:
+        raise _Transient(f"the command did not finish within {file_timeout:g} s "
+                         f"(data.net_shard_timeout); killed") from None
+    finally:
+        if proc.returncode is None:  # timed out, or interrupted (a stop request): end it all
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if proc.returncode != 0:
+        raise _Transient(f"the command exited with status {proc.returncode}")
     return data
 
 
@@ -254,9 +281,9 @@ def read_bytes(url: str, net: NetOptions = DEFAULT, what: str = "shard") -> byte
     """The whole content of a remote file; transient failures retried (NetOptions), then a
     ShardError naming the URL; a 404 is a NotFound (a ShardError) at once."""
     if urlparse(url).scheme in HTTP_SCHEMES:
-        return _with_retries(url, what, lambda: _http_read(url, net.timeout), net)
+        return _with_retries(url, what, lambda: _http_read(url, net.timeout, net.file_timeout), net)
     if is_pipe(url):
-        return _with_retries(url, what, lambda: _gopen_read(url), net)
+        return _with_retries(url, what, lambda: _pipe_read(url, net.file_timeout), net)
     return _with_retries(url, what, lambda: _fsspec_read(url), net)
 
 
