@@ -6,7 +6,8 @@
         optimizer.bin, optimizer_1.bin, ...      energy net, encoder, generator (DeepSpeed: one
         random_states_*.pkl (weights_only)       folder per engine instead)
         train_state.json                         `TrainState` (JSON: nothing is unpickled)
-        replicas.json                            sha256 of every rank's parameters (all equal)
+        replicas.json                            sha256 of every rank's parameters (all equal), and
+                                                 of the saved buffers (rank 0's BatchNorm statistics)
         config.yaml, generator_ema.safetensors?  the config it was trained with; the EMA
         manifest.json                            size and sha256 of every file above
         COMPLETE                                 written last: only marked folders count
@@ -185,6 +186,17 @@ def replica_digest(nets: Iterable[torch.nn.Module]) -> str:
     return h.hexdigest()
 
 
+def buffer_digest(nets: Iterable[torch.nn.Module]) -> str:
+    """sha256 of every buffer of the nets (BatchNorm running statistics, counters, spectral-norm
+    vectors): those of the process that saves, which every rank loads back."""
+    h = hashlib.sha256()
+    for net in nets:
+        for name, t in net.named_buffers():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 # Keys a resumed run can never change (the weights would not fit), and keys whose change alters the
 # maths the checkpoint was trained with (refused unless checkpoint.allow_changes=true). Every other
 # change (budgets, logging, evaluation, learning rates, ...) is allowed and printed.
@@ -280,6 +292,23 @@ def _write_marker(folder: Path, step: int) -> None:
         os.fsync(f.fileno())
 
 
+RNG_SENTINEL = 0x5EEDDEAD
+
+
+def _rng_sentinel(before=None):
+    """Accelerate's load_state skips a random-state file it cannot load with an INFO log line,
+    leaving the global RNGs as they were. Called before the load: seeds torch's CPU and CUDA RNGs
+    with RNG_SENTINEL and returns their states; called after it with those states: True when they
+    are unchanged (the file was not loaded; a saved state equal to the sentinel's is not credible).
+    A failure is per rank (the file is): the ranks may then decide differently."""
+    if before is None:
+        torch.manual_seed(RNG_SENTINEL)  # CPU and every CUDA device
+        return (torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [])
+    cpu, cuda = before
+    same_cuda = not cuda or all(torch.equal(a, b) for a, b in zip(cuda, torch.cuda.get_rng_state_all()))
+    return torch.equal(cpu, torch.get_rng_state()) or (bool(cuda) and same_cuda)
+
+
 def verify(folder: Path) -> bool:
     """Checks every file of a complete checkpoint against its manifest, and the manifest against
     the digest its marker records; raises DamagedCheckpoint naming the first bad file. False: a
@@ -317,11 +346,28 @@ def verify(folder: Path) -> bool:
     return True
 
 
-def _write_error(exc: OSError, tmp: Path, run_dir: Path) -> str:
-    code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno else type(exc).__name__
-    where = exc.filename or tmp
-    return (f"cannot write checkpoint {tmp.name.removeprefix('.tmp_')}: {code} ({exc.strerror or exc}) "
-            f"at {where}; the complete checkpoints in {checkpoints_dir(run_dir)} are untouched")
+def _write_error(exc: Exception, tmp: Path, run_dir: Path, what: str = "") -> str:
+    """One line for a failed write, whatever raised it: an OSError names its errno and file;
+    torch's zip writer (RuntimeError "unexpected pos ...", "file write failed") and safetensors
+    (SafetensorError "... StorageFull ...") do not, so a full file system is recognised by its
+    free space. `what`: the thing written (default: the checkpoint named by `tmp`)."""
+    what = what or f"checkpoint {tmp.name.removeprefix('.tmp_')}"
+    text = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0][:300]
+    number = getattr(exc, "errno", None)
+    if number:
+        code = errno.errorcode.get(number, str(number))
+    else:
+        try:
+            full = shutil.disk_usage(tmp.parent).free < 1 << 20
+        except OSError:
+            full = False
+        code = "ENOSPC" if full or "No space left" in str(exc) or "StorageFull" in str(exc) else type(exc).__name__
+        if code == "ENOSPC":
+            text = f"no space left on device; {type(exc).__name__}: {text}"
+    where = getattr(exc, "filename", None) or tmp
+    kept = (f"the complete checkpoints in {checkpoints_dir(run_dir)} are untouched" if what.startswith("checkpoint")
+            else f"the checkpoints in {checkpoints_dir(run_dir)} are untouched")
+    return f"cannot write {what}: {code} ({text}) at {where}; its temp folder was removed; {kept}"
 
 
 def _remove(folder: Path) -> None:
@@ -430,7 +476,7 @@ class Checkpointer:
         acc.wait_for_everyone()
         try:
             acc.save_state(str(tmp))
-        except OSError as exc:
+        except Exception as exc:  # a full disk raises OSError, RuntimeError or SafetensorError
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(_write_error(exc, tmp, self.run_dir)) from None
         from accelerate.utils import gather_object
@@ -442,7 +488,8 @@ class Checkpointer:
                 bad = [r for r, d in enumerate(digests) if d != digests[0]]
                 raise RuntimeError(f"replicas diverged at step {state.step}: ranks {bad} differ from rank 0")
             try:
-                (tmp / "replicas.json").write_text(json.dumps({"sha256": digests}) + "\n")
+                (tmp / "replicas.json").write_text(json.dumps({"sha256": digests,
+                                                               "buffers_sha256": buffer_digest(nets.values())}) + "\n")
                 state.world_size = acc.num_processes
                 (tmp / TRAIN_STATE_FILE).write_text(state.to_json())
                 (tmp / "config.yaml").write_text(to_yaml(self.cfg))
@@ -450,7 +497,7 @@ class Checkpointer:
                     save_file(ema.state_dict(), str(tmp / EMA_FILE))
                 _write_manifest(tmp)
                 _write_marker(tmp, state.step)
-            except OSError as exc:
+            except Exception as exc:  # see above
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointError(_write_error(exc, tmp, self.run_dir)) from None
             _replace(tmp, final)
@@ -507,6 +554,7 @@ class Checkpointer:
         if not verified and self.accelerator.is_main_process:
             print(f"warning: checkpoint {folder} has no {MANIFEST} (written by an older version): "
                   "its files cannot be verified", file=sys.stderr, flush=True)
+        sentinel = _rng_sentinel()
         try:
             self.accelerator.load_state(str(folder))  # safetensors + weights_only torch.load
             state = TrainState.read(folder / TRAIN_STATE_FILE)
@@ -516,13 +564,21 @@ class Checkpointer:
                 state.ema_updates = 0
             elif ema is not None:
                 ema.load_state_dict(load_file(str(folder / EMA_FILE)))
-            saved = json.loads((folder / "replicas.json").read_text())["sha256"][0]
+            replicas = json.loads((folder / "replicas.json").read_text())
+            saved, saved_buffers = replicas["sha256"][0], replicas.get("buffers_sha256")
         except Exception as exc:  # whatever a damaged file makes Accelerate, torch or JSON raise
             raise DamagedCheckpoint(f"checkpoint {folder}: cannot be loaded ({type(exc).__name__}: "
                                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        name = f"random_states_{self.accelerator.process_index}.pkl"  # absent: saved by fewer processes
+        if (folder / name).is_file() and _rng_sentinel(sentinel):
+            raise DamagedCheckpoint(f"checkpoint {folder}: {name} could not be loaded (Accelerate skips a "
+                                    f"random-state file it cannot read): the resume would not be exact")
         if replica_digest(nets.values()) != saved:
             raise DamagedCheckpoint(f"checkpoint {folder}: the loaded parameters do not match the "
                                     f"digest in replicas.json")
+        if saved_buffers is not None and buffer_digest(nets.values()) != saved_buffers:  # (older: none)
+            raise DamagedCheckpoint(f"checkpoint {folder}: the loaded buffers (BatchNorm statistics) do not "
+                                    f"match the digest in replicas.json")
         if self.accelerator.is_main_process:
             self._report_changes(folder, changes, state.world_size)
             if ema_starts:
@@ -579,14 +635,18 @@ class Checkpointer:
         out, tmp = self.run_dir / "model", self.run_dir / ".tmp_model"
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for name, net in nets.items():  # energy, encoder, generator: EXPORT_FILES
-                save_file(cpu_state_dict(net), str(tmp / f"{name}.safetensors"), metadata={"step": str(step)})
-            if ema is not None:
-                save_file(ema.state_dict(), str(tmp / EMA_FILE))
-            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-            if extra is not None:
-                extra(tmp)
+            try:
+                tmp.mkdir(parents=True)
+                for name, net in nets.items():  # energy, encoder, generator: EXPORT_FILES
+                    save_file(cpu_state_dict(net), str(tmp / f"{name}.safetensors"), metadata={"step": str(step)})
+                if ema is not None:
+                    save_file(ema.state_dict(), str(tmp / EMA_FILE))
+                (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+                if extra is not None:
+                    extra(tmp)
+            except Exception as exc:  # a full disk: named, the temp folder removed, the old export kept
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise CheckpointError(_write_error(exc, tmp, self.run_dir, f"the model export {out}")) from None
             _replace(tmp, out)
         acc.wait_for_everyone()
         return out

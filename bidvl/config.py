@@ -60,6 +60,7 @@ class DataConfig:
     num_workers: int = 1  # DataLoader workers per process
     shuffle_buffer: int = 2000  # samples shuffled together in the stream (at most 1/4 of a rank's batches' samples)
     on_error: str = "raise"  # raise | skip: bad samples/shards stop the run, or are skipped and counted
+    verify_shards: bool = True  # check each shard against the sha256 in meta.json as it is read (a bad one is bad data)
     max_skipped: int = 100  # with on_error=skip: stop once more than this many were skipped
     train_count: int = 0  # for a shard list without meta.json beside it: its samples (0: counted from the shards)
     net_retries: int = 5  # remote reads: tries after the first (dropped connection, timeout, 5xx)

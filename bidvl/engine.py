@@ -100,6 +100,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self._waiting_for_data = False  # the main loop is blocked on the data stream (a safe place to stop)
+        self.ended = ""  # how the training ended, once fit has said so (a later signal is only reported)
         self._processes = 1
         # From the start: a SLURM time-limit signal during start-up or resume must not be lost
         # (the per-node launcher starts us with SIGUSR1 ignored).
@@ -368,6 +369,10 @@ class Trainer:
                 self._waiting_for_data = False
                 raise StopRequested
             return
+        if self.ended:  # after the closing lines: nothing left to stop, the teardown finishes
+            print(f"signal {signum} after the training had ended ({self.ended}): finishing the teardown, "
+                  f"then exiting", file=sys.stderr, flush=True)
+            return
         if signum == signal.SIGINT:
             # The next Ctrl-C takes the default action, in the kernel: it ends the process even
             # inside a long C call, where a Python handler would wait (and two signals would merge).
@@ -534,6 +539,7 @@ class Trainer:
         if self.health is not None:
             acc.print(f"run health: {summary(self.health.history[-1] if self.health.history else None)} "
                       f"({self.health.path})")
+        self.ended = how
         return logs
 
     def _last_verdict(self) -> str:
@@ -557,8 +563,6 @@ class Trainer:
         if self.energy_net is None:
             return
         acc = self.accelerator
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
         if synchronise:
             acc.wait_for_everyone()
         if self.deepspeed:  # both engines, while the process group still exists
@@ -571,3 +575,6 @@ class Trainer:
         acc.free_memory()
         self.energy_net = self.encoder = self.generator = self.unwrapped = None
         self.energy_opt = self.latent_opt = None
+        # Last: a stop signal during the teardown above is reported, not fatal (see _on_signal).
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)

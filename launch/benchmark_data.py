@@ -11,6 +11,8 @@ photographic content, so PNG sizes are realistic). "foreign" rows: the same 1000
 160 px JPEGs (quality 90) in shards written by webdataset's ShardWriter without meta.json, read at
 128 px (resize + centre crop at load time) and at 32 px; `count_s_per_1000` is the time to count
 the samples of such a folder (what replaces meta.json's counts), per 1000 samples.
+`*_verified_vs_unverified`: the reader with and without the sha256 check of each shard against
+meta.json (data.verify_shards), one core.
 """
 
 import argparse
@@ -154,6 +156,15 @@ def main():
                 sources = {"local": tmp / f"s{res}"}
                 if base:
                     sources["http"] = f"{base}/s{res}"
+                best = {False: 0.0, True: 0.0}  # the sha256 check of each shard as it is read: its cost,
+                for _ in range(3):  # interleaved, best of three (other jobs share the cores)
+                    for verify in (False, True):
+                        best[verify] = max(best[verify], throughput(tmp / f"s{res}", args.batch_size, 0, n, verify=verify))
+                for verify in (False, True):
+                    results[f"{res}px_local_images_per_s_1_core_{'verified' if verify else 'unverified'}"] = round(best[verify])
+                results[f"{res}px_local_verified_vs_unverified_1_core"] = round(
+                    results[f"{res}px_local_images_per_s_1_core_verified"]
+                    / results[f"{res}px_local_images_per_s_1_core_unverified"], 3)
                 for name, source in sources.items():
                     one = throughput(source, args.batch_size, 0, n)
                     many = throughput(source, args.batch_size, args.workers, n)

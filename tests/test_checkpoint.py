@@ -172,7 +172,8 @@ def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tm
     assert state == TrainState(step=3, skipped_steps=2, skipped_in_a_row=1, rollbacks=1, budget_used_s=1.5,
                                lr_scale=0.5, world_size=1)
     assert json.loads((folder / "replicas.json").read_text()) == {
-        "sha256": [checkpoint.replica_digest(trainer.unwrapped.values())]}
+        "sha256": [checkpoint.replica_digest(trainer.unwrapped.values())],
+        "buffers_sha256": checkpoint.buffer_digest(trainer.unwrapped.values())}
     assert (folder / "config.yaml").read_text() == to_yaml(trainer.cfg)
     assert load_config(folder / "config.yaml") == trainer.cfg
     assert all(torch.equal(load_file(folder / checkpoint.EMA_FILE)[k], t) for k, t in ema.items())
@@ -311,6 +312,12 @@ def test_a_load_checks_the_weights_against_replicas_json_and_reports_changes(tmp
     with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: the loaded parameters do not match the "
                                                 r"digest in replicas.json$"):
         trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    params = checkpoint.replica_digest(trainer.unwrapped.values())
+    (folder / "replicas.json").write_text(json.dumps({"sha256": [params], "buffers_sha256": "0" * 64}) + "\n")
+    _remanifest(folder)  # e.g. BatchNorm statistics that were not loaded
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: the loaded buffers \(BatchNorm statistics\) "
+                                                r"do not match the digest in replicas.json$"):
+        trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
     (folder / "replicas.json").write_text("[]")
     _remanifest(folder)
     with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: cannot be loaded \(TypeError: "):
@@ -345,7 +352,8 @@ def test_a_failed_write_names_the_error_and_leaves_the_complete_checkpoints(tmp_
     monkeypatch.setattr(trainer.accelerator, "save_state", full)
     trainer.state.step = 2
     with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint step_00000002: ENOSPC \(No space left on "
-                                              rf"device\) at /mnt/x/optimizer.bin; the complete checkpoints in "
+                                              rf"device\) at /mnt/x/optimizer.bin; its temp folder was removed; "
+                                              rf"the complete checkpoints in "
                                               rf"{run_ckpts} are untouched$"):
         trainer.save_checkpoint()
     assert [p.name for p in run_ckpts.iterdir()] == [good.name]  # the temp folder removed
@@ -356,7 +364,7 @@ def test_a_failed_write_names_the_error_and_leaves_the_complete_checkpoints(tmp_
 
     monkeypatch.setattr(checkpoint, "_write_manifest", broken)
     with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint step_00000002: EIO \(Input/output error\) "
-                                              rf"at {run_ckpts / '.tmp_step_00000002'}; the complete"):
+                                              rf"at {run_ckpts / '.tmp_step_00000002'}; its temp folder was removed; the complete"):
         trainer.save_checkpoint()
     assert [p.name for p in run_ckpts.iterdir()] == [good.name]  # no temp folder left, the good one kept
     assert {p: p.read_bytes() for p in good.rglob("*") if p.is_file()} == files
@@ -549,7 +557,8 @@ def test_write_errors_name_the_errno_or_the_exception(tmp_path):
     assert _write_error(OSError(9999, "odd"), tmp, tmp_path).startswith("cannot write checkpoint step_00000005: "
                                                                          "9999 (odd) at ")
     assert _write_error(OSError("no errno"), tmp, tmp_path) == (
-        f"cannot write checkpoint step_00000005: OSError (no errno) at {tmp}; the complete checkpoints in "
+        f"cannot write checkpoint step_00000005: OSError (no errno) at {tmp}; its temp folder was removed; "
+        f"the complete checkpoints in "
         f"{tmp_path / 'checkpoints'} are untouched")
     assert _write_error(PermissionError(13, "Permission denied", "/x"), tmp, tmp_path).startswith(
         "cannot write checkpoint step_00000005: EACCES (Permission denied) at /x;")
@@ -632,3 +641,28 @@ def test_train_state_values_out_of_range_are_named(tmp_path, key, value, expecte
     path.write_text(json.dumps({**json.loads(good.to_json()), key: value}))
     with pytest.raises(ValueError, match=rf"^{path}: {expected}"):
         TrainState.read(path)
+
+
+def test_a_random_state_file_that_does_not_load_is_damage_not_a_silent_inexact_resume(tmp_path, digits16):
+    """Accelerate skips a random-state file it cannot load (an INFO log line) and the resume would
+    go on with whatever RNG state the process had. Even with a manifest that matches (written so),
+    the load is a DamagedCheckpoint naming the file; a good one restores the saved RNG state."""
+    import torch
+
+    from bidvl.checkpoint import DamagedCheckpoint
+
+    trainer = _trainer(tmp_path, digits16)
+    trainer.state.step = 1
+    torch.manual_seed(123)
+    expected = torch.get_rng_state()
+    folder = trainer.save_checkpoint()
+    torch.manual_seed(7)
+    trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    assert torch.equal(torch.get_rng_state(), expected)
+    (folder / "random_states_0.pkl").write_bytes(b"not a pickle of random states")
+    _remanifest(folder)
+    with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: random_states_0.pkl could not be loaded "
+                                                r"\(Accelerate skips a random-state file it cannot read\): the "
+                                                r"resume would not be exact$"):
+        trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
+    trainer.close()

@@ -11,7 +11,9 @@ serves the digits shards; it can answer 503, drop connections mid-shard, hold re
 start again on the same port.
 """
 
+import hashlib
 import http.server
+import json
 import importlib.util
 import io
 import itertools
@@ -238,7 +240,13 @@ def test_fid_reference_statistics_of_a_url_equal_the_local_folders_and_are_cache
         assert server.tar_gets == gets and again["cache"] == first["cache"]  # no shard read
 
         meta = json.loads((root / "digits16" / "meta.json").read_text())
-        meta["splits"]["test"]["shards"][0]["sha256"] = "0" * 64  # the dataset was rewritten
+        shard = root / "digits16" / meta["splits"]["test"]["shards"][0]["name"]
+        data = bytearray(shard.read_bytes())  # the dataset was rewritten: one label byte changed
+        with tarfile.open(shard) as tar:
+            label = next(m for m in tar.getmembers() if m.name.endswith(".cls")).offset_data
+        data[label] = ord("0") + (data[label] - ord("0") + 1) % 10
+        shard.write_bytes(bytes(data))
+        meta["splits"]["test"]["shards"][0]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
         meta.pop("format")
         write_meta(root / "digits16", meta)
         rewritten = reference_statistics(None, extractor, url, "test", 40, fallback_dir=cache)
@@ -338,6 +346,9 @@ def test_the_same_strict_checks_name_the_url_and_member(server, digits16, tmp_pa
                 info.name = info.name.replace(".cls", ".pyd")
                 tar.addfile(info, io.BytesIO(data))
     shutil.copy(tmp_path / "renamed.tar", shard)
+    meta = json.loads((tmp_path / "bad" / "meta.json").read_text())  # its digest recorded: the member check speaks
+    meta["splits"]["test"]["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (tmp_path / "bad" / "meta.json").write_text(json.dumps(meta))
     server.root = tmp_path
     with pytest.raises(ShardError, match=rf"shard {server.url('bad/test-000000.tar')}, sample .*: member "
                                          r"\.pyd is not allowed"):

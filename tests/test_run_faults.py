@@ -231,6 +231,74 @@ def test_a_full_disk_names_enospc_and_keeps_the_previous_checkpoint(tmp_path, di
     trainer.close(synchronise=False)
 
 
+@pytest.mark.parametrize("error", ["torch", "safetensors"])
+def test_a_full_disk_that_raises_no_oserror_is_named_and_cleaned_up(tmp_path, digits16, monkeypatch, error):
+    """torch's zip writer and safetensors report a full disk as RuntimeError / SafetensorError:
+    named with the path as ENOSPC (from the free space), the temp folder removed, the complete
+    checkpoint and the model export kept."""
+    import safetensors.torch
+
+    from bidvl.engine import Trainer
+
+    cfg = load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}",
+                                                     "train.ema=0.9"])  # the EMA file: our safetensors write
+    trainer = Trainer(cfg)
+    trainer.state.step = 2
+    first = trainer.save_checkpoint()
+    trainer.export()
+
+    def full(*args, **kwargs):
+        if error == "torch":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 326784 vs 326676")
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    monkeypatch.setattr(checkpoint, "_write_manifest" if error == "torch" else "save_file", full)
+    trainer.state.step = 4
+    name = "RuntimeError" if error == "torch" else "SafetensorError"
+    if error == "torch":  # the free space decides: a full disk is ENOSPC, anything else keeps its type
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: __import__("collections").namedtuple(
+            "usage", "total used free")(1 << 30, 1 << 30, 4096))
+    with pytest.raises(CheckpointError, match=rf"^cannot write checkpoint step_00000004: ENOSPC \(no space left on "
+                                              rf"device; {name}: .*\) at .*\.tmp_step_00000004; its temp folder was "
+                                              r"removed; the complete checkpoints in .* are untouched$"):
+        trainer.save_checkpoint()
+    assert complete_checkpoints(tmp_path / "run") == [first] and verify(first)
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp_*"))
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    with pytest.raises(CheckpointError, match=r"^cannot write the model export .*/run/model: "):
+        trainer.export()
+    assert not (tmp_path / "run" / ".tmp_model").exists() and (tmp_path / "run" / "model" / "energy.safetensors").is_file()
+    trainer.close(synchronise=False)
+
+
+def test_a_real_full_disk_mid_run_exits_2_and_keeps_the_complete_checkpoint(tmp_path, digits16):
+    """The run folder on a 1.5 MB tmpfs (mounted here when permitted): the first checkpoint
+    (~1 MB) fits, the second does not. One `error:` line naming ENOSPC and the path, exit 2, no
+    temp folder left, the first checkpoint complete and verified; the run resumes from it once
+    there is room."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({mounted.stderr.decode().strip()}); "
+                    "test_a_full_disk_that_raises_no_oserror_is_named_and_cleaned_up injects the same errors")
+    try:
+        run = disk / "run"
+        code, out, err = run_bounded(train_cmd(run, digits16, 8, "checkpoint.every=2", "health.every=0"), timeout=180)
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert re.search(r"error: cannot write checkpoint step_00000004: ENOSPC \(.*\) at .*/run/checkpoints/"
+                         r"\.tmp_step_00000004.*; its temp folder was removed", err), err[-3000:]
+        found = complete_checkpoints(run)
+        assert [checkpoint.step_of(f) for f in found] == [2] and verify(found[0])
+        assert not list((run / "checkpoints").glob(".tmp_*"))
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        code, out, err = run_bounded(train_cmd(run, digits16, 4, "checkpoint.every=2", "health.every=0"), timeout=180)
+        assert code == 0 and f"resumed from {found[0]}" in out + err, err[-3000:]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 # ------------------------------------------------------------------ one trainer per run folder
 
 
@@ -370,3 +438,20 @@ def test_ctrl_c_on_two_processes_with_workers_checkpoints_then_resumes(tmp_path,
     step = checkpoint.step_of(found[-1])
     code, out, err = run_bounded(two_process_cmd(run, digits16, step + 2, *WORKERS), timeout=180, env=TWO)
     assert code == 0 and f"resumed from {found[-1]} at step {step}" in out + err, err[-2000:]
+
+
+def test_a_stop_signal_during_the_teardown_is_reported_not_fatal(tmp_path, digits16, capsys):
+    """SIGTERM after the training ended (the model exported, the closing lines said) but before the
+    trainer is closed: one line, the teardown finishes; the handlers are restored afterwards."""
+    from bidvl.engine import Trainer
+
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}",
+                                                     "train.max_steps=2", "health.every=0"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    os.kill(os.getpid(), signal.SIGTERM)
+    trainer.close()
+    assert "signal 15 after the training had ended (finished): finishing the teardown, then exiting" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert (tmp_path / "run" / "model" / "energy.safetensors").is_file()

@@ -45,6 +45,8 @@ def main(argv=None):
         from bidvl.engine import train
 
         stop_signal = train(cfg)
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # the last moments: exit as planned
+            signal.signal(sig, _after_the_run)
     except KeyboardInterrupt:  # Ctrl-C before training started
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -55,6 +57,10 @@ def main(argv=None):
     # Ctrl-C: checkpointed, then 130 as for any interrupted command; SIGTERM/SIGUSR1 (SLURM's
     # time limit, requeue): checkpointed, 0.
     return 130 if stop_signal == signal.SIGINT else 0
+
+
+def _after_the_run(signum, frame):
+    print(f"signal {signum} after the training had ended: exiting as planned", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

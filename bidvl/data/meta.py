@@ -270,15 +270,14 @@ def _list_info(source: str, split: str, net, count: int, resolution: int, channe
         return _foreign_meta(source, split, shards, net, count, resolution, channels)
     if split not in meta["splits"]:
         raise ShardError(f"{where}: no split {split!r} (has {', '.join(meta['splits'])})")
-    known = {s["name"]: s["count"] for s in meta["splits"][split]["shards"]}
+    known = {s["name"]: s for s in meta["splits"][split]["shards"]}
     missing = [u for u in urls if remote.basename(u) not in known]
     if missing:
         raise ShardError(f"shard {missing[0]} of {source} is not listed in {where} "
                          f"(split {split!r})")
-    counts = [known[remote.basename(u)] for u in urls]
-    meta = {**meta, "splits": {split: {"count": sum(counts),
-                                        "shards": [{"name": remote.basename(u), "count": c}
-                                                   for u, c in zip(urls, counts)]}}}
+    entries = [known[remote.basename(u)] for u in urls]  # with their sha256, when recorded
+    counts = [e["count"] for e in entries]
+    meta = {**meta, "splits": {split: {"count": sum(counts), "shards": entries}}}
     return meta, shards, counts
 
 

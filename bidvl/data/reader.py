@@ -190,6 +190,11 @@ def _pick(buf: list, rng: random.Random):
     return item
 
 
+def _digests(meta: dict, split: str, shards) -> dict:
+    """str(shard) -> the sha256 meta.json records for it (shards written by make_shards)."""
+    return {str(s): e["sha256"] for s, e in zip(shards, meta["splits"][split]["shards"]) if "sha256" in e}
+
+
 def _decoder(meta: dict, crop: str = "center", flip: bool = False) -> SampleDecoder:
     return SampleDecoder(meta["resolution"], meta["channels"], meta["format"] == FOREIGN, crop, flip)
 
@@ -216,7 +221,7 @@ def _collate(items: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.T
 # ---------------------------------------------------------------- training
 
 
-def _shard_samples(shards, report=None, net=None) -> Iterator[dict]:
+def _shard_samples(shards, report=None, net=None, digests=None) -> Iterator[dict]:
     """Samples of the shards one after the other. A shard that fails to read (truncated, corrupt,
     unreadable) or holds no sample at all is a ShardError; given `report`, it is reported instead
     and the stream goes on with the next shard (`report` raises once the budget is spent, so a
@@ -225,7 +230,7 @@ def _shard_samples(shards, report=None, net=None) -> Iterator[dict]:
     for shard in shards:
         try:
             empty = True
-            for sample in tar_samples(shard, net):
+            for sample in tar_samples(shard, net, (digests or {}).get(shard)):
                 empty = False
                 yield sample
             if empty:
@@ -238,7 +243,8 @@ def _shard_samples(shards, report=None, net=None) -> Iterator[dict]:
 
 class _TrainRoles(IterableDataset):
     def __init__(self, shards, decoder, batch_size, per_role, roles, seed, rank, start_batch, buffer,
-                 on_error="raise", max_skipped=100, net=None):
+                 on_error="raise", max_skipped=100, net=None, digests=None):
+        self.digests = digests or {}  # shard -> meta.json's sha256, checked as each shard is read
         self.net = net or remote.DEFAULT
         self.on_error = on_error
         self.max_skipped = max_skipped
@@ -264,7 +270,7 @@ class _TrainRoles(IterableDataset):
                 yield rng.choice(self.shards)
 
         samples = _shard_samples(resampled_shards(), self._report if self.on_error == "skip" else None,
-                                 self.net)
+                                 self.net, self.digests)
         return shuffled(samples, self.buffer, min(self.buffer, 100), rng)
 
     def _report(self, exc: Exception) -> None:
@@ -336,7 +342,7 @@ class TrainStream:
 
     def __init__(self, folder, split, batch_size, *, seed, rank=0, world_size=1, num_workers=0,
                  start_batch=0, shuffle_buffer=2000, on_error="raise", max_skipped=100, net=None,
-                 count=0, resolution=0, channels=0, crop="center", flip=False):
+                 count=0, resolution=0, channels=0, crop="center", flip=False, verify=True):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={on_error!r}: expected raise or skip")
         # `folder`: any source of bidvl.data.remote; `count`, `resolution`, `channels`: for shards
@@ -352,7 +358,8 @@ class TrainStream:
         # its leftover is read but not used: cap it at a quarter of a role's epoch.
         buffer = max(1, min(shuffle_buffer, per_role * batch_size // 4))
         self.dataset = _TrainRoles(
-            shards, _decoder(self.meta, crop, flip), batch_size, per_role, roles, seed, rank, start_batch, buffer, on_error, max_skipped, net,
+            shards, _decoder(self.meta, crop, flip), batch_size, per_role, roles, seed, rank, start_batch, buffer,
+            on_error, max_skipped, net, _digests(self.meta, split, shards) if verify else None,
         )
 
     def __iter__(self):
@@ -377,8 +384,9 @@ class _EvalShards(IterableDataset):
     """One rank's evaluation samples: the shards `mine` (indices into `shards`), keeping only
     samples whose global index % world_size == `modulo` when samples (not shards) are dealt."""
 
-    def __init__(self, shards, counts, mine, modulo, decoder, batch_size, world_size, net=None):
+    def __init__(self, shards, counts, mine, modulo, decoder, batch_size, world_size, net=None, digests=None):
         self.net = net
+        self.digests = digests or {}
         self.shards = [str(p) for p in shards]
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self.mine = mine
@@ -392,7 +400,7 @@ class _EvalShards(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         batch = []
         for k in self.mine[worker::workers]:
-            samples = tar_samples(self.shards[k], self.net)
+            samples = tar_samples(self.shards[k], self.net, self.digests.get(self.shards[k]))
             for j, sample in enumerate(samples):
                 index = self.offsets[k] + j
                 if self.modulo is not None and index % self.world_size != self.modulo:
@@ -418,7 +426,7 @@ class EvalStream:
     """Finite iterable of (images, labels, index) padded batches; same batch count on every rank."""
 
     def __init__(self, folder, split, batch_size, *, rank=0, world_size=1, num_workers=0, net=None,
-                 resolution=0, channels=0):
+                 resolution=0, channels=0, verify=True):
         # `resolution`, `channels`: what images of shards without meta.json are fitted to.
         self.meta, shards, counts = split_info(folder, split, net, 0, resolution, channels)
         # Whole shards are dealt to ranks when there are enough of them; otherwise every rank reads
@@ -438,7 +446,7 @@ class EvalStream:
         self.batch_size = batch_size
         self.dataset = _EvalShards(
             shards, counts, shards_of[rank], rank if by_sample else None,
-            _decoder(self.meta), batch_size, world_size, net,
+            _decoder(self.meta), batch_size, world_size, net, _digests(self.meta, split, shards) if verify else None,
         )
 
     def __len__(self):

@@ -71,7 +71,7 @@ class ShardStream:
             start_batch=start_batch, shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error,
             max_skipped=cfg.data.max_skipped, net=self.net, count=self.count,
             resolution=cfg.data.resolution, channels=cfg.data.channels, crop=cfg.data.crop,
-            flip=cfg.data.flip,
+            flip=cfg.data.flip, verify=cfg.data.verify_shards,
         )
 
     def open(self, start_batch: int):

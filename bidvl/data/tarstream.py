@@ -19,6 +19,7 @@ the first '.' of the basename form one sample {"__key__", "__url__", ext: bytes,
 
 from __future__ import annotations
 
+import hashlib
 import mmap
 from typing import Iterator
 
@@ -70,15 +71,30 @@ def _pax_path(data: bytes) -> str | None:
     return path
 
 
-def tar_members(shard: str, net=None, content: bool = True) -> Iterator[tuple[str, bytes | None]]:
+def _check_digest(data, shard, sha256: str | None) -> None:
+    """The shard's bytes against the sha256 its meta.json records (None: nothing to check). On a
+    mismatch, a damage the tar parser can name (truncated, a corrupt header) is named as it would
+    be without the digest; otherwise (a changed byte inside a member) the digest is the error."""
+    if sha256 is not None:
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            for _ in _parse(data, str(shard), content=False):
+                pass
+            raise ShardError(f"shard {shard}: its sha256 {got[:16]}... is not the {sha256[:16]}... that meta.json "
+                             f"records (corrupted or replaced since it was written)")
+
+
+def tar_members(shard: str, net=None, content: bool = True, sha256: str | None = None
+                ) -> Iterator[tuple[str, bytes | None]]:
     """(member name, content) of every regular file of one tar shard, in order (content None when
     not wanted: a local shard's members are then never copied out of the map). A remote shard
     (URL or pipe: command, see bidvl.data.remote) is read whole, with retries (`net`), then parsed
-    the same way."""
+    the same way. Given `sha256` (meta.json's), the whole shard is checked against it first."""
     if remote.is_remote(shard):
         data = remote.read_bytes(str(shard), net or remote.DEFAULT)
         if not data:
             raise ShardError(f"shard {shard}: empty file, expected a tar archive")
+        _check_digest(data, shard, sha256)
         yield from _parse(data, str(shard), content)
         return
     try:
@@ -93,6 +109,7 @@ def tar_members(shard: str, net=None, content: bool = True) -> Iterator[tuple[st
         except OSError as exc:
             raise ShardError(f"shard {shard}: cannot map ({exc.strerror})") from None
         with data:
+            _check_digest(data, shard, sha256)
             yield from _parse(data, shard, content)
 
 
@@ -171,10 +188,10 @@ def split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:].lower()
 
 
-def tar_samples(shard: str, net=None) -> Iterator[dict]:
-    """Samples of one shard: {"__key__", "__url__", ext: bytes}."""
+def tar_samples(shard: str, net=None, sha256: str | None = None) -> Iterator[dict]:
+    """Samples of one shard: {"__key__", "__url__", ext: bytes} (`sha256`: see tar_members)."""
     sample = None
-    for name, content in tar_members(shard, net):
+    for name, content in tar_members(shard, net, sha256=sha256):
         key, ext = split_name(name)
         if sample is None or key != sample["__key__"]:
             if sample is not None:
