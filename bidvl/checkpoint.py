@@ -172,29 +172,27 @@ def _coerced(value, kind):
 STATE_RANGES = {"budget_used_s": (0.0, 1e10), "lr_scale": (1e-30, 1.0), "noise_seed": (-1, 2**32 - 1)}
 
 
+def _digest(named_tensors) -> str:
+    h = hashlib.sha256()
+    for name, t in named_tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def replica_digest(nets: Iterable[torch.nn.Module]) -> str:
     """sha256 of every parameter of the nets: equal on all ranks, or DDP broke.
 
     Buffers are left out on purpose: with broadcast_buffers=False each rank keeps BatchNorm
     running statistics of its own batches (rank 0's are saved), unless model.sync_batchnorm.
     """
-    h = hashlib.sha256()
-    for net in nets:
-        for name, t in net.named_parameters():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return _digest(item for net in nets for item in net.named_parameters())
 
 
 def buffer_digest(nets: Iterable[torch.nn.Module]) -> str:
     """sha256 of every buffer of the nets (BatchNorm running statistics, counters, spectral-norm
     vectors): those of the process that saves, which every rank loads back."""
-    h = hashlib.sha256()
-    for net in nets:
-        for name, t in net.named_buffers():
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return _digest(item for net in nets for item in net.named_buffers())
 
 
 # Keys a resumed run can never change (the weights would not fit), and keys whose change alters the

@@ -514,17 +514,24 @@ def shipped_configs() -> list[str]:
     return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
 
 
-def config_file(name: str | Path) -> Path:
-    """A config file path, or the name of a shipped config (`cifar10`, `cifar10.yaml`) when no
-    such file exists here; a ConfigError naming both otherwise."""
+def path_or_shipped(name: str | Path, folder: Path) -> Path | None:
+    """`name` when it is a file here, else, for a bare name (`cifar10`, `cifar10.yaml`), the
+    shipped `folder/<name>.yaml` when it exists; None when neither is."""
     path = Path(name)
     if path.is_file():
         return path
-    shipped = SHIPPED_CONFIGS / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
-    if len(path.parts) == 1 and shipped.is_file():
-        return shipped
-    raise ConfigError(f"config file {path} does not exist (shipped configs, by name: "
-                      f"{', '.join(shipped_configs())})")
+    shipped = folder / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
+    return shipped if len(path.parts) == 1 and shipped.is_file() else None
+
+
+def config_file(name: str | Path) -> Path:
+    """A config file path, or the name of a shipped config (`cifar10`, `cifar10.yaml`) when no
+    such file exists here; a ConfigError naming both otherwise."""
+    found = path_or_shipped(name, SHIPPED_CONFIGS)
+    if found is None:
+        raise ConfigError(f"config file {name} does not exist (shipped configs, by name: "
+                          f"{', '.join(shipped_configs())})")
+    return found
 
 
 def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple = ()) -> Config:

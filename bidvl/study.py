@@ -88,16 +88,14 @@ class StudyError(ValueError):
 def study_file(name: str | Path) -> Path:
     """A study file path, or the name of a shipped study (`fashion_mnist_health`) when no such file
     exists here."""
-    from bidvl.config import SHIPPED_CONFIGS
+    from bidvl.config import SHIPPED_CONFIGS, path_or_shipped
 
-    path, shipped = Path(name), SHIPPED_CONFIGS / "studies"
-    if path.is_file():
-        return path
-    candidate = shipped / (path.name if path.suffix == ".yaml" else f"{path.name}.yaml")
-    if len(path.parts) == 1 and candidate.is_file():
-        return candidate
-    raise StudyError(f"study file {path} does not exist (shipped studies, by name: "
-                     f"{', '.join(sorted(p.stem for p in shipped.glob('*.yaml')))})")
+    shipped = SHIPPED_CONFIGS / "studies"
+    found = path_or_shipped(name, shipped)
+    if found is None:
+        raise StudyError(f"study file {name} does not exist (shipped studies, by name: "
+                         f"{', '.join(sorted(p.stem for p in shipped.glob('*.yaml')))})")
+    return found
 
 
 def load_study(path: Path, budget_override: float | None = None) -> dict:
