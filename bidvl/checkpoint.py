@@ -172,6 +172,11 @@ def _coerced(value, kind):
 STATE_RANGES = {"budget_used_s": (0.0, 1e10), "lr_scale": (1e-30, 1.0), "noise_seed": (-1, 2**32 - 1)}
 
 
+# Keys whose change on resume changes which images each later step sees (bidvl.data.reader).
+# (data.train is left out: the same shards from another source keep their order.)
+DATA_ORDER_KEYS = ("data.num_workers", "train.batch_size", "train.grad_accum", "data.shuffle_buffer")
+
+
 def _digest(named_tensors) -> str:
     h = hashlib.sha256()
     for name, t in named_tensors:
@@ -451,7 +456,13 @@ class Checkpointer:
     def begin(self) -> None:
         """At the start of training: the run folder locked for this run (every rank fails if
         another run holds it), temp folders of a killed run removed (after locking: never another
-        live run's)."""
+        live run's). A run folder whose layout is broken (run.dir or one of its folders a file) is
+        refused here, naming the path, not after training when the first checkpoint is written."""
+        for path in (self.run_dir, self.folder, self.run_dir / "model", self.run_dir / "eval",
+                     self.run_dir / "tensorboard"):
+            if path.exists() and not path.is_dir():
+                raise CheckpointError(f"{path} is not a folder: run.dir={self.run_dir} needs it as one (the run "
+                                      f"folder holds checkpoints/, model/, eval/, tensorboard/); move it away")
         self.lock.acquire()
         if self.accelerator.is_main_process:
             for partial_folder in self.folder.glob(".tmp_step_*"):
@@ -594,6 +605,11 @@ class Checkpointer:
                   f"global batch becomes {now} x train.batch_size, the data order changes (each rank's "
                   f"stream is a function of rank and world size), and so does the epoch length and with "
                   f"it where the per-epoch LR decay steps fall", file=sys.stderr, flush=True)
+        order = [k for k, _, _ in changes if k in DATA_ORDER_KEYS]
+        if order:
+            print(f"warning: {', '.join(order)} changed: the data order from here differs from the "
+                  f"uninterrupted run's (the stream is a function of seed, rank, worker roles and batch "
+                  f"size; see bidvl/data/reader.py), and the epoch length may change", file=sys.stderr, flush=True)
 
     def resume(self, nets: dict, ema=None) -> tuple[Path, TrainState] | None:
         """Loads what `checkpoint.resume` asks for (see `find_resume`); None: start from scratch."""

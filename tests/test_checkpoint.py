@@ -666,3 +666,26 @@ def test_a_random_state_file_that_does_not_load_is_damage_not_a_silent_inexact_r
                                                 r"resume would not be exact$"):
         trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
     trainer.close()
+
+
+def test_a_broken_run_folder_layout_is_refused_at_the_start_naming_the_path(tmp_path, digits16):
+    from bidvl.checkpoint import CheckpointError
+
+    trainer = _trainer(tmp_path, digits16)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run" / "checkpoints").rmdir()
+    (tmp_path / "run" / "checkpoints").write_text("not a folder")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'run' / 'checkpoints'} is not a folder: run.dir="):
+        trainer.checkpointer.begin()
+    trainer.close(synchronise=False)
+
+
+def test_a_resume_that_changes_the_data_order_says_so(tmp_path, digits16, capsys):
+    trainer = _trainer(tmp_path, digits16)
+    trainer.state.step = 1
+    folder = trainer.save_checkpoint()
+    capsys.readouterr()
+    trainer.cfg.train.batch_size = 8
+    trainer.checkpointer._report_changes(folder, [("train.batch_size", 16, 8)], 1)
+    assert "warning: train.batch_size changed: the data order from here differs" in capsys.readouterr().err
+    trainer.close()
