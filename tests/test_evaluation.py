@@ -381,6 +381,30 @@ def test_sample_command(tiny_run, tmp_path, capsys):
                             "--reconstruct", "--bn-mode", "eval"]) == 0
     assert np.load(npy).shape == (6, 1, 16, 16)
     assert before == {p.name: p.read_bytes() for p in (tiny_run / "model").glob("*.safetensors")}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "samples.npy"]  # no temp files left
+
+
+def test_sample_command_refuses_what_memory_cannot_hold_and_names_a_failed_write(tiny_run, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from bidvl.cli import sample
+
+    png, npy = tmp_path / "grid.png", tmp_path / "samples.npy"
+    monkeypatch.setattr(sample, "available_memory", lambda: 2**20)  # 1 MiB at hand
+    assert sample_cli.main(["--run", str(tiny_run), "--num", "1000", "--out", str(png)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --num 1000: the images need about 0.0 GiB (1000 x 1 x 16 x 16 float32, with the "
+                          "grid and the .npy copy), more than the 0.0 GiB of memory available"), err
+    assert not png.exists()
+    monkeypatch.undo()
+    assert sample.available_memory() > 2**20  # the real figure, from /proc/meminfo
+
+    def full_disk(path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    assert sample_cli.main(["--run", str(tiny_run), "--num", "4", "--out", str(png), "--npy", str(npy)]) == 2
+    assert capsys.readouterr().err == f"error: cannot write {npy}: No space left on device\n"
+    assert png.is_file() and not npy.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
 
 
 def test_periodic_evaluation(tiny_run, small_features, monkeypatch):

@@ -14,6 +14,7 @@ The same samples from Python: bidvl.load(RUN).sample(N, seed=SEED).
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,45 @@ def check_args(args) -> None:
         problem = path and path_problem(path, "file", writable=True)
         if problem:
             raise ConfigError(f"{option} {path}: {problem}")
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; else free pages)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(args, cfg) -> None:
+    """--num against the memory at hand, before anything is generated: the images (float32), their
+    grid and the .npy copy, twice for --reconstruct (images and reconstructions)."""
+    per_image = cfg.data.channels * cfg.data.resolution ** 2 * 4
+    need = args.num * per_image * 3 * (2 if args.reconstruct else 1)
+    have = available_memory()
+    if need > have:
+        raise ConfigError(f"--num {args.num}: the images need about {need / 2**30:.1f} GiB ({args.num} x "
+                          f"{cfg.data.channels} x {cfg.data.resolution} x {cfg.data.resolution} float32, with "
+                          f"the grid and the .npy copy), more than the {have / 2**30:.1f} GiB of memory available")
+
+
+def write_atomically(path: str, write) -> None:
+    """write(temp path) beside `path`, then one rename: a failed write (a full disk) leaves no
+    half-written file and no temp file; OSError is re-raised as ConfigError naming the path."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}{target.suffix}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(str(tmp))
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):
@@ -72,6 +112,7 @@ def main(argv=None):
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         run = load_run(args.run, args.checkpoint, device=device, ema=False if args.no_ema else None)
+        check_memory(args, run.cfg)
         if args.reconstruct:
             images, grid = reconstruction_grid(run, args.num, args.bn_mode, device, args.nrow)
         else:
@@ -80,10 +121,14 @@ def main(argv=None):
     except (EvalError, ShardError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, args.out)
-    if args.npy:
-        np.save(args.npy, images.detach().cpu().numpy().astype(np.float32))
+    try:
+        write_atomically(args.out, lambda tmp: save_image(grid, tmp))
+        if args.npy:
+            array = images.detach().cpu().numpy().astype(np.float32)
+            write_atomically(args.npy, lambda tmp: np.save(tmp, array))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     what = "reconstructions" if args.reconstruct else "samples"
     print(f"wrote {len(images)} {what} of step {run.step} ({run.kind}, {run.generator} generator) to {args.out}"
           + (f" and {args.npy}" if args.npy else ""))
