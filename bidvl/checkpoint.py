@@ -55,6 +55,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError, flatten, load_config, to_dict, to_yaml
+from .io import file_sha256
 from .models import cpu_state_dict
 
 MARKER = "COMPLETE"
@@ -256,15 +257,6 @@ def check_compatible(cfg: Config, folder: Path) -> list[tuple[str, object, objec
                 + ("" if fixed else ": a change to the maths of a resumed run (set "
                    "checkpoint.allow_changes=true to resume with it anyway)"))
     return changes
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks (also the FID module's identity of weights files)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _write_manifest(folder: Path) -> None:

@@ -64,6 +64,7 @@ from .evaluation.gather import broadcast_from_main
 from .evaluation.loading import load_run
 from .evaluation.metrics import auroc, energies
 from .evaluation.sampling import first_test_images, forward_in_mode, latents
+from .io import write_text
 
 HEALTH_FILE = "health.jsonl"  # in RUN_DIR
 EXPORT_FILE = "health.json"  # in the export folder: the run's last check
@@ -400,10 +401,7 @@ class HealthMonitor:
             self._rewrite()
 
     def _rewrite(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        tmp.replace(self.path)
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def _append(self, record: dict) -> None:
         self.records.append(record)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
+from .io import write_text
 
 NUM_SAMPLES = 64
 SEED = 0
@@ -85,10 +86,7 @@ def refresh_evaluation(run_dir: Path, step: int) -> Path | None:
     _, sep2, tail = rest.partition(SAMPLES)
     if not sep or not sep2:  # not a card of ours (edited by hand): left alone
         return None
-    tmp = card.with_suffix(".md.tmp")
-    tmp.write_text(head + EVALUATION + latest_evaluation(Path(run_dir), step) + SAMPLES + tail)
-    tmp.replace(card)
-    return card
+    return write_text(card, head + EVALUATION + latest_evaluation(Path(run_dir), step) + SAMPLES + tail)
 
 
 def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: torch.Tensor,

@@ -69,6 +69,8 @@ from pathlib import Path
 
 import yaml
 
+from .io import write_text
+
 MARKER = "<!-- end of generated part -->"
 KEYS = {"base", "out", "report", "budget_minutes", "budgets", "budget_clock", "threads", "parallel",
         "common", "eval", "runs", "title", "notes"}
@@ -234,9 +236,7 @@ def run_budget(study: dict, entry: dict, budget: float) -> dict:
         "ood_score": report.get("ood", {}).get("score", ""),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    tmp = result_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, result_path)
+    write_text(result_path, json.dumps(result, indent=2) + "\n")
     print(f"[{tag}] done: {result['steps']} steps, " +
           ", ".join(f"{k}={v:.4g}" for k, v in result["scalars"].items()), flush=True)
     return result
@@ -398,10 +398,7 @@ def write_keeping_findings(report: Path, lines: list[str]) -> Path:
     if report.is_file() and MARKER in report.read_text():
         kept = report.read_text().split(MARKER, 1)[1]
     text = "\n".join(lines) + f"\n\n{MARKER}\n" + ("\n" + kept.lstrip("\n") if kept.strip() else "")
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, report)
-    return report
+    return write_text(report, text)
 
 
 def metrics_note(results: list[dict]) -> str:

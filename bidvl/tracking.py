@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .io import write_text
+
 
 class StepResult:
     """One bi-level step's metrics, as sums and counts (averaged when the window is flushed), and
@@ -332,9 +334,7 @@ def start_trackers(accelerator, cfg) -> None:
         elif tracker.name == "mlflow":
             new_ids["mlflow"] = tracker.active_run.info.run_id
     if new_ids != ids:
-        tmp = ids_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(new_ids, indent=1) + "\n")
-        tmp.replace(ids_file)
+        write_text(ids_file, json.dumps(new_ids, indent=1) + "\n")
 
 
 def log_final(accelerator, cfg, step: int, figures: dict) -> None:

@@ -42,6 +42,7 @@ from pathlib import Path
 from bidvl import health
 from bidvl.checkpoint import complete_checkpoints, step_of
 from bidvl.config import HealthConfig
+from bidvl.io import write_text
 from bidvl.study import load_study, machine
 
 FINAL_IMAGES = 1000
@@ -74,9 +75,7 @@ def replayed(run_dir: Path, features: str) -> dict:
     if not any(x["kind"] == "final" for x in lines):
         step, figures = health.replay(run_dir, "final", features=features, num_images=FINAL_IMAGES)
         lines.append({"kind": "final", "step": step, "figures": figures})
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    tmp.replace(cache)
+    write_text(cache, "".join(json.dumps(x) + "\n" for x in lines))
     checks = sorted((x for x in lines if x["kind"] == "check"), key=lambda x: x["step"])
     for x in checks:
         x["figures"]["min_auroc"] = min_auroc(x["figures"])

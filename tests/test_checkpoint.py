@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bidvl import checkpoint
+from bidvl.io import file_sha256
 from bidvl.checkpoint import MARKER, TrainState, complete_checkpoints, step_name, step_of
 
 
@@ -158,7 +159,7 @@ def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tm
     folder = trainer.save_checkpoint()
     assert folder == tmp_path / "run" / "checkpoints" / "step_00000003"  # the layout other tools read
     assert not list(folder.parent.glob(".tmp_*"))
-    manifest_digest = checkpoint.file_sha256(folder / checkpoint.MANIFEST)
+    manifest_digest = file_sha256(folder / checkpoint.MANIFEST)
     assert (folder / MARKER).read_text() == f"3\nmanifest sha256 {manifest_digest}\n"
     files = json.loads((folder / checkpoint.MANIFEST).read_text())["files"]
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
@@ -166,7 +167,7 @@ def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tm
     assert {*checkpoint.CHECKPOINT_FILES, "replicas.json", checkpoint.TRAIN_STATE_FILE, "config.yaml",
             checkpoint.EMA_FILE} <= set(files)
     for name, entry in files.items():
-        assert entry == {"size": (folder / name).stat().st_size, "sha256": checkpoint.file_sha256(folder / name)}
+        assert entry == {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
     assert checkpoint.verify(folder) is True
     state = TrainState.read(folder / checkpoint.TRAIN_STATE_FILE)
     assert state == TrainState(step=3, skipped_steps=2, skipped_in_a_row=1, rollbacks=1, budget_used_s=1.5,

@@ -545,7 +545,7 @@ def test_evaluating_the_export_refreshes_its_model_card(tiny_run, tmp_path, caps
     report = (run / "eval" / "step_00000004.md").read_text().strip()
     assert f"## Evaluation\n\nFrom `eval/step_00000004.md`:\n\n{report}\n\n## Samples\n" in text
     assert "| steps | 4 (max_steps 4) |" in text and "![64 samples](samples.png)" in text  # the rest kept
-    assert not list(card.parent.glob("*.tmp"))
+    assert not list(card.parent.glob("*.tmp*"))
 
 
 def test_inception_weights_are_looked_for_in_order(tmp_path, monkeypatch):

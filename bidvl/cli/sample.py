@@ -20,6 +20,7 @@ from pathlib import Path
 
 from bidvl.config import COUNT, COUNT_OR_ZERO, SEED, ConfigError, path_problem
 from bidvl.data import ShardError
+from bidvl.io import atomic_path
 
 
 def check_args(args) -> None:
@@ -65,16 +66,11 @@ def check_memory(args, cfg) -> None:
 def write_atomically(path: str, write) -> None:
     """write(temp path) beside `path`, then one rename: a failed write (a full disk) leaves no
     half-written file and no temp file; OSError is re-raised as ConfigError naming the path."""
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}{target.suffix}")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write(str(tmp))
-        os.replace(tmp, target)
+        with atomic_path(path, suffix=Path(path).suffix) as tmp:
+            write(str(tmp))
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def main(argv=None):

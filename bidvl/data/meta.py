@@ -25,6 +25,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..io import write_text
+
 FORMAT = "bidvl-shards/1"
 
 # Shard-count rule: at least MIN_SHARDS shards per split (so that up to 16 ranks x 4 loader workers
@@ -283,11 +285,5 @@ def _list_info(source: str, split: str, net, count: int, resolution: int, channe
 
 def write_meta(folder: str | os.PathLike, meta: dict) -> None:
     """Atomically writes meta.json (temp file, fsync, rename)."""
-    path = Path(folder) / "meta.json"
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format": FORMAT, **meta}, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text(Path(folder) / "meta.json", json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True) + "\n",
+               fsync=True)

@@ -53,6 +53,7 @@ from urllib.parse import urlparse
 import braceexpand
 import webdataset
 
+from ..io import atomic_path
 from .meta import ShardError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -327,9 +328,8 @@ def publish(folder, dest: str) -> list[str]:
         if out.resolve() == folder.resolve():
             return []
         for name in names:
-            tmp = out / f".{name}.tmp"
-            shutil.copyfile(folder / name, tmp)
-            os.replace(tmp, out / name)
+            with atomic_path(out / name, mkdir=False) as tmp:
+                shutil.copyfile(folder / name, tmp)
             written.append(str(out / name))
         return written
     for name in names:

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..checkpoint import file_sha256 as _sha256
+from ..io import file_sha256, fsync_folder
 from .meta import ShardError, num_shards, read_meta, shard_name, write_meta
 
 PNG_COMPRESS_LEVEL = 6
@@ -159,7 +159,7 @@ def write_split_to_temp(folder: Path, split: Split, resolution: int, channels: i
             temp = folder / f".{final.name}.tmp"
             temps.append((temp, final))
             write_shard(temp, samples, size, resolution, channels, state, progress)
-            shards.append({"name": final.name, "count": size, "sha256": _sha256(temp)})
+            shards.append({"name": final.name, "count": size, "sha256": file_sha256(temp)})
     if next(samples, None) is not None:
         raise ShardError(f"split {split.name!r}: the source has more than {split.count} samples")
     return {"count": split.count, "shards": shards}
@@ -196,20 +196,6 @@ def kept_splits(folder: Path, meta: dict, written: set[str]) -> dict:
     if any(old.get(k) != meta.get(k) for k in same):
         return {}
     return {name: info for name, info in old["splits"].items() if name not in written}
-
-
-def fsync_folder(folder: Path) -> None:
-    """Makes renames in `folder` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_dataset(out: str | os.PathLike, dataset: Dataset, overwrite: bool = False) -> dict:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bidvl.io import atomic_path
 from bidvl.models import cpu_state_dict
 
 KIND = "classifier"
@@ -55,15 +55,12 @@ def save_classifier(model: FeatureClassifier, path: str | os.PathLike, resolutio
     """Atomic write of a `--features` file (see the module docstring); `figures` go to metadata."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"bidvl.features": KIND, "bidvl.in_chans": str(model.in_chans),
             "bidvl.resolution": str(resolution), "bidvl.widths": ",".join(map(str, model.widths)),
             "bidvl.num_classes": str(model.num_classes),
             **{f"bidvl.{k}": str(v) for k, v in figures.items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(cpu_state_dict(model), str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(cpu_state_dict(model), str(tmp), metadata=meta)
 
 
 def load_classifier(metadata: dict, state: dict) -> FeatureClassifier:

@@ -27,6 +27,7 @@ from bidvl import objectives
 from bidvl.checkpoint import step_name
 from bidvl.config import EVAL_METRICS, Config
 from bidvl.data import split_info
+from bidvl.io import write_text
 
 from . import fid as fid_lib
 from .fid import frechet_distance, reference_statistics, sample_features, statistics
@@ -234,11 +235,8 @@ def write_report(run_dir: str | os.PathLike, step: int, report: dict, weights: O
     merged.update({"run": str(run_dir), "step": step})
     if weights:
         merged["weights"] = weights
-    for target, text in ((path, json.dumps(merged, indent=2, sort_keys=True) + "\n"),
-                         (path.with_suffix(".md"), markdown(merged))):
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+    write_text(path, json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    write_text(path.with_suffix(".md"), markdown(merged))
     if tensorboard and report.get("scalars"):
         from torch.utils.tensorboard import SummaryWriter
 

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bidvl.checkpoint import file_sha256
 from bidvl.data import eval_stream, split_info
+from bidvl.io import atomic_path, file_sha256
 from bidvl.models import cpu_state_dict
 
 from .gather import IndexedRows, broadcast_from_main, process_layout, progress, rounds
@@ -383,11 +383,8 @@ def _load_cached(path: Path, key: str) -> Optional[dict]:
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
 
 
 def reference_statistics(accelerator, extractor: Features, folder: str, split: str,

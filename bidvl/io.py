@@ -1,0 +1,94 @@
+"""Files written whole or not at all, and their digests: the one module that writes a file through
+a temp file and one rename, and that hashes files.
+
+Every writer of a file a user or a later run reads (eval reports, the model card, meta.json, the
+FID cache, health.jsonl, trackers.json, study results, `sample.py`'s outputs, classifier weights,
+copied shards) goes through `atomic_path` or `write_text`: the bytes go to a hidden temp file in the
+same folder (so the rename is atomic on POSIX file systems), optionally fsynced, then renamed over
+the target. A write that fails for any reason (a full disk, an exception of any type from the
+library writing the bytes, a signal) removes the temp file and leaves the old target as it was.
+
+Temp names are `.NAME.tmpPID` (hidden, so a glob for `*.json` or `*.tar` never picks one up, and
+per process, so two processes writing the same cache never share one); `suffix=` appends the
+target's extension for writers that pick a format from it (numpy's `save`, PIL).
+
+Checkpoint folders are written the same way one level up, by `bidvl.checkpoint` (a temp folder
+and one rename); the shard writer (`bidvl.data.writer`) renames many temp files together only
+when all are complete. Both use `fsync_folder` and `file_sha256` from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BLOCK = 1 << 20
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, read in 1 MiB blocks (checkpoint manifests, shard digests, the FID
+    module's identity of weights files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(BLOCK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def temp_path(path: str | os.PathLike, suffix: str = "") -> Path:
+    """The hidden per-process temp name beside `path` (see the module docstring)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}{suffix}")
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Makes renames in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str = "", fsync: bool = False,
+                mkdir: bool = True) -> Iterator[Path]:
+    """Yields a temp path for the caller to write; when the block ends normally it replaces `path`
+    (fsynced first with `fsync=True`). On any exception the temp file is removed and the target is
+    untouched. Writers that choose a format by extension pass `suffix=Path(path).suffix`."""
+    path = Path(path)
+    if mkdir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path, suffix)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if fsync:
+            fsync_folder(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:
+    """Writes `text` to `path` whole or not at all (see `atomic_path`); returns the path."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes, *, fsync: bool = False) -> Path:
+    """Writes `data` to `path` whole or not at all (see `atomic_path`); returns the path."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
