@@ -26,11 +26,12 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bidvl.errors import BidvlError
 from bidvl.models.registry import BUILDERS, ENERGY_OUTPUTS, RESOLUTIONS
 from bidvl.objectives import OBJECTIVES
 
 
-class ConfigError(ValueError):
+class ConfigError(BidvlError, ValueError):
     """A config value is missing, unknown, of the wrong type or impossible; the message names the key."""
 
 

@@ -44,6 +44,7 @@ from .config import Config
 from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
                           make_accelerator, prepare_nets, resolve_precision, step_optimizer)
+from .errors import BidvlError
 from .health import HealthMonitor, UnhealthyRun, summary
 from .model_card import model_card_writer
 from .models import build_nets
@@ -89,6 +90,10 @@ def train(cfg: Config) -> int:
     finally:
         trainer.close(synchronise=finished)  # after an error other ranks may be inside a collective
     return trainer.stop_signal
+
+
+class NonFiniteError(BidvlError, FloatingPointError):
+    """train.on_nonfinite gave up: stop, rollbacks used up, or no checkpoint to roll back to."""
 
 
 class StopRequested(BaseException):
@@ -277,9 +282,9 @@ class Trainer:
             return False
         what = f"{self.state.skipped_in_a_row} consecutive steps with non-finite loss or gradients"
         if cfg.on_nonfinite == "stop":
-            raise FloatingPointError(f"{what} at step {self.state.step} (train.on_nonfinite=stop)")
+            raise NonFiniteError(f"{what} at step {self.state.step} (train.on_nonfinite=stop)")
         if self.state.rollbacks >= cfg.max_rollbacks:
-            raise FloatingPointError(f"{what} at step {self.state.step}, after {self.state.rollbacks} "
+            raise NonFiniteError(f"{what} at step {self.state.step}, after {self.state.rollbacks} "
                                      f"rollbacks (train.max_rollbacks={cfg.max_rollbacks})")
         rollbacks = self.state.rollbacks + 1
         # Scaled from the current rates, not the checkpoint's: a second rollback to the same
@@ -287,7 +292,7 @@ class Trainer:
         lr_scale = self.state.lr_scale * cfg.rollback_lr_scale
         loaded = self.checkpointer.rollback(self.unwrapped, self.ema)
         if loaded is None:
-            raise FloatingPointError(f"{what} at step {self.state.step} and no checkpoint to roll back to")
+            raise NonFiniteError(f"{what} at step {self.state.step} and no checkpoint to roll back to")
         latest, self.state = loaded
         self.state.rollbacks = rollbacks
         self.state.lr_scale = lr_scale

@@ -57,6 +57,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from . import objectives
 from .config import ConfigError
+from .errors import BidvlError
 from .data import ShardError
 from .evaluation import fid as fid_lib
 from .evaluation.fid import frechet_distance, statistics
@@ -74,7 +75,7 @@ PROBE_SEED = 0  # the probe's latents and noise are the same for every run (figu
 K_NEAREST = 5  # precision/recall/density/coverage neighbourhood (Naeem et al.'s default)
 
 
-class UnhealthyRun(RuntimeError):
+class UnhealthyRun(BidvlError, RuntimeError):
     """health.on_unhealthy=stop (or restarts used up): the run stopped; the message says why."""
 
 

@@ -69,6 +69,7 @@ from pathlib import Path
 
 import yaml
 
+from .errors import BidvlError
 from .io import write_text
 
 MARKER = "<!-- end of generated part -->"
@@ -83,8 +84,8 @@ CURVES = [("loss/recon", "reconstruction error (summed over pixels)"),
           ("eval/auroc_uniform", "AUROC vs uniform noise during training")]
 
 
-class StudyError(ValueError):
-    pass
+class StudyError(BidvlError, ValueError):
+    """A study file is missing, unknown or impossible; the message names the file and key."""
 
 
 def study_file(name: str | Path) -> Path:
@@ -290,11 +291,6 @@ def grids_stage(run_dir: str) -> None:
 def stage_main(argv: list[str]) -> int:
     """`python -m bidvl.study train CONFIG [OVERRIDE...] | evaluate RUN_DIR OPTIONS_JSON | grids
     RUN_DIR`: one stage of one run, in the fresh process `run_one` starts for it."""
-    from bidvl.config import ConfigError
-    from bidvl.data import ShardError
-    from bidvl.evaluation import EvalError
-    from bidvl.health import UnhealthyRun
-
     stages = {"train": lambda config, *overrides: train_stage(config, list(overrides)),
               "evaluate": lambda run_dir, options: evaluate_stage(run_dir, json.loads(options)),
               "grids": grids_stage}
@@ -304,7 +300,7 @@ def stage_main(argv: list[str]) -> int:
         return 2
     try:
         stages[argv[0]](*argv[1:])
-    except (ConfigError, ShardError, EvalError, FloatingPointError, UnhealthyRun) as exc:
+    except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)  # bad input or a diverged run: one line
         return 2
     return 0

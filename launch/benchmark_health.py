@@ -21,7 +21,6 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from bidvl.benchmarking import device_name
 from bidvl.config import load_config

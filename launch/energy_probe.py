@@ -18,8 +18,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bidvl.config import ConfigError
-from bidvl.data import ShardError
+from bidvl.errors import BidvlError
 
 
 def main(argv=None) -> int:
@@ -32,14 +31,14 @@ def main(argv=None) -> int:
                    help="sample from the trained generator even when the run has an EMA of it")
     args = p.parse_args(argv)
 
-    from bidvl.evaluation import EvalError, load_run, sample_images
+    from bidvl.evaluation import load_run, sample_images
     from bidvl.evaluation.metrics import auroc, energies
     from bidvl.evaluation.sampling import first_test_images
 
     try:
         run = load_run(args.run, args.checkpoint, ema=False if args.no_ema else None)
         v = first_test_images(run.cfg, args.num, 500)
-    except (EvalError, ShardError, ConfigError) as exc:
+    except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     g = torch.Generator().manual_seed(args.seed)

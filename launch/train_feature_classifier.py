@@ -29,14 +29,14 @@ def main(argv=None) -> int:
         print(f"error: --out {args.out}: expected a .safetensors file name", file=sys.stderr)
         return 2
 
-    from bidvl.data import ShardError
+    from bidvl.errors import BidvlError
     from bidvl.evaluation.classifier import save_classifier, train_classifier
 
     try:
         widths = tuple(int(w) for w in args.widths.split(","))
         model, figures = train_classifier(args.shards, args.epochs, args.batch_size, args.lr, widths,
                                           args.seed, args.limit, log=lambda m: print(m, flush=True))
-    except (ValueError, ShardError) as exc:
+    except (BidvlError, ValueError) as exc:  # (ValueError: --widths)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     save_classifier(model, args.out, figures.pop("resolution"), **figures)

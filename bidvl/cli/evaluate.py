@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from bidvl.config import COUNT_OR_ZERO, RANGES, SEED, ConfigError, path_problem
-from bidvl.data import ShardError
+from bidvl.errors import BidvlError
 
 
 def check_args(args) -> None:
@@ -79,14 +79,14 @@ def main(argv=None):
 
     from accelerate import Accelerator
 
-    from bidvl.evaluation import EvalError, EvalOptions, load_run
+    from bidvl.evaluation import EvalOptions, load_run
     from bidvl.evaluation.evaluator import evaluate_run, parse_metrics
     from bidvl.model_card import refresh_evaluation
 
     try:
         check_args(args)
         metrics = parse_metrics(args.metrics)
-    except (EvalError, ConfigError) as exc:
+    except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     accelerator = Accelerator()
@@ -101,7 +101,7 @@ def main(argv=None):
             bn_mode=args.bn_mode, cache_dir=f"{args.run}/eval/cache", num_workers=args.num_workers,
         )
         report, path = evaluate_run(accelerator, args.run, run, opts)
-    except (EvalError, ShardError, ConfigError) as exc:
+    except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if path is not None:

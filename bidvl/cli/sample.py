@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bidvl.config import COUNT, COUNT_OR_ZERO, SEED, ConfigError, path_problem
-from bidvl.data import ShardError
+from bidvl.errors import BidvlError
 from bidvl.io import atomic_path
 
 
@@ -102,7 +102,7 @@ def main(argv=None):
     import torch
     from torchvision.utils import save_image
 
-    from bidvl.evaluation import EvalError, load_run
+    from bidvl.evaluation import load_run
     from bidvl.evaluation.sampling import reconstruction_grid, sample_grid
 
     try:
@@ -114,7 +114,7 @@ def main(argv=None):
         else:
             images, grid = sample_grid(run, args.num, args.seed, args.batch_size, args.bn_mode, device,
                                        args.nrow)
-    except (EvalError, ShardError, ConfigError) as exc:
+    except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
@@ -122,7 +122,7 @@ def main(argv=None):
         if args.npy:
             array = images.detach().cpu().numpy().astype(np.float32)
             write_atomically(args.npy, lambda tmp: np.save(tmp, array))
-    except ConfigError as exc:
+    except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     what = "reconstructions" if args.reconstruct else "samples"

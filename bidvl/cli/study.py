@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from bidvl.study import StudyError, load_study, run_study
+from bidvl.errors import BidvlError
+from bidvl.study import load_study, run_study
 
 
 def main(argv=None) -> int:
@@ -25,7 +26,7 @@ def main(argv=None) -> int:
         study = load_study(Path(args.config), args.budget_minutes)
         only = [n.strip() for n in args.only.split(",") if n.strip()]
         print(f"wrote {run_study(study, only, args.report_only)}")
-    except StudyError as exc:
+    except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,10 +10,8 @@ import argparse
 import signal
 import sys
 
-from bidvl.config import SECTIONS, SHIPPED_CONFIGS, ConfigError, load_config, shipped_configs, to_yaml
-from bidvl.data import ShardError
-from bidvl.evaluation.loading import EvalError
-from bidvl.health import UnhealthyRun
+from bidvl.config import SECTIONS, SHIPPED_CONFIGS, load_config, shipped_configs, to_yaml
+from bidvl.errors import BidvlError
 
 DEFAULT_CONFIG = SHIPPED_CONFIGS / "digits.yaml"
 
@@ -50,8 +48,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C before training started
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (ConfigError, ShardError, EvalError, FloatingPointError, UnhealthyRun) as exc:
-        # Bad input or a diverged run: one clear line, no traceback.
+    except BidvlError as exc:  # bad input or a run stopped by its own rules: one line, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
     # Ctrl-C: checkpointed, then 130 as for any interrupted command; SIGTERM/SIGUSR1 (SLURM's

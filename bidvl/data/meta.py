@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..errors import BidvlError
 from ..io import write_text
 
 FORMAT = "bidvl-shards/1"
@@ -36,7 +37,7 @@ MIN_SHARDS = 64
 MAX_PER_SHARD = 5000
 
 
-class ShardError(ValueError):
+class ShardError(BidvlError, ValueError):
     """A shards folder, shard or member is not what the reader or writer expected."""
 
 

@@ -35,10 +35,11 @@ from bidvl.checkpoint import (CHECKPOINT_FILES, EMA_FILE, EXPORT_FILES, MARKER, 
                               is_complete, step_name, step_of)
 from bidvl.config import Config, ConfigError, load_config
 from bidvl.models import build_nets
+from bidvl.errors import BidvlError
 from bidvl.models.registry import Nets
 
 
-class EvalError(ValueError):
+class EvalError(BidvlError, ValueError):
     """A run folder, weights file, data folder or option is unusable; the message names it."""
 
 
