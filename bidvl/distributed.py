@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
+from . import objectives
 from .config import Config, ConfigError
 
 
@@ -70,12 +71,9 @@ def deepspeed_plugins(cfg: Config) -> dict | None:
         raise ConfigError(f"DeepSpeed zero_stage={stage} ({where}): expected 1 or 2 (see bidvl/distributed.py)")
     if cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 under DeepSpeed: use bf16 (or no)")
-    if cfg.objective.name == "bidvl" and cfg.objective.latent_term == "not_offset":
-        raise ConfigError("objective.latent_term=not_offset under DeepSpeed: its upper level steps the "
-                          "encoder alone, which ZeRO's flat optimizer cannot do; use DDP")
-    if cfg.objective.name == "divergence_triangle":
-        raise ConfigError("objective.name=divergence_triangle under DeepSpeed: it steps the encoder and "
-                          "the generator one after the other, which ZeRO's flat optimizer cannot do; use DDP")
+    problem = objectives.build(cfg).deepspeed_problem()
+    if problem:
+        raise ConfigError(problem)
     accum = int(os.environ.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", cfg.train.grad_accum))
     if accum != cfg.train.grad_accum:
         raise ConfigError(f"train.grad_accum={cfg.train.grad_accum} but {where} has "

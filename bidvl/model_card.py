@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import objectives
 from .config import Config
 from .io import write_text
 
@@ -43,16 +44,6 @@ def front_matter(cfg: Config) -> str:
               f"resolution:{cfg.data.resolution}",
               "data:" + (re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.data.train).name).strip("-") or "unnamed")[:48]])
     return f"---\n{data.to_yaml()}\n---\n"
-
-
-def _objective_line(cfg: Config) -> str:
-    o = cfg.objective
-    if o.name == "vae":
-        return "vae (baseline: negative ELBO)"
-    if o.name == "divergence_triangle":
-        return f"divergence_triangle (baseline, Han et al. 2019), w_latent {o.w_latent:g}"
-    return (f"bidvl: latent term {o.latent_term} (w {o.w_latent:g}), r' {o.r_basic:g} (bias {o.ratio_bias}), "
-            f"upper loss {o.upper_loss}, N = {o.lower_steps}, {o.order}")
 
 
 def _duration(seconds: float) -> str:
@@ -103,7 +94,7 @@ def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: to
     t, m, d = cfg.train, cfg.model, cfg.data
     images = state.step * t.batch_size * t.grad_accum * world
     rows = [
-        ("objective", _objective_line(cfg)),
+        ("objective", objectives.build(cfg).describe()),
         ("nets", f"{m.arch}{' ' + m.timm_name if m.timm_name else ''}, latent dim {m.latent_dim}, widths "
                  f"E {m.energy_width} / encoder {m.encoder_width} / generator {m.generator_width}, "
                  f"energy output {m.energy_output}"),

@@ -299,6 +299,10 @@ class Objective:
     has_upper_level = True
     upper_level_trains: tuple[str, ...] = ("energy",)
     lower_level_phases: tuple[tuple[str, ...], ...] = (ENCODER_GENERATOR,)
+    # What `ood_scorer` computes, as the evaluation report names it, and whether it runs the
+    # generator (then the report says which generator, trained or EMA, scored).
+    ood_score = "-E(v)"
+    ood_score_uses_generator = False
 
     def __init__(self, cfg, arch: str = "dcgan"):
         self.cfg = cfg  # bidvl.config.ObjectiveConfig
@@ -332,6 +336,16 @@ class Objective:
         the energy net E(v)."""
         return energy_net
 
+    def describe(self) -> str:
+        """One line for the model card: the objective and its settings."""
+        raise NotImplementedError
+
+    def deepspeed_problem(self) -> str | None:
+        """Why this objective cannot train under DeepSpeed ZeRO (bidvl.distributed), or None.
+        ZeRO keeps one flat optimizer per engine: an objective that steps part of an engine's nets
+        alone (the encoder without the generator) cannot run there."""
+        return None
+
 
 def _resolved(cfg, key: str, auto: str) -> str:
     value = getattr(cfg, key, "auto")
@@ -348,6 +362,17 @@ class BiDVL(Objective):
         super().__init__(cfg, arch)
         if cfg.latent_term == "not_offset":
             self.upper_level_trains = ("energy", "encoder")
+
+    def describe(self) -> str:
+        o = self.cfg
+        return (f"bidvl: latent term {o.latent_term} (w {o.w_latent:g}), r' {o.r_basic:g} (bias {o.ratio_bias}), "
+                f"upper loss {o.upper_loss}, N = {o.lower_steps}, {o.order}")
+
+    def deepspeed_problem(self) -> str | None:
+        if self.cfg.latent_term == "not_offset":
+            return ("objective.latent_term=not_offset under DeepSpeed: its upper level steps the encoder alone, "
+                    "which ZeRO's flat optimizer cannot do; use DDP")
+        return None
 
     def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
         terms = super().upper_level(v, v_hat, energy_net=energy_net, encoder=encoder)
@@ -379,6 +404,8 @@ class VAE(Objective):
     name = "vae"
     has_upper_level = False
     upper_level_trains = ()
+    ood_score = "ELBO(v) at h = mu(v) (VAE: -[recon + KL])"
+    ood_score_uses_generator = True
 
     def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
         raise RuntimeError("the vae objective has no upper level")
@@ -386,6 +413,9 @@ class VAE(Objective):
     def lower_level(self, v, h_p, *, energy_net, encoder, generator, frozen_encoder,
                     phase=ENCODER_GENERATOR) -> LowerLevelTerms:
         return vae_loss(v, encoder=encoder, generator=generator)
+
+    def describe(self) -> str:
+        return "vae (baseline: negative ELBO)"
 
     def ood_scorer(self, energy_net, encoder, generator) -> nn.Module:
         """No trained energy net: the negative ELBO at h = mu(v) (`NegativeElbo`)."""
@@ -412,6 +442,13 @@ class DivergenceTriangle(Objective):
                                            generator=generator, w_latent=self.cfg.w_latent)
         raise ValueError(f"the divergence_triangle objective has the lower-level phases "
                          f"{self.lower_level_phases}, not {phase}")
+
+    def describe(self) -> str:
+        return f"divergence_triangle (baseline, Han et al. 2019), w_latent {self.cfg.w_latent:g}"
+
+    def deepspeed_problem(self) -> str | None:
+        return ("objective.name=divergence_triangle under DeepSpeed: it steps the encoder and the generator "
+                "one after the other, which ZeRO's flat optimizer cannot do; use DDP")
 
 
 OBJECTIVES = {o.name: o for o in (BiDVL, VAE, DivergenceTriangle)}

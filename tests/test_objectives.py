@@ -541,3 +541,61 @@ def test_without_noise_negatives_the_upper_level_draws_no_noise(nets):
     terms = objectives.build(ObjectiveConfig()).upper_level(v, v_hat, energy_net=energy_net, encoder=encoder)
     assert torch.equal(torch.get_rng_state(), state) and terms.energy_noise is None
     torch.testing.assert_close(terms.loss, objectives.upper_level_loss(energy_net(v), energy_net(v_hat), "difference"))
+
+
+# ---------------------------------------------------------------- the objective owns its variants
+
+
+def _cfg(*overrides):
+    from bidvl.config import load_config
+
+    return load_config("digits", list(overrides))
+
+
+def test_each_objective_describes_itself_for_the_card():
+    assert objectives.build(_cfg()).describe() == (
+        "bidvl: latent term offset (w 1), r' 0.05 (bias none), upper loss difference, N = 1, upper_first")
+    assert objectives.build(_cfg("objective.name=vae")).describe() == "vae (baseline: negative ELBO)"
+    assert objectives.build(_cfg("objective.name=divergence_triangle", "objective.w_latent=0.5")).describe() == (
+        "divergence_triangle (baseline, Han et al. 2019), w_latent 0.5")
+
+
+def test_each_objective_names_its_ood_score_and_whether_the_generator_enters_it():
+    bidvl, vae = objectives.build(_cfg()), objectives.build(_cfg("objective.name=vae"))
+    nets = (nn.Linear(2, 1), nn.Linear(2, 2), nn.Linear(2, 2))
+    assert bidvl.ood_scorer(*nets) is nets[0] and bidvl.ood_score == "-E(v)"
+    assert not bidvl.ood_score_uses_generator
+    assert isinstance(vae.ood_scorer(*nets), objectives.NegativeElbo) and vae.ood_score_uses_generator
+    assert "ELBO" in vae.ood_score
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    ((), None), (("objective.name=vae",), None),
+    (("objective.latent_term=not_offset",), "objective.latent_term=not_offset under DeepSpeed"),
+    (("objective.name=divergence_triangle",), "objective.name=divergence_triangle under DeepSpeed"),
+])
+def test_deepspeed_refuses_what_the_objective_says_it_cannot_run(monkeypatch, overrides, refused):
+    from bidvl import distributed
+    from bidvl.config import ConfigError
+
+    cfg = _cfg(*overrides)
+    problem = objectives.build(cfg).deepspeed_problem()
+    assert problem is None if refused is None else problem.startswith(refused)
+    if refused is None:
+        return
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    with pytest.raises(ConfigError, match=refused):
+        distributed.deepspeed_plugins(cfg)
+
+
+def test_no_module_outside_objectives_branches_on_the_objective_name():
+    import re
+    from pathlib import Path
+
+    branch = re.compile(r"objective\.name\s*(==|!=|in\b)|[=!]=\s*[\"'](vae|bidvl|divergence_triangle)[\"']")
+    root = Path(objectives.__file__).parent
+    found = [f"{path.relative_to(root)}:{n}" for path in sorted(root.rglob("*.py")) if path.name != "objectives.py"
+             and not path.match("study*.py")  # (studies name runs, not objectives: issue 27 item 5)
+             for n, line in enumerate(path.read_text().splitlines(), 1) if branch.search(line)]
+    assert found == []

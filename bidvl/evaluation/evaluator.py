@@ -115,11 +115,9 @@ def evaluate_nets(accelerator, cfg: Config, nets, opts: EvalOptions) -> dict:
     scalars: dict = {}
 
     folder, split = heldout_data(cfg, opts.split)
-    score = "-E(v)"
-    scorer = objectives.build(cfg).ood_scorer(*nets)
-    if scorer is not nets.energy_net:  # the VAE: no trained energy net, scored by the ELBO instead
-        nets = nets._replace(energy_net=scorer)
-        score = "ELBO(v) at h = mu(v) (VAE: -[recon + KL])"
+    objective = objectives.build(cfg)
+    score = objective.ood_score
+    nets = nets._replace(energy_net=objective.ood_scorer(*nets))  # (the VAE: its ELBO)
     if "rmse" in opts.metrics or "ood" in opts.metrics:
         held = heldout_pass(accelerator, nets, folder, split, opts.batch_size,
                             max_count=opts.max_test, reconstruct="rmse" in opts.metrics,
@@ -264,7 +262,7 @@ def evaluate_run(accelerator, run_dir: str | os.PathLike, run, opts: EvalOptions
     for section in ("fid", "rmse"):  # the figures the generator enters (merged reports keep theirs)
         if section in report:
             report[section]["generator"] = generator
-    if report.get("ood", {}).get("model") == "vae":  # scored by the ELBO, which uses G
+    if "ood" in report and objectives.build(run.cfg).ood_score_uses_generator:  # (the VAE's ELBO)
         report["ood"]["generator"] = generator
     path = write_report(run_dir, run.step, report,
                         weights={"kind": run.kind, "path": str(run.source), "step": run.step,
