@@ -613,3 +613,24 @@ def test_download_weights_fetches_into_the_hub_cache_once(tiny_run, tmp_path, mo
         httpd.server_close()
     assert evaluate_cli.main(args) == 0, capsys.readouterr().err  # the server is gone: found in the cache
     assert digest in read_report(run)["fid"]["extractor"]
+
+
+def test_a_vae_is_scored_by_its_elbo_and_the_report_names_the_generator(tiny_run, tmp_path):
+    """The objective decides the OOD score (bidvl.objectives.Objective.ood_score*): for the VAE the
+    negative ELBO, which runs the generator, so the report says which generator scored."""
+    import dataclasses
+
+    from accelerate import Accelerator
+
+    from bidvl.evaluation.evaluator import evaluate_run
+
+    run = load_run(tiny_run)
+    opts = EvalOptions(metrics=("ood",), batch_size=32, max_test=64, seed=0)
+    reports = {}
+    for name in ("bidvl", "vae"):
+        cfg = dataclasses.replace(run.cfg, objective=dataclasses.replace(run.cfg.objective, name=name))
+        out = tmp_path / name
+        reports[name], _ = evaluate_run(Accelerator(cpu=True), out, dataclasses.replace(run, cfg=cfg), opts)
+    assert reports["bidvl"]["ood"]["score"] == "-E(v)" and "generator" not in reports["bidvl"]["ood"]
+    assert reports["vae"]["ood"]["score"].startswith("ELBO(v)") and reports["vae"]["ood"]["generator"] == "trained"
+    assert reports["vae"]["ood"]["auroc"] != reports["bidvl"]["ood"]["auroc"]
