@@ -35,9 +35,8 @@ import torch
 from huggingface_hub import ModelHubMixin
 
 from bidvl import objectives
-from bidvl.checkpoint import CHECKPOINT_FILES, EMA_FILE, EXPORT_FILES
 from bidvl.config import Config, to_yaml
-from bidvl.evaluation.loading import LoadedRun, load_run
+from bidvl.evaluation.loading import LoadedRun, load_run, net_states
 from bidvl.evaluation.metrics import energies
 from bidvl.evaluation.sampling import forward_in_mode, restored_buffers, sample_images
 from bidvl.health import verdict_of
@@ -126,18 +125,19 @@ class BiDVLModel(ModelHubMixin, library_name="bidvl", license="apache-2.0",
         weights come from one, else written here from the checkpoint's train state and 64 samples."""
         import shutil
 
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
 
-        from bidvl.checkpoint import TRAIN_STATE_FILE, TrainState
-        from bidvl.model_card import HUB_CONFIG, NUM_SAMPLES, SEED, write_hub_config, write_model_card
+        from bidvl.checkpoint import TrainState
+        from bidvl.model_card import NUM_SAMPLES, SEED, write_hub_config, write_model_card
         from bidvl.models import cpu_state_dict
+        from bidvl.run_dir import CARD_FILES, CONFIG_FILE, EMA_FILE, EXPORT_FILES, TRAIN_STATE_FILE
 
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"step": str(self.step)}
         generator = cpu_state_dict(self.generator)
         if self.generator_kind == "ema":  # the trained generator is only on disk
-            trained = load_file(str(self.source / (EXPORT_FILES if self.kind == "export" else CHECKPOINT_FILES)[2]))
+            trained = net_states(self.source, self.kind, ema=False)["generator"][0]
             save_file(generator, str(folder / EMA_FILE))
             generator = trained
         else:
@@ -145,11 +145,10 @@ class BiDVLModel(ModelHubMixin, library_name="bidvl", license="apache-2.0",
         for name, state in zip(EXPORT_FILES, (cpu_state_dict(self.energy_net), cpu_state_dict(self.encoder),
                                               generator)):
             save_file(state, str(folder / name), metadata=meta)
-        (folder / "config.yaml").write_text(to_yaml(self.cfg))
-        card_files = ("README.md", "samples.png", "health.json", HUB_CONFIG)
-        if self.kind == "export" and (self.source / "README.md").is_file():
+        (folder / CONFIG_FILE).write_text(to_yaml(self.cfg))
+        if self.kind == "export" and (self.source / CARD_FILES[0]).is_file():
             if self.source.resolve() != folder.resolve():
-                for name in card_files:
+                for name in CARD_FILES:
                     if (self.source / name).is_file():
                         shutil.copyfile(self.source / name, folder / name)
         else:  # a checkpoint: the card the export would have had, from its train state

@@ -1,24 +1,11 @@
-"""The run folder: the one module that knows its names and formats.
+"""Checkpoints and the export: writing, verifying, finding and loading them, and the run lock.
 
-    RUN_DIR/config.yaml                          resolved config (written by the engine at start)
-    RUN_DIR/checkpoints/step_00001000/           one complete checkpoint:
-        model.safetensors, model_1, model_2      Accelerate's files, in the prepare order
-        optimizer.bin, optimizer_1.bin, ...      energy net, encoder, generator (DeepSpeed: one
-        random_states_*.pkl (weights_only)       folder per engine instead)
-        train_state.json                         `TrainState` (JSON: nothing is unpickled)
-        replicas.json                            sha256 of every rank's parameters (all equal), and
-                                                 of the saved buffers (rank 0's BatchNorm statistics)
-        config.yaml, generator_ema.safetensors?  the config it was trained with; the EMA
-        manifest.json                            size and sha256 of every file above
-        COMPLETE                                 written last: only marked folders count
-    RUN_DIR/checkpoints/.tmp_step_00001000/      a checkpoint being written (or left by a kill)
-    RUN_DIR/model/{energy,encoder,generator}.safetensors + config.yaml   the export
-    RUN_DIR/.lock                                held (flock) by the training run using the folder
+Where each file goes is `bidvl.run_dir`'s (the one module that spells the run folder's names;
+the layout is in its docstring); this module writes and checks what it names. The engine writes,
+resumes and rolls back through it; `bidvl.evaluation.loading` reads weights through run_dir.
 
 Saving writes into the temp folder, fsyncs every file, writes the marker, then renames the
-folder in one step, so a checkpoint exists under its final name only when it is complete. The
-engine (writing, resuming, rolling back) and `bidvl.evaluation.loading` (reading) both go through
-this module; nothing else spells a checkpoint path.
+folder in one step, so a checkpoint exists under its final name only when it is complete.
 
 Loading verifies every file against the manifest (and the loaded parameters against
 replicas.json); a damaged checkpoint is reported by name and, with checkpoint.on_damaged=fallback
@@ -57,15 +44,8 @@ from safetensors.torch import load_file, save_file
 from .config import Config, ConfigError, flatten, load_config, to_dict, to_yaml
 from .io import file_sha256
 from .models import cpu_state_dict
-
-MARKER = "COMPLETE"
-# Accelerate names the prepared models' weight files in prepare order: energy net, encoder, generator.
-CHECKPOINT_FILES = ("model.safetensors", "model_1.safetensors", "model_2.safetensors")
-EXPORT_FILES = ("energy.safetensors", "encoder.safetensors", "generator.safetensors")
-EMA_FILE = "generator_ema.safetensors"
-TRAIN_STATE_FILE = "train_state.json"
-MANIFEST = "manifest.json"
-LOCK_FILE = ".lock"
+from .run_dir import (CONFIG_FILE, EMA_FILE, MANIFEST, MARKER, REPLICAS_FILE, TRAIN_STATE_FILE, RunDir, is_complete,
+                      step_of)
 
 
 class CheckpointError(ConfigError):
@@ -76,33 +56,6 @@ class CheckpointError(ConfigError):
 
 class DamagedCheckpoint(CheckpointError):
     """A complete checkpoint whose files do not match what was written."""
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def step_of(folder: Path) -> int:
-    """The step of a `step_XXXXXXXX` checkpoint folder."""
-    return int(Path(folder).name.split("_", 1)[1])
-
-
-def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """RUN_DIR/checkpoints/step_N folders holding the completion marker, oldest first."""
-    folder = checkpoints_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob("step_*")
-             if p.name.split("_", 1)[1].isdigit() and (p / MARKER).is_file()]
-    return sorted(found, key=step_of)
-
-
-def is_complete(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / MARKER).is_file()
 
 
 @dataclass
@@ -233,7 +186,7 @@ def resolved_auto(cfg: Config) -> dict[str, str]:
 def _resolved_changes(saved: Config, cfg: Config, folder: Path) -> list[tuple[str, object, object]]:
     import yaml
 
-    written = flatten(yaml.safe_load((folder / "config.yaml").read_text()) or {})
+    written = flatten(yaml.safe_load((folder / CONFIG_FILE).read_text()) or {})
     theirs, ours = resolved_auto(saved), resolved_auto(cfg)
     theirs.update({key: value for key, value in LEGACY.items() if key not in written})
     return [(key, theirs[key], ours[key]) for key in LEGACY if theirs[key] != ours[key]]
@@ -243,7 +196,7 @@ def check_compatible(cfg: Config, folder: Path) -> list[tuple[str, object, objec
     """The config changes since `folder` was saved. A change of the nets or the data shape fails,
     and one of the maths (objective, optimizer betas) unless checkpoint.allow_changes=true; each
     error names the key and both values. `auto` keys are compared resolved (LEGACY)."""
-    saved = load_config(folder / "config.yaml")
+    saved = load_config(folder / CONFIG_FILE)
     changes = [change for change in config_changes(saved, cfg) if change[0] not in LEGACY]
     typed = flatten(to_dict(cfg))
     for key, theirs, ours in _resolved_changes(saved, cfg, folder):
@@ -360,8 +313,8 @@ def _write_error(exc: Exception, tmp: Path, run_dir: Path, what: str = "") -> st
         if code == "ENOSPC":
             text = f"no space left on device; {type(exc).__name__}: {text}"
     where = getattr(exc, "filename", None) or tmp
-    kept = (f"the complete checkpoints in {checkpoints_dir(run_dir)} are untouched" if what.startswith("checkpoint")
-            else f"the checkpoints in {checkpoints_dir(run_dir)} are untouched")
+    kept = (f"the complete checkpoints in {RunDir(run_dir).checkpoints} are untouched" if what.startswith("checkpoint")
+            else f"the checkpoints in {RunDir(run_dir).checkpoints} are untouched")
     return f"cannot write {what}: {code} ({text}) at {where}; its temp folder was removed; {kept}"
 
 
@@ -382,7 +335,7 @@ class RunLock:
     module docstring for what it guarantees across nodes). The file names the holder."""
 
     def __init__(self, accelerator, run_dir: Path):
-        self.accelerator, self.path = accelerator, Path(run_dir) / LOCK_FILE
+        self.accelerator, self.path = accelerator, RunDir(run_dir).lock
         self.file = None
 
     def acquire(self) -> None:
@@ -438,8 +391,9 @@ class Checkpointer:
     def __init__(self, accelerator, cfg: Config):
         self.accelerator = accelerator
         self.cfg = cfg
-        self.run_dir = Path(cfg.run.dir)
-        self.folder = checkpoints_dir(self.run_dir)
+        self.run = RunDir(cfg.run.dir)
+        self.run_dir = self.run.path
+        self.folder = self.run.checkpoints
         self.lock = RunLock(accelerator, self.run_dir)
 
     def end(self) -> None:
@@ -450,27 +404,24 @@ class Checkpointer:
         another run holds it), temp folders of a killed run removed (after locking: never another
         live run's). A run folder whose layout is broken (run.dir or one of its folders a file) is
         refused here, naming the path, not after training when the first checkpoint is written."""
-        for path in (self.run_dir, self.folder, self.run_dir / "model", self.run_dir / "eval",
-                     self.run_dir / "tensorboard"):
-            if path.exists() and not path.is_dir():
-                raise CheckpointError(f"{path} is not a folder: run.dir={self.run_dir} needs it as one (the run "
-                                      f"folder holds checkpoints/, model/, eval/, tensorboard/); move it away")
+        problem = self.run.layout_problem()
+        if problem:
+            raise CheckpointError(problem)
         self.lock.acquire()
         if self.accelerator.is_main_process:
-            for partial_folder in self.folder.glob(".tmp_step_*"):
+            for partial_folder in self.run.temp_checkpoints():
                 shutil.rmtree(partial_folder, ignore_errors=True)
 
     def write_config(self) -> None:
         """RUN_DIR/config.yaml, the resolved config (main process; after a resume was accepted)."""
         if self.accelerator.is_main_process:
-            (self.run_dir / "config.yaml").write_text(to_yaml(self.cfg))
+            self.run.config.write_text(to_yaml(self.cfg))
 
     def save(self, state: TrainState, nets: dict, ema=None) -> Path:
         """Accelerate state + our JSON/safetensors into a temp folder, fsync, the marker, one
         rename. Keeps the newest `checkpoint.keep` complete ones (never fewer than one)."""
         acc = self.accelerator
-        name = step_name(state.step)
-        final, tmp = self.folder / name, self.folder / f".tmp_{name}"
+        final, tmp = self.run.checkpoint(state.step), self.run.temp_checkpoint(state.step)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -489,11 +440,11 @@ class Checkpointer:
                 bad = [r for r, d in enumerate(digests) if d != digests[0]]
                 raise RuntimeError(f"replicas diverged at step {state.step}: ranks {bad} differ from rank 0")
             try:
-                (tmp / "replicas.json").write_text(json.dumps({"sha256": digests,
+                (tmp / REPLICAS_FILE).write_text(json.dumps({"sha256": digests,
                                                                "buffers_sha256": buffer_digest(nets.values())}) + "\n")
                 state.world_size = acc.num_processes
                 (tmp / TRAIN_STATE_FILE).write_text(state.to_json())
-                (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+                (tmp / CONFIG_FILE).write_text(to_yaml(self.cfg))
                 if ema is not None:
                     save_file(ema.state_dict(), str(tmp / EMA_FILE))
                 _write_manifest(tmp)
@@ -502,10 +453,10 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise CheckpointError(_write_error(exc, tmp, self.run_dir)) from None
             _replace(tmp, final)
-            kept = set(complete_checkpoints(self.run_dir)[-self.cfg.checkpoint.keep:])
+            kept = set(self.run.complete_checkpoints()[-self.cfg.checkpoint.keep:])
             if self.cfg.health.on_unhealthy == "restart":  # what a restart would go back to
                 kept.update(self._healthy()[:1])
-            for old in complete_checkpoints(self.run_dir):
+            for old in self.run.complete_checkpoints():
                 if old not in kept:
                     _remove(old)
         acc.wait_for_everyone()
@@ -513,7 +464,7 @@ class Checkpointer:
 
     def _healthy(self) -> list[Path]:
         """Complete checkpoints whose last health check was healthy, newest first."""
-        return [folder for folder in complete_checkpoints(self.run_dir)[::-1]
+        return [folder for folder in self.run.complete_checkpoints()[::-1]
                 if TrainState.read(folder / TRAIN_STATE_FILE).health == "healthy"]
 
     def restart_point(self, nets: dict, ema=None) -> tuple[Path, TrainState] | None:
@@ -525,7 +476,7 @@ class Checkpointer:
         """Removes the complete checkpoints past `step` (a restart abandons them: a later resume
         must continue the restarted run, not the abandoned one). Main process; all ranks wait."""
         if self.accelerator.is_main_process:
-            for folder in complete_checkpoints(self.run_dir):
+            for folder in self.run.complete_checkpoints():
                 if step_of(folder) > step:
                     _remove(folder)
         self.accelerator.wait_for_everyone()
@@ -537,7 +488,7 @@ class Checkpointer:
         if resume == "none":
             return []
         if resume == "auto":
-            return complete_checkpoints(self.run_dir)[::-1]
+            return self.run.complete_checkpoints()[::-1]
         path = Path(resume)
         if not is_complete(path):
             raise CheckpointError(
@@ -565,7 +516,7 @@ class Checkpointer:
                 state.ema_updates = 0
             elif ema is not None:
                 ema.load_state_dict(load_file(str(folder / EMA_FILE)))
-            replicas = json.loads((folder / "replicas.json").read_text())
+            replicas = json.loads((folder / REPLICAS_FILE).read_text())
             saved, saved_buffers = replicas["sha256"][0], replicas.get("buffers_sha256")
         except Exception as exc:  # whatever a damaged file makes Accelerate, torch or JSON raise
             raise DamagedCheckpoint(f"checkpoint {folder}: cannot be loaded ({type(exc).__name__}: "
@@ -610,7 +561,7 @@ class Checkpointer:
 
     def rollback(self, nets: dict, ema=None) -> tuple[Path, TrainState] | None:
         """Loads the newest complete checkpoint (for train.on_nonfinite=rollback)."""
-        return self._load_newest_good(complete_checkpoints(self.run_dir)[::-1], nets, ema,
+        return self._load_newest_good(self.run.complete_checkpoints()[::-1], nets, ema,
                                       self.cfg.checkpoint.on_damaged == "fallback")
 
     def _load_newest_good(self, candidates: list[Path], nets: dict, ema, fallback: bool):
@@ -638,7 +589,7 @@ class Checkpointer:
         metadata) + the resolved config, written atomically by the main process; `extra(folder)`
         adds files (the model card) before the folder is renamed into place."""
         acc = self.accelerator
-        out, tmp = self.run_dir / "model", self.run_dir / ".tmp_model"
+        out, tmp = self.run.export, self.run.temp_export
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             try:
@@ -647,7 +598,7 @@ class Checkpointer:
                     save_file(cpu_state_dict(net), str(tmp / f"{name}.safetensors"), metadata={"step": str(step)})
                 if ema is not None:
                     save_file(ema.state_dict(), str(tmp / EMA_FILE))
-                (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+                (tmp / CONFIG_FILE).write_text(to_yaml(self.cfg))
                 if extra is not None:
                     extra(tmp)
             except Exception as exc:  # a full disk: named, the temp folder removed, the old export kept

@@ -23,6 +23,7 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from . import objectives
 from .config import Config, ConfigError
+from .run_dir import RunDir
 
 
 class LatentNets(torch.nn.Module):
@@ -121,7 +122,7 @@ def make_accelerator(cfg: Config, plugins: dict | None) -> Accelerator:
         mixed_precision=cfg.train.mixed_precision,
         dynamo_backend="inductor" if cfg.train.compile else "no",
         log_with=trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(RunDir(run_dir).tensorboard)),
         kwargs_handlers=[
             # Nets run twice before one backward (G on h_q and h_p): buffers must not be
             # re-broadcast in between.

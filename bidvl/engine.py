@@ -6,7 +6,7 @@ lower-level steps (order from `objective.order`; the authors' code runs the uppe
 The work is done by components, each in its own module:
 
     bidvl.objectives    the losses, as an object built from cfg.objective (which nets each level trains)
-    bidvl.checkpoint    the run folder: save / find / load checkpoints, export, replica digests
+    bidvl.checkpoint    save / find / load checkpoints, export, replica digests (names: bidvl.run_dir)
     bidvl.tracking      step metrics, the logging window, timers, image grids
     bidvl.distributed   the Accelerator, DeepSpeed's two engines, the per-step flags all ranks share
     bidvl.data          the training stream (`ShardStream`, or any object with its two members)

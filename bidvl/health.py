@@ -66,9 +66,8 @@ from .evaluation.loading import load_run
 from .evaluation.metrics import auroc, energies
 from .evaluation.sampling import first_test_images, forward_in_mode, latents
 from .io import write_text
+from .run_dir import HEALTH_SNAPSHOT, RunDir
 
-HEALTH_FILE = "health.jsonl"  # in RUN_DIR
-EXPORT_FILE = "health.json"  # in the export folder: the run's last check
 VERDICTS = ("healthy", "warning", "unhealthy")
 NOISE_KINDS = ("uniform", "shaped", "constant", "blurred")
 PROBE_SEED = 0  # the probe's latents and noise are the same for every run (figures comparable)
@@ -313,7 +312,7 @@ def judge(figures: dict, logs: dict, history: list[dict], step: int, hc,
 
 def read_records(run_dir: str | os.PathLike) -> list[dict]:
     """Every line of RUN_DIR/health.jsonl (checks and restart events), oldest first; [] if none."""
-    path = Path(run_dir) / HEALTH_FILE
+    path = RunDir(run_dir).health_log
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -335,9 +334,9 @@ def verdict_of(source: str | os.PathLike, step: int | None = None) -> dict | Non
     folder RUN_DIR/checkpoints/step_N, or a run folder) the last check of the run's
     health.jsonl at or before `step` (None: the last); None when there is none."""
     source = Path(source)
-    if (source / EXPORT_FILE).is_file():
-        return json.loads((source / EXPORT_FILE).read_text())
-    run_dir = source.parent.parent if source.parent.name == "checkpoints" else source
+    if (source / HEALTH_SNAPSHOT).is_file():
+        return json.loads((source / HEALTH_SNAPSHOT).read_text())
+    run_dir = (RunDir.of_checkpoint(source) or RunDir(source)).path
     checks = [r for r in history_of(read_records(run_dir)) if step is None or r["step"] <= step]
     return checks[-1] if checks else None
 
@@ -345,7 +344,7 @@ def verdict_of(source: str | os.PathLike, step: int | None = None) -> dict | Non
 def write_export(folder: str | os.PathLike, record: dict | None) -> None:
     """The run's last check as the export's health.json (nothing when there was no check)."""
     if record is not None:
-        (Path(folder) / EXPORT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+        (Path(folder) / HEALTH_SNAPSHOT).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def summary(record: dict | None) -> str:
@@ -361,7 +360,7 @@ class HealthMonitor:
 
     def __init__(self, accelerator, cfg, objective):
         self.accelerator, self.cfg, self.objective = accelerator, cfg, objective
-        self.path = Path(cfg.run.dir) / HEALTH_FILE
+        self.path = RunDir(cfg.run.dir).health_log
         self.records: list[dict] = []
         self.probe = self.extractor = None  # the main process measures; the others receive
         problem = ""

@@ -17,6 +17,7 @@ import torch
 from . import objectives
 from .config import Config
 from .io import write_text
+from .run_dir import CARD_FILE, HUB_CONFIG, SAMPLES_FILE, RunDir
 
 NUM_SAMPLES = 64
 SEED = 0
@@ -55,21 +56,20 @@ def _duration(seconds: float) -> str:
 def latest_evaluation(run_dir: Path, step: int | None = None) -> str:
     """The evaluation table for the card: the report of `step` (the exported weights' step) when
     there is one, else the newest report (its step is in its name and its first lines)."""
-    from .checkpoint import step_name
-
-    reports = sorted(Path(run_dir, "eval").glob("step_*.md"))
-    own = Path(run_dir, "eval", f"{step_name(step)}.md") if step is not None else None
+    run = RunDir(run_dir)
+    reports = run.eval_reports(".md")
+    own = run.eval_report(step).with_suffix(".md") if step is not None else None
     report = own if own is not None and own.is_file() else (reports[-1] if reports else None)
     if report is None:
         return (f"None yet: `python launch/evaluate.py --run {run_dir}` writes "
-                f"`{run_dir}/eval/step_XXXXXXXX.md` and refreshes this section.")
+                f"`{run.eval}/step_XXXXXXXX.md` and refreshes this section.")
     return f"From `{report.relative_to(run_dir)}`:\n\n" + report.read_text().strip()
 
 
 def refresh_evaluation(run_dir: Path, step: int) -> Path | None:
     """Rewrites the Evaluation section of RUN_DIR/model/README.md (launch/evaluate.py calls this
     after evaluating the export). The card is replaced atomically; no card, nothing is done."""
-    card = Path(run_dir, "model", "README.md")
+    card = RunDir(run_dir).card
     if not card.is_file():
         return None
     text = card.read_text()
@@ -89,7 +89,7 @@ def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: to
     from .health import summary, write_export
 
     folder, run_dir = Path(folder), Path(cfg.run.dir)
-    save_image(samples, folder / "samples.png", nrow=max(1, round(len(samples) ** 0.5)),
+    save_image(samples, folder / SAMPLES_FILE, nrow=max(1, round(len(samples) ** 0.5)),
                normalize=True, value_range=(-1, 1))
     t, m, d = cfg.train, cfg.model, cfg.data
     images = state.step * t.batch_size * t.grad_accum * world
@@ -133,7 +133,7 @@ authors sample{", from the EMA generator" if ema else ""}.
 ```python
 import bidvl
 
-model = bidvl.load("{run_dir / 'model'}")   # or the run folder
+model = bidvl.load("{RunDir(run_dir).export}")   # or the run folder
 images = model.sample(16)                    # (16, {d.channels}, {d.resolution}, {d.resolution}) in [-1, 1]
 ```
 
@@ -148,12 +148,9 @@ FID, reconstruction RMSE and OOD AUROC.
 {BIBTEX}
 ```
 """
-    (folder / "README.md").write_text(text)
+    (folder / CARD_FILE).write_text(text)
     write_hub_config(folder, cfg, state.step)
     write_export(folder, health)
-
-
-HUB_CONFIG = "config.json"  # for the Hub's tools and huggingface_hub's from_pretrained; config.yaml is the config
 
 
 def write_hub_config(folder: Path, cfg: Config, step: int) -> None:

@@ -71,6 +71,7 @@ import yaml
 
 from .errors import BidvlError
 from .io import write_text
+from .run_dir import TRAIN_STATE_FILE, RunDir
 
 MARKER = "<!-- end of generated part -->"
 KEYS = {"base", "out", "report", "budget_minutes", "budgets", "budget_clock", "threads", "parallel",
@@ -196,7 +197,7 @@ def run_one(study: dict, entry: dict) -> list[dict]:
 
 
 def run_budget(study: dict, entry: dict, budget: float) -> dict:
-    from bidvl.checkpoint import TRAIN_STATE_FILE, TrainState, complete_checkpoints
+    from bidvl.checkpoint import TrainState
 
     out = Path(study["out"]) / entry["name"]
     result_path = out / result_name(study, budget)
@@ -217,7 +218,7 @@ def run_budget(study: dict, entry: dict, budget: float) -> dict:
     options = {"metrics": ["fid", "rmse", "ood"], "num_samples": int(ev.get("num_samples", 10000)),
                "fid_ref": ev.get("fid_ref", "test"), "batch_size": int(ev.get("batch_size", 500)),
                "features": ev.get("features") or "", "ood": [str(f) for f in ev.get("ood") or ()],
-               "cache_dir": f"{out}/eval/cache"}
+               "cache_dir": str(RunDir(out).eval_cache)}
     print(f"[{tag}] evaluating", flush=True)
     t1 = time.time()
     _run_stage("evaluate", [str(out), json.dumps(options)], log, env)
@@ -226,8 +227,8 @@ def run_budget(study: dict, entry: dict, budget: float) -> dict:
     if study["scaling"]:
         for kind in ("samples", "reconstructions"):
             (out / f"{kind}_{budget:g}min.png").write_bytes((out / f"{kind}.png").read_bytes())
-    state = dataclasses.asdict(TrainState.read(complete_checkpoints(out)[-1] / TRAIN_STATE_FILE))
-    report = json.loads(max((out / "eval").glob("step_*.json")).read_text())
+    state = dataclasses.asdict(TrainState.read(RunDir(out).complete_checkpoints()[-1] / TRAIN_STATE_FILE))
+    report = json.loads(RunDir(out).eval_reports()[-1].read_text())
     result = {
         "name": entry["name"], "label": entry.get("label", entry["name"]), "overrides": entry.get("overrides", []),
         "method": entry.get("method", entry["name"]), "budget_min": budget,
@@ -313,7 +314,7 @@ def read_curves(run_dir: Path) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     curves: dict = {}
-    for events in sorted(run_dir.joinpath("tensorboard").rglob("events.out.tfevents.*")):
+    for events in sorted(RunDir(run_dir).tensorboard.rglob("events.out.tfevents.*")):
         acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags()["scalars"]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .io import write_text
+from .run_dir import CARD_FILE, TRACKER_PROJECT, RunDir
 
 
 class StepResult:
@@ -252,10 +253,10 @@ def closing_lines(how: str, step: int, seconds: float, figures: dict, model: Pat
         lines.append("final: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
     if model is not None:
         model = Path(model).resolve()
-        lines.append(f"model: {model} (model card: {model / 'README.md'}); load it with "
+        lines.append(f"model: {model} (model card: {model / CARD_FILE}); load it with "
                      f"bidvl.load({str(model)!r}), or python launch/sample.py --run {run_dir} --out samples.png")
     else:
-        lines.append(f"checkpoints: {run_dir / 'checkpoints'}; the same command resumes the run")
+        lines.append(f"checkpoints: {RunDir(run_dir).checkpoints}; the same command resumes the run")
     return lines
 
 
@@ -272,7 +273,6 @@ TRACKER_PACKAGES = {
 # comet_ml, dvclive and trackio take no images through Accelerate: they get the scalars only.
 IMAGE_FORM = {"tensorboard": "batch", "wandb": "list", "swanlab": "list", "aim": "image", "clearml": "image"}
 _OUR_MLFLOW_URI = "BIDVL_MLFLOW_TRACKING_URI"  # the MLFLOW_TRACKING_URI that tracker_environment set
-IDS_FILE = "trackers.json"  # in run.dir: the W&B / MLflow run ids, so that a resumed run continues its own
 
 
 def tracker_names(cfg) -> list[str]:
@@ -299,7 +299,7 @@ def tracker_environment(cfg, names: list[str]) -> None:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     # A URI set for an earlier run in this process (the study, tests) is replaced; the user's is kept.
     if "mlflow" in names and (not uri or uri == os.environ.get(_OUR_MLFLOW_URI)):
-        uri = (Path(cfg.run.dir) / "mlruns").resolve().as_uri()
+        uri = RunDir(cfg.run.dir).mlruns.resolve().as_uri()
         os.environ["MLFLOW_TRACKING_URI"] = os.environ[_OUR_MLFLOW_URI] = uri
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for an opt-in
 
@@ -312,7 +312,7 @@ def start_trackers(accelerator, cfg) -> None:
     from .config import flatten, to_dict
 
     run_dir = Path(cfg.run.dir)
-    ids_file = run_dir / IDS_FILE
+    ids_file = RunDir(run_dir).trackers  # the W&B / MLflow run ids: a resumed run continues its own
     ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
     name = run_dir.resolve().name
     wandb = {"name": name, "dir": str(run_dir)}
@@ -321,7 +321,7 @@ def start_trackers(accelerator, cfg) -> None:
         wandb.update(id=ids["wandb"], resume="allow")
     if "mlflow" in ids:
         mlflow.update(run_id=ids["mlflow"])
-    accelerator.init_trackers("bidvl", init_kwargs={"wandb": wandb, "mlflow": mlflow})
+    accelerator.init_trackers(TRACKER_PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
     if not accelerator.is_main_process:
         return
     new_ids = dict(ids)

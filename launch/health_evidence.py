@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bidvl import health
-from bidvl.checkpoint import complete_checkpoints, step_of
+from bidvl.run_dir import complete_checkpoints, step_of
 from bidvl.config import HealthConfig
 from bidvl.io import write_text
 from bidvl.study import load_study, machine

@@ -5,12 +5,14 @@ import json
 import pytest
 
 from bidvl import checkpoint
+from bidvl import run_dir as layout
 from bidvl.io import file_sha256
-from bidvl.checkpoint import MARKER, TrainState, complete_checkpoints, step_name, step_of
+from bidvl.checkpoint import TrainState
+from bidvl.run_dir import MARKER, complete_checkpoints, step_name, step_of
 
 
 def test_only_marked_step_folders_count_oldest_first(tmp_path):
-    folder = checkpoint.checkpoints_dir(tmp_path)
+    folder = layout.RunDir(tmp_path).checkpoints
     for step, marked in ((30, True), (5, True), (100, False), (7, True)):
         (folder / step_name(step)).mkdir(parents=True)
         if marked:
@@ -43,13 +45,13 @@ def test_resume_finds_the_newest_complete_or_names_the_bad_folder(tmp_path):
     found = checkpoint.Checkpointer(None, cfg)  # finding needs no accelerator
     assert found.find_resume() == []  # auto, nothing saved yet
     for step in (2, 4):
-        (checkpoint.checkpoints_dir(tmp_path) / step_name(step)).mkdir(parents=True)
-        (checkpoint.checkpoints_dir(tmp_path) / step_name(step) / MARKER).write_text("")
-    (checkpoint.checkpoints_dir(tmp_path) / step_name(6)).mkdir()  # incomplete: ignored
+        (layout.RunDir(tmp_path).checkpoints / step_name(step)).mkdir(parents=True)
+        (layout.RunDir(tmp_path).checkpoints / step_name(step) / MARKER).write_text("")
+    (layout.RunDir(tmp_path).checkpoints / step_name(6)).mkdir()  # incomplete: ignored
     assert [p.name for p in found.find_resume()] == [step_name(4), step_name(2)]  # newest first
     cfg.checkpoint.resume = "none"
     assert found.find_resume() == []
-    cfg.checkpoint.resume = str(checkpoint.checkpoints_dir(tmp_path) / step_name(6))
+    cfg.checkpoint.resume = str(layout.RunDir(tmp_path).checkpoints / step_name(6))
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint.resume=.*step_00000006: not a complete"):
         found.find_resume()
     assert issubclass(checkpoint.CheckpointError, ConfigError)  # launch/train.py: one line, exit 2
@@ -132,7 +134,7 @@ def _params(trainer):
 def _remanifest(folder):
     """The manifest rewritten for the folder's files as they now are (as `save` writes it: before
     the marker, and not listing itself)."""
-    (folder / checkpoint.MANIFEST).unlink()
+    (folder / layout.MANIFEST).unlink()
     step = int((folder / MARKER).read_text().splitlines()[0])
     (folder / MARKER).unlink()
     checkpoint._write_manifest(folder)
@@ -159,17 +161,17 @@ def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tm
     folder = trainer.save_checkpoint()
     assert folder == tmp_path / "run" / "checkpoints" / "step_00000003"  # the layout other tools read
     assert not list(folder.parent.glob(".tmp_*"))
-    manifest_digest = file_sha256(folder / checkpoint.MANIFEST)
+    manifest_digest = file_sha256(folder / layout.MANIFEST)
     assert (folder / MARKER).read_text() == f"3\nmanifest sha256 {manifest_digest}\n"
-    files = json.loads((folder / checkpoint.MANIFEST).read_text())["files"]
+    files = json.loads((folder / layout.MANIFEST).read_text())["files"]
     on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert set(files) == on_disk - {checkpoint.MANIFEST, MARKER}
-    assert {*checkpoint.CHECKPOINT_FILES, "replicas.json", checkpoint.TRAIN_STATE_FILE, "config.yaml",
-            checkpoint.EMA_FILE} <= set(files)
+    assert set(files) == on_disk - {layout.MANIFEST, MARKER}
+    assert {*layout.CHECKPOINT_FILES, "replicas.json", layout.TRAIN_STATE_FILE, "config.yaml",
+            layout.EMA_FILE} <= set(files)
     for name, entry in files.items():
         assert entry == {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
     assert checkpoint.verify(folder) is True
-    state = TrainState.read(folder / checkpoint.TRAIN_STATE_FILE)
+    state = TrainState.read(folder / layout.TRAIN_STATE_FILE)
     assert state == TrainState(step=3, skipped_steps=2, skipped_in_a_row=1, rollbacks=1, budget_used_s=1.5,
                                lr_scale=0.5, world_size=1)
     assert json.loads((folder / "replicas.json").read_text()) == {
@@ -177,7 +179,7 @@ def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tm
         "buffers_sha256": checkpoint.buffer_digest(trainer.unwrapped.values())}
     assert (folder / "config.yaml").read_text() == to_yaml(trainer.cfg)
     assert load_config(folder / "config.yaml") == trainer.cfg
-    assert all(torch.equal(load_file(folder / checkpoint.EMA_FILE)[k], t) for k, t in ema.items())
+    assert all(torch.equal(load_file(folder / layout.EMA_FILE)[k], t) for k, t in ema.items())
 
     trainer.train_step(_batch())  # moves the nets and the EMA away from the checkpoint
     assert not _same(saved, _params(trainer))
@@ -194,7 +196,7 @@ def test_only_the_newest_checkpoint_keep_complete_ones_are_kept(tmp_path, digits
         trainer.save_checkpoint()
         assert step_of(complete_checkpoints(tmp_path / "run")[-1]) == step
     assert [step_of(p) for p in complete_checkpoints(tmp_path / "run")] == [2, 3]
-    folders = sorted(p.name for p in checkpoint.checkpoints_dir(tmp_path / "run").iterdir())
+    folders = sorted(p.name for p in layout.RunDir(tmp_path / "run").checkpoints.iterdir())
     assert folders == [step_name(2), step_name(3)]
     trainer.cfg.checkpoint.keep = 1
     trainer.state.step = 4
@@ -228,7 +230,7 @@ def test_verify_names_the_first_bad_file_and_how_it_is_bad(tmp_path, digits16):
         verify(folder)
     weights.write_bytes(data)
     assert verify(folder) is True
-    manifest = folder / checkpoint.MANIFEST
+    manifest = folder / layout.MANIFEST
     good = manifest.read_text()
     for bad in ("{not json", json.dumps({"file": {}}), json.dumps({"files": {"a": {"size": 1}}}),
                 json.dumps({"files": {"a": {"size": "x", "sha256": "y"}}}), json.dumps({"files": ["a"]})):
@@ -300,8 +302,8 @@ def test_a_load_checks_the_weights_against_replicas_json_and_reports_changes(tmp
     capsys.readouterr()
     trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
     assert capsys.readouterr().err == ""  # same config, same world size: nothing to say
-    state = json.loads((folder / checkpoint.TRAIN_STATE_FILE).read_text())
-    (folder / checkpoint.TRAIN_STATE_FILE).write_text(json.dumps({**state, "world_size": 4}))
+    state = json.loads((folder / layout.TRAIN_STATE_FILE).read_text())
+    (folder / layout.TRAIN_STATE_FILE).write_text(json.dumps({**state, "world_size": 4}))
     _remanifest(folder)  # a consistent checkpoint trained on 4 processes
     trainer.cfg.log.every, trainer.cfg.log.num_images = 7, 9
     trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
@@ -323,7 +325,7 @@ def test_a_load_checks_the_weights_against_replicas_json_and_reports_changes(tmp
     _remanifest(folder)
     with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: cannot be loaded \(TypeError: "):
         trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
-    (folder / checkpoint.MANIFEST).unlink()  # its marker records the manifest: damaged, not "older"
+    (folder / layout.MANIFEST).unlink()  # its marker records the manifest: damaged, not "older"
     with pytest.raises(DamagedCheckpoint, match=rf"^checkpoint {folder}: manifest.json is missing \(its COMPLETE "
                                                 r"marker records one\)$"):
         trainer.checkpointer.load(folder, trainer.unwrapped, trainer.ema)
@@ -345,7 +347,7 @@ def test_a_failed_write_names_the_error_and_leaves_the_complete_checkpoints(tmp_
     trainer.state.step = 1
     good = trainer.save_checkpoint()
     files = {p: p.read_bytes() for p in good.rglob("*") if p.is_file()}
-    run_ckpts = checkpoint.checkpoints_dir(tmp_path / "run")
+    run_ckpts = layout.RunDir(tmp_path / "run").checkpoints
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "/mnt/x/optimizer.bin")
@@ -397,7 +399,7 @@ def test_the_run_lock_admits_one_run_names_the_holder_and_is_freed_by_release(tm
         RunLock(main, tmp_path / "file" / "run").acquire()
 
     trainer = _trainer(tmp_path, digits16)  # begin(): locks, then removes what a killed run left
-    partial = checkpoint.checkpoints_dir(tmp_path / "run") / ".tmp_step_00000009"
+    partial = layout.RunDir(tmp_path / "run").checkpoints / ".tmp_step_00000009"
     partial.mkdir(parents=True)
     trainer.state.step = 1
     kept = trainer.save_checkpoint()
@@ -410,7 +412,7 @@ def test_the_run_lock_admits_one_run_names_the_holder_and_is_freed_by_release(tm
 
 
 def is_complete_folder(folder):
-    return checkpoint.is_complete(folder) and checkpoint.verify(folder)
+    return layout.is_complete(folder) and checkpoint.verify(folder)
 
 
 def test_the_export_writes_each_net_with_its_step_atomically(tmp_path, digits16):
@@ -431,7 +433,7 @@ def test_the_export_writes_each_net_with_its_step_atomically(tmp_path, digits16)
     (tmp_path / "run" / ".tmp_model" / "left.txt").write_text("by an export that was killed")
     out = trainer.checkpointer.export(7, trainer.unwrapped, trainer.ema, extra=card)
     assert out == tmp_path / "run" / "model" and seen == [tmp_path / "run" / ".tmp_model"]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*checkpoint.EXPORT_FILES, checkpoint.EMA_FILE,
+    assert sorted(p.name for p in out.iterdir()) == sorted([*layout.EXPORT_FILES, layout.EMA_FILE,
                                                             "config.yaml", "README.md"])
     for name, net in trainer.unwrapped.items():
         with safe_open(out / f"{name}.safetensors", "pt") as f:
@@ -442,7 +444,7 @@ def test_the_export_writes_each_net_with_its_step_atomically(tmp_path, digits16)
     assert (out / "config.yaml").read_text() == to_yaml(trainer.cfg)
     (out / "stale.txt").write_text("from the export before")
     trainer.checkpointer.export(8, trainer.unwrapped)  # replaces the whole folder
-    assert sorted(p.name for p in out.iterdir()) == sorted([*checkpoint.EXPORT_FILES, "config.yaml"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*layout.EXPORT_FILES, "config.yaml"])
     assert not (tmp_path / "run" / ".tmp_model").exists()
     trainer.close()
     fresh = _trainer(tmp_path / "fresh", digits16)  # nothing written in its run.dir yet
@@ -570,7 +572,7 @@ def test_begin_write_config_and_a_load_error_without_a_message(tmp_path, digits1
     from bidvl.config import to_yaml
 
     trainer = _trainer(tmp_path, digits16)
-    stray = checkpoint.checkpoints_dir(tmp_path / "run") / ".tmp_step_00000003"
+    stray = layout.RunDir(tmp_path / "run").checkpoints / ".tmp_step_00000003"
     stray.parent.mkdir(parents=True)
     stray.write_text("a file where a temp folder would be")
     trainer.checkpointer.begin()  # what it cannot remove does not stop the run
@@ -590,7 +592,7 @@ def test_begin_write_config_and_a_load_error_without_a_message(tmp_path, digits1
 
 
 def test_step_folders_sort_by_number_and_copies_do_not_count(tmp_path):
-    folder = checkpoint.checkpoints_dir(tmp_path)
+    folder = layout.RunDir(tmp_path).checkpoints
     for name in (step_name(99_999_999), step_name(100_000_000), step_name(7), "step_00000009_backup",
                  "step_00000005_1"):  # copies a user made
         (folder / name).mkdir(parents=True)
@@ -603,7 +605,7 @@ def test_a_save_replaces_a_stale_temp_folder_and_refuses_diverged_replicas(tmp_p
     import accelerate.utils
 
     trainer = _trainer(tmp_path, digits16)
-    stale = checkpoint.checkpoints_dir(tmp_path / "run") / ".tmp_step_00000001"
+    stale = layout.RunDir(tmp_path / "run").checkpoints / ".tmp_step_00000001"
     stale.mkdir(parents=True)
     (stale / "from_a_killed_save.bin").write_text("x")
     trainer.state.step = 1

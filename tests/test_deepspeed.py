@@ -81,6 +81,21 @@ def test_zero2_resume_gives_the_uninterrupted_weights(tmp_path, digits16):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from" in p.stdout + p.stderr
     assert_same_weights(whole, parts, atol=0)
+    # bidvl.load reads a DeepSpeed checkpoint (one folder per engine, no per-net files): the step-4
+    # checkpoint holds the exported weights; step 2 differs from them.
+    import bidvl
+
+    final = bidvl.load(whole, checkpoint="final", ema=False)
+    for step, same in ((4, True), (2, False)):
+        loaded = bidvl.load(whole, checkpoint=step, ema=False)
+        assert (loaded.step, loaded.kind) == (step, "checkpoint")
+        assert not (whole / "checkpoints" / f"step_{step:08d}" / "model.safetensors").exists()
+        equal = {}
+        for net in ("energy_net", "encoder", "generator"):
+            a, b = getattr(loaded, net).state_dict(), getattr(final, net).state_dict()
+            assert a.keys() == b.keys(), net
+            equal[net] = all(torch.equal(a[k], b[k]) for k in a)
+        assert all(equal.values()) if same else not any(equal.values()), (step, equal)
 
 
 @pytest.mark.slow

@@ -323,7 +323,8 @@ def test_stop_policy_checkpoints_and_names_the_reason(tmp_path, digits16):
 
 
 def test_restart_goes_back_to_the_newest_healthy_checkpoint_and_resumes_bit_exact(tmp_path, digits16):
-    from bidvl.checkpoint import TrainState, complete_checkpoints
+    from bidvl.checkpoint import TrainState
+    from bidvl.run_dir import complete_checkpoints
     from bidvl.engine import restart_seed
 
     # Checks are healthy until the warm-up ends (step 4), then unhealthy: the second unhealthy

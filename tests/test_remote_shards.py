@@ -32,7 +32,8 @@ import pytest
 import torch
 
 from conftest import BIN, ENV, REPO, TINY, finish, weights
-from bidvl.checkpoint import complete_checkpoints, step_of, verify
+from bidvl.checkpoint import verify
+from bidvl.run_dir import complete_checkpoints, step_of
 from bidvl.config import ConfigError, load_config
 from bidvl.data import ShardError, ShardStream, eval_stream, split_info, train_stream
 from bidvl.data.reader import shuffled

@@ -19,7 +19,9 @@ import torch
 
 from conftest import BIN, ENV, REPO, TINY, run_bounded
 from bidvl import checkpoint
-from bidvl.checkpoint import CheckpointError, complete_checkpoints, step_name, verify
+from bidvl import run_dir as layout
+from bidvl.checkpoint import CheckpointError, verify
+from bidvl.run_dir import complete_checkpoints, step_name
 from bidvl.config import load_config
 
 WORKERS = ["data.num_workers=1"]
@@ -97,7 +99,7 @@ def test_a_stop_signal_to_the_process_group_checkpoints_then_resumes(tmp_path, d
     found = complete_checkpoints(run)
     assert found and verify(found[-1])
     assert leftover(run) == []
-    code, _, err = run_bounded(train_cmd(run, digits16, checkpoint.step_of(found[-1]) + 2), timeout=120)
+    code, _, err = run_bounded(train_cmd(run, digits16, layout.step_of(found[-1]) + 2), timeout=120)
     assert code == 0 and f"resumed from {found[-1]}" in err + _, err[-2000:]
 
 
@@ -183,7 +185,7 @@ def test_damaged_newest_checkpoint_is_named_and_the_previous_one_used(tmp_path, 
     assert expected in err and "falling back" in err
     assert f"resumed from {run / 'checkpoints' / step_name(2)} at step 2" in out + err
     # The damaged one was replaced by a good step 4 of the resumed run.
-    assert [checkpoint.step_of(p) for p in complete_checkpoints(run)] == [2, 4, 6]
+    assert [layout.step_of(p) for p in complete_checkpoints(run)] == [2, 4, 6]
     assert all(verify(p) for p in complete_checkpoints(run))
 
 
@@ -194,7 +196,7 @@ def test_damaged_checkpoint_stops_the_run_with_on_damaged_stop(tmp_path, digits1
     assert code == 2 and "Traceback" not in err
     assert f"error: checkpoint {run / 'checkpoints' / step_name(4)}: model_2.safetensors does not match" in err
     # Nothing was trained or written: the damaged checkpoint is still there for inspection.
-    assert [checkpoint.step_of(p) for p in complete_checkpoints(run)] == [2, 4]
+    assert [layout.step_of(p) for p in complete_checkpoints(run)] == [2, 4]
 
 
 def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, digits16, trained_twice):
@@ -202,10 +204,10 @@ def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path, digits16, tr
     one whose manifest was deleted is damaged (verification cannot be turned off by deleting it)."""
     run = two_checkpoints(tmp_path, trained_twice)
     newest = run / "checkpoints" / step_name(4)
-    (newest / checkpoint.MANIFEST).unlink()
+    (newest / layout.MANIFEST).unlink()
     code, out, err = run_bounded(train_cmd(run, digits16, 6, "checkpoint.on_damaged=stop"), timeout=120)
     assert code == 2 and f"error: checkpoint {newest}: manifest.json is missing (its COMPLETE marker records one)" in err
-    (newest / checkpoint.MARKER).write_text("4\n")  # as versions before manifests wrote it
+    (newest / layout.MARKER).write_text("4\n")  # as versions before manifests wrote it
     code, out, err = run_bounded(train_cmd(run, digits16, 6, "checkpoint.every=2"), timeout=120)
     assert code == 0, err[-2000:]
     assert "cannot be verified" in err and f"resumed from {newest}" in out + err
@@ -290,7 +292,7 @@ def test_a_real_full_disk_mid_run_exits_2_and_keeps_the_complete_checkpoint(tmp_
         assert re.search(r"error: cannot write checkpoint step_00000004: ENOSPC \(.*\) at .*/run/checkpoints/"
                          r"\.tmp_step_00000004.*; its temp folder was removed", err), err[-3000:]
         found = complete_checkpoints(run)
-        assert [checkpoint.step_of(f) for f in found] == [2] and verify(found[0])
+        assert [layout.step_of(f) for f in found] == [2] and verify(found[0])
         assert not list((run / "checkpoints").glob(".tmp_*"))
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
         code, out, err = run_bounded(train_cmd(run, digits16, 4, "checkpoint.every=2", "health.every=0"), timeout=180)
@@ -323,7 +325,7 @@ def test_a_second_trainer_on_a_run_folder_is_refused_naming_the_holder(tmp_path,
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
-    newest = checkpoint.step_of(complete_checkpoints(run)[-1])
+    newest = layout.step_of(complete_checkpoints(run)[-1])
     code, out, err = run_bounded(train_cmd(run, digits16, newest + 1), timeout=120)
     assert code == 0 and f"resumed from {run / 'checkpoints' / step_name(newest)}" in out + err, err[-2000:]
 
@@ -435,7 +437,7 @@ def test_ctrl_c_on_two_processes_with_workers_checkpoints_then_resumes(tmp_path,
     assert found and verify(found[-1])
     time.sleep(1)
     assert leftover(run) == []
-    step = checkpoint.step_of(found[-1])
+    step = layout.step_of(found[-1])
     code, out, err = run_bounded(two_process_cmd(run, digits16, step + 2, *WORKERS), timeout=180, env=TWO)
     assert code == 0 and f"resumed from {found[-1]} at step {step}" in out + err, err[-2000:]
 

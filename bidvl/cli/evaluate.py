@@ -23,6 +23,7 @@ from pathlib import Path
 
 from bidvl.config import COUNT_OR_ZERO, RANGES, SEED, ConfigError, path_problem
 from bidvl.errors import BidvlError
+from bidvl.run_dir import RunDir
 
 
 def check_args(args) -> None:
@@ -33,7 +34,7 @@ def check_args(args) -> None:
                                     ("--batch-size", args.batch_size, RANGES["eval.batch_size"]),
                                     ("--seed", args.seed, SEED), ("--num-workers", args.num_workers, COUNT_OR_ZERO)):
         accepted.check(option, value, joiner=" ")
-    problem = Path(args.run).is_dir() and path_problem(Path(args.run) / "eval", "folder", writable=True)
+    problem = Path(args.run).is_dir() and path_problem(RunDir(args.run).eval, "folder", writable=True)
     if problem:  # (a missing run folder is load_run's error)
         raise ConfigError(f"--run {args.run}: cannot write the report: {problem}")
 
@@ -98,7 +99,7 @@ def main(argv=None):
             metrics=metrics, num_samples=args.num_samples, batch_size=args.batch_size,
             split=args.split, max_test=args.max_test, ood=tuple(args.ood), fid_ref=args.fid_ref,
             features=args.features, inception_weights=args.inception_weights, seed=args.seed,
-            bn_mode=args.bn_mode, cache_dir=f"{args.run}/eval/cache", num_workers=args.num_workers,
+            bn_mode=args.bn_mode, cache_dir=str(RunDir(args.run).eval_cache), num_workers=args.num_workers,
         )
         report, path = evaluate_run(accelerator, args.run, run, opts)
     except BidvlError as exc:

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Optional
 
 from bidvl import objectives
-from bidvl.checkpoint import step_name
 from bidvl.config import EVAL_METRICS, Config
 from bidvl.data import split_info
 from bidvl.io import write_text
+from bidvl.run_dir import RunDir
 
 from . import fid as fid_lib
 from .fid import frechet_distance, reference_statistics, sample_features, statistics
@@ -37,7 +37,6 @@ from .metrics import auroc, batch_statistics_pass, heldout_pass, ood_split, rmse
 from .sampling import BN_MODES
 
 METRICS = EVAL_METRICS
-TENSORBOARD_RUN = "bidvl"  # the engine's tracker run name: eval points join the training curves
 
 
 @dataclass
@@ -224,8 +223,9 @@ def write_report(run_dir: str | os.PathLike, step: int, report: dict, weights: O
                  tensorboard: bool = True) -> Path:
     """Main process only. Merges into RUN_DIR/eval/step_XXXXXXXX.json (a later `--metrics fid`
     adds to an earlier `rmse,ood`), writes the .md beside it and the scalars to TensorBoard."""
-    run_dir = Path(run_dir)
-    path = run_dir / "eval" / f"{step_name(step)}.json"
+    run = RunDir(run_dir)
+    run_dir = run.path
+    path = run.eval_report(step)
     path.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(path.read_text()) if path.is_file() else {}
     merged.update({k: v for k, v in report.items() if k != "scalars"})
@@ -238,7 +238,7 @@ def write_report(run_dir: str | os.PathLike, step: int, report: dict, weights: O
     if tensorboard and report.get("scalars"):
         from torch.utils.tensorboard import SummaryWriter
 
-        with SummaryWriter(str(run_dir / "tensorboard" / TENSORBOARD_RUN)) as writer:
+        with SummaryWriter(str(run.tensorboard_events)) as writer:  # eval points join the training curves
             for tag, value in report["scalars"].items():
                 writer.add_scalar(tag, value, step)
     return path

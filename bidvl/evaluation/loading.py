@@ -8,12 +8,11 @@
     run = load_run("runs/cifar10", ema=False)           # the trained generator, not its EMA
     run.cfg, run.nets.energy_net, run.step, run.source, run.generator  # "ema" | "trained"
 
-Weights are read with safetensors only (never a pickle):
-`RUN_DIR/model/{energy,encoder,generator}.safetensors` (the export; its `step` metadata is the
-step), or `RUN_DIR/checkpoints/step_XXXXXXXX/model{,_1,_2}.safetensors` (Accelerate's file names,
-in the engine's prepare order energy net, encoder, generator). Only complete checkpoints count
-(`bidvl.checkpoint` owns the run folder's format). The config is `RUN_DIR/config.yaml` (or the
-export's copy).
+Weights are read with safetensors, never a pickle: the export (its `step` metadata is the step)
+or a complete checkpoint, whose files `bidvl.run_dir` names (the one module that knows Accelerate's
+file order). A checkpoint of a DeepSpeed run holds each engine's weights in a torch file instead,
+read with `torch.load(weights_only=True)` (tensors and plain containers only). Only complete
+checkpoints count. The config is `RUN_DIR/config.yaml` (or the export's copy).
 
 The generator: a run trained with train.ema > 0 also writes `generator_ema.safetensors` (same keys
 as the generator's state dict) into the export and every checkpoint. `ema=None` (the default)
@@ -31,12 +30,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from bidvl.checkpoint import (CHECKPOINT_FILES, EMA_FILE, EXPORT_FILES, MARKER, checkpoints_dir, complete_checkpoints,
-                              is_complete, step_name, step_of)
 from bidvl.config import Config, ConfigError, load_config
-from bidvl.models import build_nets
 from bidvl.errors import BidvlError
+from bidvl.models import build_nets
 from bidvl.models.registry import Nets
+from bidvl.run_dir import (CONFIG_FILE, EMA_FILE, EXPORT_FILES, MARKER, RunDir, deepspeed_layout, is_complete, is_export,
+                           read_deepspeed_nets, step_of, weight_files)
 
 
 class EvalError(BidvlError, ValueError):
@@ -51,16 +50,6 @@ class LoadedRun:
     source: Path  # the export folder or the checkpoint folder the weights came from
     kind: str  # "export" | "checkpoint"
     generator: str = "trained"  # "ema" (generator_ema.safetensors) | "trained"
-
-
-def is_export(folder: Path) -> bool:
-    """An export folder (RUN_DIR/model, or a copy of it): the three nets' files and config.yaml."""
-    folder = Path(folder)
-    return all((folder / name).is_file() for name in (*EXPORT_FILES, "config.yaml"))
-
-
-def _has_export(run_dir: Path) -> bool:
-    return all((run_dir / "model" / name).is_file() for name in EXPORT_FILES)
 
 
 def own_file(folder: Path, name: str) -> Path:
@@ -90,39 +79,40 @@ def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = N
 
     `checkpoint` may also be the path of a checkpoint folder. `run_dir` may also be an export folder
     (RUN_DIR/model) alone; it holds no checkpoints, so `checkpoint` must then be None or final."""
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
+    run_dir = run.path
     if not run_dir.is_dir():
         raise EvalError(f"run folder {run_dir} does not exist")
-    if is_export(run_dir) and not (run_dir / "checkpoints").is_dir():
+    if is_export(run_dir) and not run.checkpoints.is_dir():
         if checkpoint not in (None, "", "final"):
             raise EvalError(f"--checkpoint {checkpoint}: {run_dir} is an exported model folder; it "
                             f"holds the final weights only (give the run folder for checkpoints)")
         return "export", run_dir, _export_step(run_dir)
-    found = complete_checkpoints(run_dir)
-    where = (f"{run_dir} has no exported model ({run_dir / 'model'}/{{energy,encoder,generator}}"
-             f".safetensors) and no complete checkpoint ({run_dir / 'checkpoints'}/step_*/"
+    found = run.complete_checkpoints()
+    where = (f"{run_dir} has no exported model ({run.export}/{{energy,encoder,generator}}"
+             f".safetensors) and no complete checkpoint ({run.checkpoints}/step_*/"
              f"{MARKER}); train it first with `bidvl train run.dir={run_dir}`")
     if checkpoint in (None, ""):
-        if _has_export(run_dir):
-            return "export", run_dir / "model", _export_step(run_dir / "model")
+        if run.has_export():
+            return "export", run.export, _export_step(run.export)
         if not found:
             raise EvalError(where)
         checkpoint = "latest"
     checkpoint = str(checkpoint)
     if checkpoint == "final":
-        if not _has_export(run_dir):
+        if not run.has_export():
             raise EvalError(
-                f"--checkpoint final: {run_dir / 'model'} has no export "
+                f"--checkpoint final: {run.export} has no export "
                 f"({', '.join(EXPORT_FILES)}); the run has not finished"
                 + (f"; complete checkpoints: {', '.join(p.name for p in found)}" if found else "")
             )
-        return "export", run_dir / "model", _export_step(run_dir / "model")
+        return "export", run.export, _export_step(run.export)
     if checkpoint == "latest":
         if not found:
             raise EvalError(where)
         path = found[-1]
     elif checkpoint.isdigit():
-        path = checkpoints_dir(run_dir) / step_name(int(checkpoint))
+        path = run.checkpoint(int(checkpoint))
         if path not in found:
             have = ", ".join(p.name for p in found) or "none"
             raise EvalError(f"--checkpoint {checkpoint}: {path} is not a complete checkpoint "
@@ -136,28 +126,50 @@ def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = N
 
 
 def run_config(run_dir: str | os.PathLike) -> Config:
-    run_dir = Path(run_dir)
-    for path in (run_dir / "config.yaml", run_dir / "model" / "config.yaml"):
+    run = RunDir(run_dir)
+    for path in (run.config, run.export / CONFIG_FILE):
         if path.is_file():
             try:
                 return load_config(path)
             except ConfigError as exc:
                 raise EvalError(f"{path}: {exc}") from None
-    raise EvalError(f"{run_dir / 'config.yaml'} is missing: {run_dir} is not a run folder")
+    raise EvalError(f"{run.config} is missing: {run.path} is not a run folder")
 
 
 def _first(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
-def _load_into(net: torch.nn.Module, path: Path) -> None:
+def read_weights(path: Path) -> dict:
+    """A safetensors file's tensors, the path checked (inside its folder, present, readable)."""
     path = own_file(path.parent, path.name)
     if not path.is_file():
         raise EvalError(f"weights file {path} is missing")
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt files
         raise EvalError(f"{path}: not a readable safetensors file ({_first(exc)})") from None
+
+
+def net_states(folder: Path, kind: str, ema: bool) -> dict[str, tuple[dict, Path]]:
+    """{"energy", "encoder", "generator"} -> (state dict, the file or folder it came from), from an
+    export or a checkpoint in either layout (`bidvl.run_dir`); the generator's is the EMA's when
+    `ema` (the EMA module is a copy of the generator: the same keys)."""
+    folder = Path(folder)
+    if kind == "checkpoint" and deepspeed_layout(folder):
+        try:
+            states = {net: (state, folder) for net, state in read_deepspeed_nets(folder).items()}
+        except Exception as exc:  # torch.load's errors for damaged or foreign files
+            raise EvalError(f"{folder}: DeepSpeed weights not readable ({type(exc).__name__}: {_first(exc)})") from None
+    else:
+        files = weight_files(folder, kind)
+        states = {net: (read_weights(path), path) for net, path in files.items() if not (ema and net == "generator")}
+    if ema:
+        states["generator"] = (read_weights(folder / EMA_FILE), folder / EMA_FILE)
+    return states
+
+
+def _load_into(net: torch.nn.Module, state: dict, path: Path) -> None:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -183,13 +195,11 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str | int | None = None,
     try:
         nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
     except ValueError as exc:
-        raise EvalError(f"{Path(run_dir) / 'config.yaml'}: {exc}") from None
-    files = list(EXPORT_FILES if kind == "export" else CHECKPOINT_FILES)
+        raise EvalError(f"{RunDir(run_dir).config}: {exc}") from None
     generator = "ema" if use_ema(folder, ema) else "trained"
-    if generator == "ema":
-        files[2] = EMA_FILE  # the EMA module is a copy of the generator: the same keys
-    for net, name in zip(nets, files):
-        _load_into(net, folder / name)
+    states = net_states(folder, kind, generator == "ema")
+    for name, net in zip(("energy", "encoder", "generator"), nets):
+        _load_into(net, *states[name])
         net.to(device).eval().requires_grad_(False)
     return LoadedRun(cfg, nets, step, folder, kind, generator)
 

@@ -17,11 +17,11 @@ fid.inception_weights_file) give an extractor; otherwise it is skipped with one 
 
 from __future__ import annotations
 
-import os
 import warnings
 
 from bidvl.config import Config
 from bidvl.models.registry import Nets
+from bidvl.run_dir import RunDir
 
 from . import fid as fid_lib
 from .evaluator import EvalOptions, evaluate_nets, parse_metrics
@@ -58,7 +58,7 @@ def evaluate_during_training(accelerator, cfg: Config, energy_net, encoder, gene
     opts = EvalOptions(
         metrics=metrics, num_samples=cfg.eval.num_samples, batch_size=cfg.eval.batch_size,
         max_test=cfg.eval.max_test, extractor=extractor,
-        cache_dir=os.path.join(cfg.run.dir, "eval", "cache"),
+        cache_dir=str(RunDir(cfg.run.dir).eval_cache),
     )
     modes = [net.training for net in nets]
     try:
