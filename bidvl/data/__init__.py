@@ -1,7 +1,8 @@
 """Shards: writers (one module per source, `build_shards`), the streaming reader and the
 training stream the engine reads (`ShardStream`)."""
 
-from .meta import ShardError, read_meta, split_info
+from .errors import ShardError
+from .meta import read_meta, split_info
 from .reader import EvalStream, TrainStream, eval_stream, train_stream
 from .stream import ShardStream
 

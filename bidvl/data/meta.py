@@ -25,8 +25,10 @@ import os
 import sys
 from pathlib import Path
 
-from ..errors import BidvlError
 from ..io import write_text
+from . import remote
+from .errors import ShardError
+from .tarstream import count_samples
 
 FORMAT = "bidvl-shards/1"
 
@@ -35,10 +37,6 @@ FORMAT = "bidvl-shards/1"
 # samples than MIN_SHARDS gets one sample per shard.
 MIN_SHARDS = 64
 MAX_PER_SHARD = 5000
-
-
-class ShardError(BidvlError, ValueError):
-    """A shards folder, shard or member is not what the reader or writer expected."""
 
 
 def shard_name(split: str, index: int) -> str:
@@ -54,7 +52,6 @@ def num_shards(count: int) -> int:
 def read_meta(folder: str | os.PathLike, net=None) -> dict:
     """Loads and checks `folder/meta.json`; every problem names the file and what was expected.
     `folder` may also be a remote source (bidvl.data.remote: a URL or a pipe: template)."""
-    from . import remote
 
     if remote.is_remote(folder):
         url = remote.member(str(folder), "meta.json")
@@ -132,7 +129,6 @@ FOREIGN = "webdataset"  # meta["format"] of shards without a meta.json (written 
 def is_foreign_folder(source) -> bool:
     """True for a local folder without meta.json that holds tar shards: a WebDataset written by
     another tool (img2dataset, webdataset's ShardWriter, ...)."""
-    from . import remote
 
     if remote.is_remote(source) or remote.is_list(str(source)):
         return False
@@ -160,7 +156,6 @@ def _foreign_meta(where, split: str, shards: list, net, count: int, resolution: 
     """meta, shards, per-shard counts of shards without a meta.json; the counts are read from the
     shards (headers only for local ones, one download each for remote ones) unless `count` gives
     the total (per-shard counts are then None)."""
-    from .tarstream import count_samples
 
     if not resolution or not channels:
         raise ShardError(f"{where}: shards without a meta.json are read at data.resolution and "
@@ -195,7 +190,6 @@ def split_info(folder: str | os.PathLike, split: str, net=None, count: int = 0, 
     data.channels) as they are read, and their counts are read from the shards. Local shards are
     Paths (memory-mapped), remote ones URL or command strings. http(s) shards are checked to exist
     (HEAD) here, so a missing one fails before training starts."""
-    from . import remote
 
     net = net or remote.DEFAULT
     source = str(folder)
@@ -233,7 +227,6 @@ def _check_local(paths, why: str) -> None:
 
 def _check_remote(urls, net, why: str) -> None:
     """HEAD-checks http(s) shards (other remote sources cannot be checked without reading them)."""
-    from . import remote
 
     for url in urls:
         try:
@@ -245,7 +238,6 @@ def _check_remote(urls, net, why: str) -> None:
 def _list_info(source: str, split: str, net, count: int, resolution: int, channels: int):
     """An explicit shard list: counts from the meta.json beside the shards when there is one (and
     `count` is 0), else read as shards without a meta.json (`_foreign_meta`)."""
-    from . import remote
 
     urls = remote.expand(source)
     if len(set(urls)) != len(urls):

@@ -54,7 +54,7 @@ import braceexpand
 import webdataset
 
 from ..io import atomic_path
-from .meta import ShardError
+from .errors import ShardError
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 HTTP_SCHEMES = ("http", "https")

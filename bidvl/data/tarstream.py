@@ -24,7 +24,7 @@ import mmap
 from typing import Iterator
 
 from . import remote
-from .meta import ShardError
+from .errors import ShardError
 
 BLOCK = 512
 # Largest GNU long name or pax header accepted: real ones hold a path (PATH_MAX is 4096) and a few
