@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-from .config import Config, ConfigError, flatten, load_config, to_dict, to_yaml
+from .config import ARCH_AUTO, Config, ConfigError, flatten, load_config, resolve, to_dict, to_yaml
 from .io import file_sha256
 from .models import cpu_state_dict
 from .run_dir import (CONFIG_FILE, EMA_FILE, MANIFEST, MARKER, REPLICAS_FILE, TRAIN_STATE_FILE, RunDir, is_complete,
@@ -167,41 +168,19 @@ def config_changes(saved: Config, current: Config) -> list[tuple[str, object, ob
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-# Keys whose `auto` resolves per model.arch (docs/fidelity.md), compared as resolved values. A run
-# whose config.yaml predates a key ran the behaviour of LEGACY (the code before the key existed).
-LEGACY = {"objective.latent_reduction": "mean", "objective.lower_latents": "reuse", "model.encoder_heads": "bias"}
-
-
-def resolved_auto(cfg: Config) -> dict[str, str]:
-    """The LEGACY keys of `cfg` with `auto` resolved for its model.arch and resolution."""
-    from . import objectives
-    from .models.registry import encoder_head_bias
-
-    objective = objectives.build(cfg)
-    return {"objective.latent_reduction": objective.latent_reduction,
-            "objective.lower_latents": "fresh" if objective.fresh_latents else "reuse",
-            "model.encoder_heads": "bias" if encoder_head_bias(cfg.model, cfg.data.resolution) else "no_bias"}
-
-
-def _resolved_changes(saved: Config, cfg: Config, folder: Path) -> list[tuple[str, object, object]]:
-    import yaml
-
+def check_compatible(cfg: Config, folder: Path, typed: Config | None = None) -> list[tuple[str, object, object]]:
+    """The config changes since `folder` was saved, a diff of the two configs resolved
+    (bidvl.config.resolve; a saved config.yaml that predates a key ran its LEGACY value). A change
+    of the nets or the data shape fails, and one of the maths (objective, optimizer betas) unless
+    checkpoint.allow_changes=true; each error names the key and both values. `typed`: the config
+    as the user gave it (default `cfg`), to say which value came from `auto`."""
     written = flatten(yaml.safe_load((folder / CONFIG_FILE).read_text()) or {})
-    theirs, ours = resolved_auto(saved), resolved_auto(cfg)
-    theirs.update({key: value for key, value in LEGACY.items() if key not in written})
-    return [(key, theirs[key], ours[key]) for key in LEGACY if theirs[key] != ours[key]]
-
-
-def check_compatible(cfg: Config, folder: Path) -> list[tuple[str, object, object]]:
-    """The config changes since `folder` was saved. A change of the nets or the data shape fails,
-    and one of the maths (objective, optimizer betas) unless checkpoint.allow_changes=true; each
-    error names the key and both values. `auto` keys are compared resolved (LEGACY)."""
-    saved = load_config(folder / CONFIG_FILE)
-    changes = [change for change in config_changes(saved, cfg) if change[0] not in LEGACY]
-    typed = flatten(to_dict(cfg))
-    for key, theirs, ours in _resolved_changes(saved, cfg, folder):
-        shown = f"{ours} (auto for model.arch={cfg.model.arch})" if typed[key] == "auto" else ours
-        changes.append((key, theirs, shown))
+    saved = resolve(load_config(folder / CONFIG_FILE), written=written, launcher=False)
+    ours = resolve(cfg, launcher=False)
+    typed = flatten(to_dict(typed or cfg))
+    changes = [(key, theirs, f"{new} (auto for model.arch={cfg.model.arch})"
+                if key in ARCH_AUTO and typed.get(key) == "auto" else new)
+               for key, theirs, new in config_changes(saved, ours)]
     for key, theirs, ours in sorted(changes, key=lambda change: not change[0].startswith(FIXED_KEYS)):
         fixed = key.startswith(FIXED_KEYS)
         if fixed or (key.startswith(MATHS_KEYS) and not cfg.checkpoint.allow_changes):
@@ -388,9 +367,10 @@ class Checkpointer:
     save_state/load_state handle the prepared ones (weights, optimizers, RNG states per process).
     """
 
-    def __init__(self, accelerator, cfg: Config):
+    def __init__(self, accelerator, cfg: Config, typed: Config | None = None):
         self.accelerator = accelerator
-        self.cfg = cfg
+        self.cfg = cfg  # resolved (bidvl.config.resolve); `typed`: as the user gave it, for messages
+        self.typed = typed or cfg
         self.run = RunDir(cfg.run.dir)
         self.run_dir = self.run.path
         self.folder = self.run.checkpoints
@@ -502,7 +482,7 @@ class Checkpointer:
         Raises DamagedCheckpoint naming what is wrong (the nets may then hold part of it: load
         another checkpoint before training)."""
         verified = verify(folder)
-        changes = check_compatible(self.cfg, folder)
+        changes = check_compatible(self.cfg, folder, self.typed)
         if not verified and self.accelerator.is_main_process:
             print(f"warning: checkpoint {folder} has no {MANIFEST} (written by an older version): "
                   "its files cannot be verified", file=sys.stderr, flush=True)

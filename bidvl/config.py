@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -27,8 +28,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bidvl.errors import BidvlError
-from bidvl.models.registry import BUILDERS, ENERGY_OUTPUTS, RESOLUTIONS
-from bidvl.objectives import OBJECTIVES
+from bidvl.models.registry import BUILDERS, ENERGY_OUTPUTS, RESOLUTIONS, encoder_head_bias, resolved_init
+from bidvl.objectives import OBJECTIVES, auto_settings
 
 
 class ConfigError(BidvlError, ValueError):
@@ -569,6 +570,57 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] | tuple 
     if "data.train" in typed and "data.auto_build" not in typed:
         cfg.data.auto_build = ""
     return validate(cfg)
+
+
+# ---------------------------------------------------------------- `auto`, resolved once
+
+# A run whose config.yaml predates a key ran LEGACY's value (the code before the key existed).
+LEGACY = {"objective.latent_reduction": "mean", "objective.lower_latents": "reuse", "model.encoder_heads": "bias"}
+# Keys whose `auto` follows from model.arch (and data.resolution), by their owners' rules.
+ARCH_AUTO = ("model.init", "model.encoder_heads", "objective.latent_reduction", "objective.lower_latents")
+
+
+def resolve_precision(cfg: Config) -> str:
+    """train.mixed_precision with `auto` replaced by the launcher's (ACCELERATE_MIXED_PRECISION,
+    which `accelerate launch --mixed_precision` and its config files set; `no` without one). An
+    explicit value wins, with a warning when the launcher asked for another."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if cfg.train.mixed_precision == "auto":
+        if launcher not in ("no", "bf16", "fp16"):
+            raise ConfigError(f"train.mixed_precision=auto: the accelerate launcher asks for "
+                              f"mixed_precision={launcher}, expected no, bf16 or fp16")
+        return launcher
+    if launcher not in ("no", cfg.train.mixed_precision):
+        warnings.warn(f"the accelerate launcher asks for mixed_precision={launcher} but "
+                      f"train.mixed_precision={cfg.train.mixed_precision} is used (an explicit value wins; "
+                      f"train.mixed_precision=auto follows the launcher)", stacklevel=3)
+    return cfg.train.mixed_precision
+
+
+def resolve(cfg: Config, written=None, launcher: bool = True) -> Config:
+    """A copy of `cfg` with every `auto` that stands for a value replaced by it, the one place this
+    happens before anything is built (the trainer's config.yaml then says what ran):
+    model.init and model.encoder_heads (bidvl.models.registry's rules per arch and resolution),
+    objective.latent_reduction and objective.lower_latents (bidvl.objectives.auto_settings), and,
+    with `launcher`, train.mixed_precision (the accelerate launcher's, `resolve_precision`).
+    `written`: the dotted keys a saved config.yaml holds; a LEGACY key it lacks takes the value the
+    code before the key ran. `checkpoint.resume=auto` (what to resume) and `log.progress=auto`
+    (whether stderr is a terminal) are modes, not values: they stay as typed. Resolving twice
+    changes nothing; `cfg` itself is never changed."""
+    out = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), objective=dataclasses.replace(cfg.objective),
+                              train=dataclasses.replace(cfg.train))
+    out.model.init = resolved_init(cfg.model)
+    out.model.encoder_heads = "bias" if encoder_head_bias(cfg.model, cfg.data.resolution) else "no_bias"
+    for key, value in auto_settings(cfg.objective, cfg.model.arch).items():
+        setattr(out.objective, key, value)
+    if written is not None:
+        for key, value in LEGACY.items():
+            if key not in written:
+                section, name = key.split(".")
+                setattr(getattr(out, section), name, value)
+    if launcher:
+        out.train.mixed_precision = resolve_precision(cfg)
+    return out
 
 
 def to_yaml(cfg: Config) -> str:

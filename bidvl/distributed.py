@@ -12,7 +12,6 @@ import ctypes
 import os
 import signal
 import sys
-import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -91,26 +90,9 @@ def deepspeed_plugins(cfg: Config) -> dict | None:
     return plugins
 
 
-def resolve_precision(cfg: Config) -> str:
-    """train.mixed_precision with `auto` replaced by the launcher's (ACCELERATE_MIXED_PRECISION,
-    which `accelerate launch --mixed_precision` and its config files set; `no` without one). An
-    explicit value wins, with a warning when the launcher asked for another."""
-    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    if cfg.train.mixed_precision == "auto":
-        if launcher not in ("no", "bf16", "fp16"):
-            raise ConfigError(f"train.mixed_precision=auto: the accelerate launcher asks for "
-                              f"mixed_precision={launcher}, expected no, bf16 or fp16")
-        return launcher
-    if launcher not in ("no", cfg.train.mixed_precision):
-        warnings.warn(f"the accelerate launcher asks for mixed_precision={launcher} but "
-                      f"train.mixed_precision={cfg.train.mixed_precision} is used (an explicit value wins; "
-                      f"train.mixed_precision=auto follows the launcher)", stacklevel=3)
-    return cfg.train.mixed_precision
-
-
 def make_accelerator(cfg: Config, plugins: dict | None) -> Accelerator:
     """The run's Accelerator: precision from train.mixed_precision (resolved: see
-    `resolve_precision`), the trackers of log.trackers (TensorBoard under run.dir/tensorboard)."""
+    bidvl.config.resolve), the trackers of log.trackers (TensorBoard under run.dir/tensorboard)."""
     from .tracking import tracker_environment, tracker_names
 
     run_dir = Path(cfg.run.dir)

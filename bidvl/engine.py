@@ -40,10 +40,10 @@ from accelerate.utils import set_seed
 
 from . import objectives
 from .checkpoint import Checkpointer, TrainState
-from .config import Config
+from .config import Config, resolve
 from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
-                          make_accelerator, prepare_nets, resolve_precision, step_optimizer)
+                          make_accelerator, prepare_nets, step_optimizer)
 from .errors import BidvlError
 from .health import HealthMonitor, UnhealthyRun, summary
 from .model_card import model_card_writer
@@ -103,7 +103,10 @@ class StopRequested(BaseException):
 
 class Trainer:
     def __init__(self, cfg: Config):
-        self.cfg = cfg
+        """`cfg` is resolved once here (bidvl.config.resolve: every `auto` replaced, so config.yaml
+        and checkpoints say what ran); the caller's object is left as it was."""
+        typed, self.cfg = cfg, resolve(cfg)
+        cfg = self.cfg
         self._waiting_for_data = False  # the main loop is blocked on the data stream (a safe place to stop)
         self.ended = ""  # how the training ended, once fit has said so (a later signal is only reported)
         self._processes = 1
@@ -115,7 +118,6 @@ class Trainer:
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGALRM)
         }
         end_with_the_launcher()
-        cfg.train.mixed_precision = resolve_precision(cfg)  # `auto` -> the launcher's; in config.yaml
         plugins = deepspeed_plugins(cfg)
         self.deepspeed = plugins is not None
         self.bf16_weights = self.deepspeed and cfg.train.mixed_precision == "bf16"  # DeepSpeed's bf16
@@ -135,7 +137,7 @@ class Trainer:
         if self.bf16_weights:
             cast_buffers_to_bf16(self.unwrapped.values())
         self.state = TrainState()
-        self.checkpointer = Checkpointer(acc, cfg)
+        self.checkpointer = Checkpointer(acc, cfg, typed)
         self.ema = EMA(self.unwrapped["generator"], cfg.train.ema, cfg.train.ema_warmup) if cfg.train.ema > 0 else None
         self.steps_per_epoch = 1  # set from the data stream by fit()
         # Different noise on every rank from here on (same weights were made above).

@@ -305,11 +305,10 @@ class Objective:
     ood_score_uses_generator = False
 
     def __init__(self, cfg, arch: str = "dcgan"):
-        self.cfg = cfg  # bidvl.config.ObjectiveConfig
-        # `auto` settings resolved for model.arch as the authors' scripts for it (docs/fidelity.md).
-        resnet = arch == "resnet"
-        self.latent_reduction = _resolved(cfg, "latent_reduction", "sum_over_dims" if resnet else "mean")
-        self.fresh_latents = _resolved(cfg, "lower_latents", "fresh" if resnet else "reuse") == "fresh"
+        self.cfg = cfg  # bidvl.config.ObjectiveConfig (`auto` values resolved by bidvl.config.resolve)
+        settings = auto_settings(cfg, arch)
+        self.latent_reduction = settings["latent_reduction"]
+        self.fresh_latents = settings["lower_latents"] == "fresh"
 
     def upper_level(self, v, v_hat, *, energy_net, encoder) -> UpperLevelTerms:
         """Eq. (14): E runs once on cat(v, v_hat); v_hat carries no gradient. With
@@ -347,9 +346,13 @@ class Objective:
         return None
 
 
-def _resolved(cfg, key: str, auto: str) -> str:
-    value = getattr(cfg, key, "auto")
-    return auto if value == "auto" else value
+def auto_settings(cfg, arch: str) -> dict[str, str]:
+    """objective.latent_reduction and objective.lower_latents with `auto` replaced by what the
+    authors' scripts for `arch` do (docs/fidelity.md): sum_over_dims and fresh latents for resnet,
+    mean and reused latents otherwise. The rule bidvl.config.resolve applies once per run."""
+    resnet = arch == "resnet"
+    auto = {"latent_reduction": "sum_over_dims" if resnet else "mean", "lower_latents": "fresh" if resnet else "reuse"}
+    return {key: auto[key] if getattr(cfg, key, "auto") == "auto" else getattr(cfg, key) for key in auto}
 
 
 class BiDVL(Objective):

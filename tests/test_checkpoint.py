@@ -63,8 +63,8 @@ def test_a_resume_compares_auto_keys_as_resolved_and_old_configs_as_the_old_code
     resuming an old ResNet run must not switch to the ResNet `auto` values silently."""
     import yaml
 
-    from bidvl.checkpoint import LEGACY, CheckpointError, check_compatible
-    from bidvl.config import load_config, to_yaml
+    from bidvl.checkpoint import CheckpointError, check_compatible
+    from bidvl.config import LEGACY, load_config, to_yaml
 
     resnet = ["model.arch=resnet", "data.resolution=64", "data.channels=3"]
     old = tmp_path / "old"
@@ -692,3 +692,26 @@ def test_a_resume_that_changes_the_data_order_says_so(tmp_path, digits16, capsys
     trainer.checkpointer._report_changes(folder, [("train.batch_size", 16, 8)], 1)
     assert "warning: train.batch_size changed: the data order from here differs" in capsys.readouterr().err
     trainer.close()
+
+
+def test_the_trainer_resolves_its_config_once_and_leaves_the_callers_alone(tmp_path, digits16):
+    """config.yaml says what ran: no `auto` value in it but the two modes (checkpoint.resume,
+    log.progress); the config object the caller passed is not changed."""
+    import yaml
+
+    from bidvl.config import flatten, load_config
+    from bidvl.engine import Trainer
+    from conftest import REPO, TINY
+
+    cfg = load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}"])
+    trainer = Trainer(cfg)
+    try:
+        assert (cfg.train.mixed_precision, cfg.model.init, cfg.objective.latent_reduction) == ("auto",) * 3
+        assert (trainer.cfg.train.mixed_precision, trainer.cfg.model.init) == ("no", "normal")
+        trainer.checkpointer.begin()  # (the run folder, locked)
+        trainer.checkpointer.write_config()
+        written = flatten(yaml.safe_load(layout.RunDir(tmp_path / "run").config.read_text()))
+        assert sorted(k for k, v in written.items() if v == "auto") == ["checkpoint.resume", "log.progress"]
+        assert written["objective.latent_reduction"] == "mean" and written["model.encoder_heads"] == "bias"
+    finally:
+        trainer.close()

@@ -314,3 +314,71 @@ def test_a_missing_extra_is_named_with_what_installs_it(monkeypatch):
         require("torch_fidelity.feature_extractor_inceptionv3", EvalError)
     with pytest.raises(StudyError, match=r"bidvl\[study\]"):
         require("matplotlib", StudyError)
+
+
+# ---------------------------------------------------------------- `auto`, resolved once
+
+
+def test_resolve_replaces_every_auto_value_once_and_leaves_the_input_alone(monkeypatch):
+    from bidvl.config import flatten, resolve, to_dict
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    for overrides, want in (
+        ([], {"model.init": "normal", "model.encoder_heads": "bias", "objective.latent_reduction": "mean",
+              "objective.lower_latents": "reuse"}),
+        (["model.arch=resnet", "data.resolution=64", "data.channels=3"],
+         {"model.init": "xavier", "model.encoder_heads": "no_bias", "objective.latent_reduction": "sum_over_dims",
+          "objective.lower_latents": "fresh"}),
+        (["model.arch=resnet", "data.resolution=32", "data.channels=3", "objective.lower_latents=reuse"],
+         {"model.init": "xavier", "model.encoder_heads": "bias", "objective.latent_reduction": "sum_over_dims",
+          "objective.lower_latents": "reuse"}),  # an explicit value stays
+        (["model.arch=triangle", "data.channels=3"], {"model.init": "triangle"}),
+    ):
+        cfg = load_config(None, overrides)
+        before = flatten(to_dict(cfg))
+        resolved = resolve(cfg)
+        assert flatten(to_dict(cfg)) == before  # the caller's config is not changed
+        flat = flatten(to_dict(resolved))
+        assert {k: flat[k] for k in want} == want, overrides
+        assert flat["train.mixed_precision"] == "bf16"  # the launcher's
+        # only the modes stay `auto`: what to resume, and whether stderr is a terminal
+        assert sorted(k for k, v in flat.items() if v == "auto") == ["checkpoint.resume", "log.progress"]
+        assert resolve(resolved) == resolved  # idempotent
+    assert resolve(load_config(None, []), launcher=False).train.mixed_precision == "auto"
+
+
+def test_a_config_written_before_a_key_existed_resolves_to_what_the_old_code_ran():
+    from bidvl.config import LEGACY, resolve
+
+    cfg = load_config(None, ["model.arch=resnet", "data.resolution=64", "data.channels=3"])
+    old = resolve(cfg, written={"model.arch", "data.resolution"}, launcher=False)  # none of LEGACY's keys
+    assert (old.model.encoder_heads, old.objective.latent_reduction, old.objective.lower_latents) == (
+        LEGACY["model.encoder_heads"], LEGACY["objective.latent_reduction"], LEGACY["objective.lower_latents"])
+    assert resolve(cfg, written=set(LEGACY), launcher=False).model.encoder_heads == "no_bias"
+
+
+def test_an_old_resnet_run_loads_with_the_heads_it_was_trained_with(tmp_path):
+    """Loading resolves the run's config as training did: a config.yaml without
+    model.encoder_heads (written before the key existed) builds heads with a bias, so the weights fit."""
+    import yaml
+    from safetensors.torch import save_file
+
+    from bidvl.config import to_yaml
+    from bidvl.evaluation import load_run
+    from bidvl.models import build_nets, cpu_state_dict
+
+    overrides = ["model.arch=resnet", "data.resolution=64", "data.channels=3", "model.energy_width=8",
+                 "model.encoder_width=8", "model.generator_width=8", "model.latent_dim=4",
+                 "model.encoder_heads=bias"]
+    trained = load_config(None, overrides)
+    nets = build_nets(trained.model, channels=3, resolution=64)
+    written = yaml.safe_load(to_yaml(trained))
+    for section, key in (("model", "encoder_heads"), ("objective", "latent_reduction"), ("objective", "lower_latents")):
+        del written[section][key]
+    export = tmp_path / "model"
+    export.mkdir()
+    (export / "config.yaml").write_text(yaml.safe_dump(written))
+    for name, net in zip(("energy", "encoder", "generator"), nets):
+        save_file(cpu_state_dict(net), str(export / f"{name}.safetensors"), metadata={"step": "3"})
+    run = load_run(export)
+    assert run.cfg.model.encoder_heads == "bias" and run.step == 3

@@ -452,7 +452,7 @@ def test_benchmark_plain_loop_runs_the_engine_objective(tmp_path, digits16, obje
 
 
 def test_precision_follows_the_launcher_unless_the_config_says(tmp_path, monkeypatch):
-    from bidvl.distributed import resolve_precision
+    from bidvl.config import resolve_precision
 
     cfg = load_config(REPO / "configs/digits.yaml")
     assert cfg.train.mixed_precision == "auto"

@@ -27,10 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from bidvl.config import Config, ConfigError, load_config
+from bidvl.config import Config, ConfigError, flatten, load_config, resolve
 from bidvl.errors import BidvlError
 from bidvl.models import build_nets
 from bidvl.models.registry import Nets
@@ -126,12 +127,15 @@ def resolve_weights(run_dir: str | os.PathLike, checkpoint: str | int | None = N
 
 
 def run_config(run_dir: str | os.PathLike) -> Config:
+    """The run's config (config.yaml, or the export's copy), resolved (bidvl.config.resolve): a
+    config.yaml that predates a key gets the value the code before the key ran."""
     run = RunDir(run_dir)
     for path in (run.config, run.export / CONFIG_FILE):
         if path.is_file():
             try:
-                return load_config(path)
-            except ConfigError as exc:
+                written = flatten(yaml.safe_load(path.read_text()) or {})
+                return resolve(load_config(path), written=written, launcher=False)
+            except (ConfigError, yaml.YAMLError) as exc:
                 raise EvalError(f"{path}: {exc}") from None
     raise EvalError(f"{run.config} is missing: {run.path} is not a run folder")
 
