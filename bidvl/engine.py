@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import sys
 import time
 from pathlib import Path
 
@@ -45,6 +43,7 @@ from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
                           make_accelerator, prepare_nets, step_optimizer)
 from .errors import BidvlError
+from .stopping import StopControl
 from .health import HealthMonitor, UnhealthyRun, summary
 from .model_card import model_card_writer
 from .models import build_nets
@@ -89,16 +88,11 @@ def train(cfg: Config) -> int:
         finished = True
     finally:
         trainer.close(synchronise=finished)  # after an error other ranks may be inside a collective
-    return trainer.stop_signal
+    return trainer.stops.signal
 
 
 class NonFiniteError(BidvlError, FloatingPointError):
     """train.on_nonfinite gave up: stop, rollbacks used up, or no checkpoint to roll back to."""
-
-
-class StopRequested(BaseException):
-    """Raised by the signal handler into a wait for data (Trainer._on_signal): a BaseException, so
-    that no retry loop of the data path takes it for a read error."""
 
 
 class Trainer:
@@ -107,22 +101,13 @@ class Trainer:
         and checkpoints say what ran); the caller's object is left as it was."""
         typed, self.cfg = cfg, resolve(cfg)
         cfg = self.cfg
-        self._waiting_for_data = False  # the main loop is blocked on the data stream (a safe place to stop)
-        self.ended = ""  # how the training ended, once fit has said so (a later signal is only reported)
-        self._processes = 1
-        # From the start: a SLURM time-limit signal during start-up or resume must not be lost
-        # (the per-node launcher starts us with SIGUSR1 ignored).
-        self.stop_signal = 0  # the stop signal this process received (SIGTERM, SIGUSR1, SIGINT), else 0
-        self._previous_handlers = {
-            sig: signal.signal(sig, self._on_signal)
-            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGALRM)
-        }
+        self.stops = StopControl(cfg.train.stop_wait_s)  # from the start (bidvl.stopping)
         end_with_the_launcher()
         plugins = deepspeed_plugins(cfg)
         self.deepspeed = plugins is not None
         self.bf16_weights = self.deepspeed and cfg.train.mixed_precision == "bf16"  # DeepSpeed's bf16
         self.accelerator = acc = make_accelerator(cfg, plugins)
-        self._processes = acc.num_processes
+        self.stops.processes = acc.num_processes
         self.objective = objectives.build(cfg)
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -362,63 +347,11 @@ class Trainer:
             log_image_grids(self.accelerator, self.state.step, generator, self.unwrapped["encoder"],
                             self.fixed_latent, v, self._outside_autocast())
 
-    def _on_signal(self, signum, frame):
-        """Stop signals end the run after the current step with a checkpoint. Ctrl-C (SIGINT) too;
-        a second Ctrl-C, once this one was handled, aborts at once (the process dies of SIGINT).
-
-        A stop that arrives while the loop waits for data (a stalled server, a hung `pipe:`
-        command) does not wait for the data: one process stops at once (StopRequested out of the
-        wait; the state is that of the last step, so it checkpoints); several processes give the
-        data train.stop_wait_s (SIGALRM) to arrive, since the other ranks may be inside the next
-        step, then end without a checkpoint (`_stop_while_waiting`)."""
-        if signum == signal.SIGALRM:
-            if self._waiting_for_data:
-                self._waiting_for_data = False
-                raise StopRequested
-            return
-        if self.ended:  # after the closing lines: nothing left to stop, the teardown finishes
-            print(f"signal {signum} after the training had ended ({self.ended}): finishing the teardown, "
-                  f"then exiting", file=sys.stderr, flush=True)
-            return
-        if signum == signal.SIGINT:
-            # The next Ctrl-C takes the default action, in the kernel: it ends the process even
-            # inside a long C call, where a Python handler would wait (and two signals would merge).
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            print("interrupted: checkpointing after this step, then exiting (Ctrl-C again aborts "
-                  "without a checkpoint)", file=sys.stderr, flush=True)
-        self.stop_signal = self.stop_signal or signum
-        if self._waiting_for_data:
-            self._interrupt_the_wait()
-
-    def _interrupt_the_wait(self) -> None:
-        if self._processes == 1:
-            self._waiting_for_data = False
-            raise StopRequested
-        signal.setitimer(signal.ITIMER_REAL, self.cfg.train.stop_wait_s)
-
-    def _next_batches(self, batches_iter, accum: int) -> list | None:
-        """The next step's micro-batches, or None when a stop request interrupted the wait."""
-        batches = []
-        try:
-            self._waiting_for_data = True
-            if self.stop_signal:  # received after the last step's flags were agreed
-                self._interrupt_the_wait()
-            for _ in range(accum):
-                batch, _, skipped = next(batches_iter)
-                batches.append(batch)
-                self.skipped_samples += skipped
-        except StopRequested:
-            return None
-        finally:
-            self._waiting_for_data = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        return batches
-
     def _stop_while_waiting(self, last_saved: int) -> str:
         """A stop request ended a wait for data: one process checkpoints the last step; several
         end without a checkpoint (ShardError: exit 2), as a checkpoint needs every rank."""
-        step, sig = self.state.step, self.stop_signal
-        if self._processes > 1:
+        step, sig = self.state.step, self.stops.signal
+        if self.stops.processes > 1:
             raise ShardError(f"signal {sig} arrived while rank {self.accelerator.process_index} waited for "
                              f"data, and no data came within train.stop_wait_s={self.cfg.train.stop_wait_s:g} s: "
                              f"exiting without a checkpoint (a checkpoint needs every rank at the same step); "
@@ -469,10 +402,12 @@ class Trainer:
         while self.state.step < cfg.train.max_steps and not over_budget:
             tick = clock()
             with window.waiting_for_data():
-                batches = self._next_batches(batches_iter, accum)
-            if batches is None:
+                arrived = self.stops.next_batches(batches_iter, accum)
+            if arrived is None:
                 how = self._stop_while_waiting(last_saved)
                 break
+            batches, skipped = arrived
+            self.skipped_samples += skipped
             if count_flops:
                 result, window.step_flops = counting_flops(lambda: self.train_step(batches))
                 count_flops = False
@@ -481,7 +416,7 @@ class Trainer:
             self.state.step += 1
             self.state.budget_used_s += clock() - tick
             window.record(result, images=sum(len(b) for b in batches) * acc.num_processes)
-            flags = agree_on_flags(acc, bool(self.stop_signal), self.skipped_samples, spent())
+            flags = agree_on_flags(acc, bool(self.stops.signal), self.skipped_samples, spent())
             over_budget = flags.over_budget
             if flags.skipped_samples > cfg.data.max_skipped:
                 raise ShardError(f"{flags.skipped_samples} bad samples or shards skipped, more than "
@@ -522,7 +457,7 @@ class Trainer:
                 last_saved = step
             progress.update()
             if flags.stop:
-                why = f"signal {self.stop_signal}" if self.stop_signal else "a stop signal on another rank"
+                why = f"signal {self.stops.signal}" if self.stops.signal else "a stop signal on another rank"
                 acc.print(f"{why}: checkpointing at step {step} and exiting")
                 if last_saved != step:
                     self.save_checkpoint()
@@ -546,7 +481,7 @@ class Trainer:
         if self.health is not None:
             acc.print(f"run health: {summary(self.health.history[-1] if self.health.history else None)} "
                       f"({self.health.path})")
-        self.ended = how
+        self.stops.ended = how
         return logs
 
     def _last_verdict(self) -> str:
@@ -582,6 +517,4 @@ class Trainer:
         acc.free_memory()
         self.energy_net = self.encoder = self.generator = self.unwrapped = None
         self.energy_opt = self.latent_opt = None
-        # Last: a stop signal during the teardown above is reported, not fatal (see _on_signal).
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
+        self.stops.restore()  # last: a stop signal during the teardown above is reported, not fatal

@@ -11,7 +11,7 @@ import bidvl
 from bidvl.errors import BidvlError
 
 # Exceptions that never reach a user: control flow inside a module.
-INTERNAL = {"bidvl.data.remote._Transient", "bidvl.engine.StopRequested"}
+INTERNAL = {"bidvl.data.remote._Transient", "bidvl.stopping.StopRequested"}
 
 
 def bidvl_exceptions():

@@ -234,7 +234,7 @@ def fit(cfg, stop_after_restart=False):
         def check_then_stop(step, logs):
             restarted = original(step, logs)
             if restarted:
-                trainer.stop_signal = signal.SIGTERM
+                trainer.stops.signal = signal.SIGTERM
             return restarted
 
         trainer.check_health = check_then_stop
