@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ENV, REPO, TINY
 from bidvl.health import verdict_of
-from bidvl.study import health_cell
+from bidvl.study.report import health_cell
 
 
 def run(args, timeout=600):
@@ -122,7 +122,7 @@ def assert_images_resolve(report: Path, at_least: int) -> None:
 
 
 def test_gap_trend_finds_where_a_closing_gap_reaches_zero():
-    from bidvl.study_scaling import gap_trend, trend_text
+    from bidvl.study.scaling import gap_trend, trend_text
 
     a, b, cross = gap_trend([(10, 4.0), (30, 2.0), (90, 0.5)])
     assert b < 0 < a and cross == pytest.approx(math.exp(-a / b))
@@ -139,7 +139,7 @@ def test_gap_trend_finds_where_a_closing_gap_reaches_zero():
 def test_gap_rows_fit_a_method_mean_only_through_budgets_all_its_runs_reach():
     """Three seeds at 10 minutes and one at 10, 30, 90: the mean's trend must not read the change of
     runs between 10 and 30 minutes as a change with minutes; each run gets its own row and trend."""
-    from bidvl.study_scaling import by_method, gap_rows
+    from bidvl.study.scaling import by_method, gap_rows
 
     def point(name, method, budget, fid, rmse=0.2, auroc=1.0):
         return {"name": name, "method": method, "budget_min": budget, "budget_used_min": budget,

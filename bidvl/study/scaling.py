@@ -1,4 +1,4 @@
-"""The report of a compute-scaling study: `launch/study.py` with `budgets` (see bidvl/study.py).
+"""The report of a compute-scaling study: `launch/study.py` with `budgets` (see bidvl/study/__init__.py).
 
 Every (run, budget) point in one table; the mean and spread of each method at each budget (runs of
 one method are its seeds); against the method named `vae`, the gap per budget and its trend; and
@@ -22,8 +22,10 @@ import math
 import statistics
 from pathlib import Path
 
-from bidvl.study import (StudyError, fmt, image_cells, metrics_note, ood_names, report_header,
-                         write_keeping_findings)
+from bidvl.extras import require
+from bidvl.study.config import StudyError
+from bidvl.study.report import (fmt, image_cells, metrics_note, ood_names, report_header,
+                                write_keeping_findings)
 
 REFERENCE = "vae"
 # (scalar, label, lower is better)
@@ -139,9 +141,7 @@ def trend_text(points: list[tuple[float, float]]) -> str:
 
 
 def plot_scaling(groups: dict, budgets: list[float], path: Path) -> None:
-    from bidvl.extras import require
-
-    require("matplotlib", StudyError).use("Agg")
+    require("matplotlib", StudyError).use("Agg")  # the optional extra; named when missing
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.2))
