@@ -51,14 +51,14 @@ parallel, common (list of overrides), eval {num_samples, features, fid_ref, ood 
 folders), batch_size, auto_build_ood (map folder -> [dataset, resolution])}, runs (list of {name,
 label, overrides, budgets, method}).
 
-The package: config.py (the study file: load_study), runner.py
+The package: config.py (the study file, typed: Study, StudyRun, StudyEval; load_study), runner.py
 (the runs and their stages' processes), stages.py and __main__.py (the stages, each in its own
 process), report.py (the report of a study with `budget_minutes`, and what every report shares),
 scaling.py (the report of a study with `budgets`).
 """
 
-from bidvl.study.config import StudyError, load_study, study_file
+from bidvl.study.config import Study, StudyError, load_study, study_file
 from bidvl.study.report import machine
 from bidvl.study.runner import run_study
 
-__all__ = ["StudyError", "load_study", "study_file", "run_study", "machine"]
+__all__ = ["StudyError", "Study", "load_study", "study_file", "run_study", "machine"]
