@@ -12,7 +12,7 @@ caught `ValueError` or `FloatingPointError` before still does:
 | `bidvl.config.ConfigError` (`checkpoint.CheckpointError`, `DamagedCheckpoint`) | config, checkpoints, run folder | ValueError |
 | `bidvl.data.ShardError` (`data/errors.py`; `remote.NotFound`) | shards folders, shards, members, remote sources | ValueError |
 | `bidvl.evaluation.EvalError` | run folders to load, weights files, evaluation options | ValueError |
-| `bidvl.study.StudyError` | study files | ValueError |
+| `bidvl.study.StudyError` (`study/config.py`) | study files | ValueError |
 | `bidvl.health.UnhealthyRun` | `health.on_unhealthy=stop` | RuntimeError |
 | `bidvl.engine.NonFiniteError` | `train.on_nonfinite` giving up | FloatingPointError |
 """

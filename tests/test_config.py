@@ -148,10 +148,10 @@ def test_defaults_and_every_shipped_config_and_study_run_load():
     assert studies
     for path in studies:
         study = load_study(path)
-        for entry in study["runs"]:  # as bidvl.study.run_one composes them
-            load_config(REPO / study["base"], [
-                *study["common"], *entry.get("overrides", []), f"run.dir={study['out']}/{entry['name']}",
-                f"train.time_budget_min={study['budget_minutes']}", f"train.budget_clock={study['budget_clock']}"])
+        for run in study.runs:  # as bidvl.study.runner.run_budget composes them
+            load_config(REPO / study.base, [
+                *study.common, *run.overrides, f"run.dir={study.out}/{run.name}",
+                f"train.time_budget_min={study.budget_minutes}", f"train.budget_clock={study.budget_clock}"])
 
 
 def test_unreadable_files_and_overrides_are_config_errors(tmp_path):

@@ -12,7 +12,9 @@ import yaml
 
 from conftest import ENV, REPO, TINY
 from bidvl.health import verdict_of
-from bidvl.study import health_cell
+from bidvl.study import Study, StudyError, load_study
+from bidvl.study.config import StudyEval, StudyRun
+from bidvl.study.report import health_cell
 
 
 def run(args, timeout=600):
@@ -114,6 +116,124 @@ def test_study_file_errors_name_the_key(tmp_path):
     assert p.returncode == 2 and "runs[0]: unknown key(s) seed" in p.stderr
 
 
+def write_study(tmp_path, **keys) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"base": "digits", "out": "o", "report": "r.md", "runs": [{"name": "a"}], **keys}))
+    return path
+
+
+def test_a_study_file_loads_typed_with_its_derived_values(tmp_path):
+    path = write_study(tmp_path, budgets=[10, 30, 90], threads="2", common=["train.batch_size=8"],
+                       eval={"num_samples": 200, "ood": ["shards/x"], "auto_build_ood": {"shards/x": ["digits", 16]}},
+                       runs=[{"name": "vae", "overrides": ["objective.name=vae"]},
+                             {"name": "vae_seed1", "method": "vae", "label": "VAE, seed 1", "budgets": [10]}])
+    study = load_study(path)
+    assert isinstance(study, Study) and isinstance(study.eval, StudyEval)
+    assert all(isinstance(run, StudyRun) for run in study.runs)
+    assert study.scaling and study.budgets == [10.0, 30.0, 90.0] and study.path == str(path)
+    assert study.threads == 2 and study.parallel == 1 and study.budget_clock == "process"
+    assert study.common == ["train.batch_size=8"] and study.title == "Study"
+    assert study.eval.num_samples == 200 and study.eval.fid_ref == "test" and study.eval.features == ""
+    assert study.eval.auto_build_ood == {"shards/x": ["digits", 16]}
+    vae, seed1 = study.runs
+    assert (vae.label, vae.method, vae.overrides) == ("vae", "vae", ["objective.name=vae"])
+    assert (seed1.label, seed1.method) == ("VAE, seed 1", "vae")
+    assert study.run_budgets(vae) == [10.0, 30.0, 90.0] and study.run_budgets(seed1) == [10.0]
+    assert study.result_name(30.0) == "study_result_30min.json"
+    # One budget: budget_minutes (default 10); --budget-minutes replaces it.
+    plain = load_study(write_study(tmp_path, budget_minutes=5, eval={"ood": None, "features": None}))
+    assert not plain.scaling and plain.budgets == [5.0] and plain.budget_minutes == 5.0
+    assert plain.result_name(5.0) == "study_result.json" and plain.eval.ood == []
+    assert load_study(write_study(tmp_path)).budgets == [10.0]
+    assert load_study(path.parent / "s.yaml", budget_override=2.5).budgets == [2.5]
+    assert load_study("fashion_mnist_scaling").scaling  # a shipped study, by name
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"budget": 3}, "unknown key(s) budget; expected base, budget_clock"),
+    ({"runs": [{"name": "a", "seed": 1}]}, "runs[0]: unknown key(s) seed; expected budgets, label"),
+    ({"eval": {"fid": 1}}, "eval: unknown key(s) fid"),
+    ({"runs": [{"name": "a b"}]}, "runs[0].name='a b': expected letters, digits, _ . -"),
+    ({"runs": [{"overrides": []}]}, "runs[0].name='': expected letters, digits, _ . -"),
+    ({"runs": [{"name": "a"}, {"name": "b"}, {"name": "a"}]}, "run names repeat: a"),
+    ({"budgets": [10], "budget_minutes": 10}, "budget_minutes and budgets both given: expected one"),
+    ({"budgets": [30, 10]}, "budgets=[30, 10]: expected minutes > 0 in increasing order"),
+    ({"budgets": 30}, "budgets=30: expected a list of minutes, e.g. [10, 30, 90]"),
+    ({"budgets": ["ten"]}, "budgets=['ten']: expected numbers (minutes)"),
+    ({"budget_minutes": 0}, "budgets=[0]: expected minutes > 0 in increasing order"),
+    ({"runs": [{"name": "a", "budgets": [5]}]}, "runs[0].budgets: only in a study with `budgets`"),
+    ({"budgets": [5, 10], "runs": [{"name": "a", "budgets": [10, 5]}]},
+     "runs[0].budgets=[10, 5]: expected minutes > 0 in increasing order"),
+    ({"threads": "abc"}, "threads='abc': expected an integer"),
+    ({"parallel": 1.5}, "parallel=1.5: expected an integer"),
+    ({"common": "train.max_steps=5"}, "common='train.max_steps=5': expected a list of strings"),
+    ({"eval": {"num_samples": "many"}}, "eval.num_samples='many': expected an integer"),
+    ({"runs": [{"name": "a", "overrides": "x=1"}]}, "runs[0].overrides='x=1': expected a list of strings"),
+    ({"runs": [{"name": "a"}, {"name": "b", "label": [1]}]}, "runs[1].label=[1]: expected a string"),
+    ({"runs": 5}, "runs=5: expected a list of runs"),
+    ({"eval": [1]}, "eval=[1]: expected a mapping of"),
+])
+def test_each_refusal_of_a_study_file_names_the_file_and_key(tmp_path, keys, message):
+    path = write_study(tmp_path, **keys)
+    with pytest.raises(StudyError) as caught:
+        load_study(path)
+    assert str(caught.value).startswith(f"{path}: ") and message in str(caught.value)
+
+
+def test_a_study_file_without_a_key_or_not_a_mapping_of_keys_is_refused(tmp_path):
+    path = tmp_path / "s.yaml"
+    for text, message in (("out: o\nreport: r.md\nruns: []\n", "key 'base' is missing"),
+                          ("base: digits\nout: o\nreport: r.md\n", "key 'runs' is missing"),
+                          ("runs: [\n", "not readable as YAML"), ("- 1\n", "expected a mapping of study keys")):
+        path.write_text(text)
+        with pytest.raises(StudyError, match=re.escape(f"{path}: {message}")):
+            load_study(path)
+    with pytest.raises(StudyError, match="study file nosuch does not exist"):
+        load_study("nosuch")
+
+
+def test_a_study_file_is_read_as_written(tmp_path):
+    """Overrides are passed on as they are: OmegaConf's `${...}` is not resolved in a study file."""
+    path = write_study(tmp_path, runs=[{"name": "a", "overrides": ["run.dir=${HOME}/x", "data.train=???"]}])
+    assert load_study(path).runs[0].overrides == ["run.dir=${HOME}/x", "data.train=???"]
+
+
+STUDY_MODULES = ["config", "report", "scaling", "runner", "stages"]
+
+
+@pytest.mark.parametrize("module", [*STUDY_MODULES, "__init__"])
+def test_each_study_module_imports_on_its_own(module):
+    name = "bidvl.study" if module == "__init__" else f"bidvl.study.{module}"
+    p = subprocess.run([sys.executable, "-c", f"import {name}"], env=ENV, capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_no_import_cycle_inside_the_study_package():
+    """config <- report <- scaling <- runner: only the runner (and the package's __init__) imports
+    the runner; config imports no other study module."""
+    import ast
+
+    import bidvl.study
+
+    folder = Path(bidvl.study.__file__).parent
+    imports = {}
+    for module in STUDY_MODULES:
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                names.add(("." * node.level) + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        imports[module] = {n for n in names if n.startswith("bidvl.study") or n.startswith(".")}
+    for module in ("config", "report", "scaling", "stages"):
+        assert not any(n in ("bidvl.study.runner", ".runner", "bidvl.study", ".") for n in imports[module]), module
+    assert imports["config"] == set() and imports["stages"] == set()
+    assert imports["report"] == {"bidvl.study.config"}
+    assert imports["scaling"] == {"bidvl.study.config", "bidvl.study.report"}
+
+
 def assert_images_resolve(report: Path, at_least: int) -> None:
     """Every image the report shows is a file at the path it links (relative to the report)."""
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report.read_text())
@@ -122,7 +242,7 @@ def assert_images_resolve(report: Path, at_least: int) -> None:
 
 
 def test_gap_trend_finds_where_a_closing_gap_reaches_zero():
-    from bidvl.study_scaling import gap_trend, trend_text
+    from bidvl.study.scaling import gap_trend, trend_text
 
     a, b, cross = gap_trend([(10, 4.0), (30, 2.0), (90, 0.5)])
     assert b < 0 < a and cross == pytest.approx(math.exp(-a / b))
@@ -139,7 +259,7 @@ def test_gap_trend_finds_where_a_closing_gap_reaches_zero():
 def test_gap_rows_fit_a_method_mean_only_through_budgets_all_its_runs_reach():
     """Three seeds at 10 minutes and one at 10, 30, 90: the mean's trend must not read the change of
     runs between 10 and 30 minutes as a change with minutes; each run gets its own row and trend."""
-    from bidvl.study_scaling import by_method, gap_rows
+    from bidvl.study.scaling import by_method, gap_rows
 
     def point(name, method, budget, fid, rmse=0.2, auroc=1.0):
         return {"name": name, "method": method, "budget_min": budget, "budget_used_min": budget,
@@ -187,7 +307,7 @@ def test_scaling_study_resumes_each_run_from_budget_to_budget(tmp_path, digits16
         assert second["steps"] > first["steps"] and second["budget_min"] == 0.03
         assert {"eval/fid", "eval/rmse", "eval/auroc_uniform"} <= set(second["scalars"])
         log = (tmp_path / "runs" / name / "study.log").read_text()
-        assert f"resumed from" in log and f"at step {first['steps']}" in log  # not retrained from step 0
+        assert "resumed from" in log and f"at step {first['steps']}" in log  # not retrained from step 0
         assert (tmp_path / "runs" / name / "samples_0.01min.png").is_file()
     assert not (tmp_path / "runs/vae_seed1/study_result_0.03min.json").exists()
     assert json.loads((tmp_path / "runs/vae_seed1/study_result_0.01min.json").read_text())["method"] == "vae"

@@ -4,7 +4,7 @@
     python launch/study.py --config configs/studies/fashion_mnist.yaml --only vae,bidvl_offset
     python launch/study.py --config configs/studies/fashion_mnist.yaml --report-only
 
-What it does and the study file's keys: bidvl/study.py.
+What it does and the study file's keys: bidvl/study/__init__.py.
 """
 
 import argparse

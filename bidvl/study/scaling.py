@@ -1,4 +1,4 @@
-"""The report of a compute-scaling study: `launch/study.py` with `budgets` (see bidvl/study.py).
+"""The report of a compute-scaling study: `launch/study.py` with `budgets` (see bidvl/study/__init__.py).
 
 Every (run, budget) point in one table; the mean and spread of each method at each budget (runs of
 one method are its seeds); against the method named `vae`, the gap per budget and its trend; and
@@ -22,8 +22,10 @@ import math
 import statistics
 from pathlib import Path
 
-from bidvl.study import (StudyError, fmt, image_cells, metrics_note, ood_names, report_header,
-                         write_keeping_findings)
+from bidvl.extras import require
+from bidvl.study.config import Study, StudyError
+from bidvl.study.report import (fmt, image_cells, metrics_note, ood_names, report_header,
+                                write_keeping_findings)
 
 REFERENCE = "vae"
 # (scalar, label, lower is better)
@@ -139,9 +141,7 @@ def trend_text(points: list[tuple[float, float]]) -> str:
 
 
 def plot_scaling(groups: dict, budgets: list[float], path: Path) -> None:
-    from bidvl.extras import require
-
-    require("matplotlib", StudyError).use("Agg")
+    require("matplotlib", StudyError).use("Agg")  # the optional extra; named when missing
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.2))
@@ -173,15 +173,15 @@ def plot_scaling(groups: dict, budgets: list[float], path: Path) -> None:
     plt.close(fig)
 
 
-def write_scaling_report(study: dict, results: list[dict]) -> Path:
-    report = Path(study["report"])
+def write_scaling_report(study: Study, results: list[dict]) -> Path:
+    report = Path(study.report)
     images = report.parent / "images" / report.stem
     link = images.relative_to(report.parent).as_posix()  # the images as the report links them
     images.mkdir(parents=True, exist_ok=True)
     groups = by_method(results)
-    plot_scaling(groups, study["budgets"], images / "scaling.png")
+    plot_scaling(groups, study.budgets, images / "scaling.png")
     oods = ood_names(results)
-    budgets = ", ".join(f"{b:g}" for b in study["budgets"])
+    budgets = ", ".join(f"{b:g}" for b in study.budgets)
     lines = report_header(study, f"training budgets of **{budgets} min**")
     lines += ["Each run is evaluated at a budget, then resumed in its folder to the next: its point at a "
               "later budget is the run that budget alone would give (exact resume; the clock decides the "
@@ -218,17 +218,17 @@ def write_scaling_report(study: dict, results: list[dict]) -> Path:
                   "where it is closing, the minutes at which the line reaches zero (an extrapolation "
                   "through few points, not a prediction). A method's `mean` trend goes only through the "
                   "budgets that all its runs reach; each run's row is that run alone.", "",
-                  "| method | run | figure | " + " | ".join(f"gap at {b:g} min" for b in study["budgets"])
-                  + " | trend |", "|---|---|---|" + "---|" * len(study["budgets"]) + "---|"]
-        for row in gap_rows(groups, study["budgets"]):
+                  "| method | run | figure | " + " | ".join(f"gap at {b:g} min" for b in study.budgets)
+                  + " | trend |", "|---|---|---|" + "---|" * len(study.budgets) + "---|"]
+        for row in gap_rows(groups, study.budgets):
             cells = [("—" if b not in row["cells"] else f"{row['cells'][b][0]:+.4g}"
-                      + (f" ({row['cells'][b][1]})" if row["run"] == "mean" else "")) for b in study["budgets"]]
+                      + (f" ({row['cells'][b][1]})" if row["run"] == "mean" else "")) for b in study.budgets]
             lines.append(f"| {row['method']} | {row['run']} | {row['label']} | " + " | ".join(cells)
                          + f" | {trend_text(row['trend'])} |")
     lines += ["", f"![figures against training minutes]({link}/scaling.png)", "", metrics_note(results), ""]
     lines += ["| run | budget (min) | samples | test images and reconstructions (pairs) |", "|---|---|---|---|"]
     for r in results:
         budget = f"{float(r['budget_min']):g}"
-        cells = image_cells(Path(study["out"]) / r["name"], f"_{budget}min", images, link, f"{r['name']}_{budget}min")
+        cells = image_cells(Path(study.out) / r["name"], f"_{budget}min", images, link, f"{r['name']}_{budget}min")
         lines.append("| " + " | ".join([r["name"], budget, *cells]) + " |")
     return write_keeping_findings(report, lines)
