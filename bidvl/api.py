@@ -29,17 +29,23 @@ on a local folder is `bidvl.load(folder)`.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
-from huggingface_hub import ModelHubMixin
+from huggingface_hub import ModelHubMixin, snapshot_download
+from safetensors.torch import save_file
 
 from bidvl import objectives
+from bidvl.checkpoint import TrainState
 from bidvl.config import Config, to_yaml
 from bidvl.evaluation.loading import LoadedRun, load_run, net_states
 from bidvl.evaluation.metrics import energies
 from bidvl.evaluation.sampling import forward_in_mode, restored_buffers, sample_images
 from bidvl.health import verdict_of
+from bidvl.model_card import NUM_SAMPLES, SEED, write_hub_config, write_model_card
+from bidvl.models import cpu_state_dict
+from bidvl.run_dir import CARD_FILES, CONFIG_FILE, EMA_FILE, EXPORT_FILES, TRAIN_STATE_FILE
 
 
 class BiDVLModel(ModelHubMixin, library_name="bidvl", license="apache-2.0",
@@ -123,14 +129,8 @@ class BiDVLModel(ModelHubMixin, library_name="bidvl", license="apache-2.0",
         loading the folder gives this model again; the model card (README.md with the Hub's front
         matter), samples.png, health.json and config.json (for the Hub): the export's own when the
         weights come from one, else written here from the checkpoint's train state and 64 samples."""
-        import shutil
 
-        from safetensors.torch import save_file
 
-        from bidvl.checkpoint import TrainState
-        from bidvl.model_card import NUM_SAMPLES, SEED, write_hub_config, write_model_card
-        from bidvl.models import cpu_state_dict
-        from bidvl.run_dir import CARD_FILES, CONFIG_FILE, EMA_FILE, EXPORT_FILES, TRAIN_STATE_FILE
 
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
@@ -166,7 +166,6 @@ class BiDVLModel(ModelHubMixin, library_name="bidvl", license="apache-2.0",
         files through the Hub cache (huggingface_hub.snapshot_download), then loaded the same way."""
         if os.path.isdir(model_id):
             return load(model_id, device=device, ema=ema)
-        from huggingface_hub import snapshot_download
 
         folder = snapshot_download(repo_id=model_id, revision=revision, cache_dir=cache_dir,
                                    force_download=force_download, local_files_only=local_files_only,

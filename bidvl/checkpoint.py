@@ -40,6 +40,7 @@ from typing import Iterable
 
 import torch
 import yaml
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from .config import ARCH_AUTO, Config, ConfigError, flatten, load_config, resolve, to_dict, to_yaml
@@ -322,7 +323,6 @@ class RunLock:
         if self.accelerator.is_main_process:
             refusal = self._try_lock()
         if self.accelerator.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
 
             refusal = broadcast_object_list([refusal])[0]
         if refusal:
@@ -411,7 +411,6 @@ class Checkpointer:
         except Exception as exc:  # a full disk raises OSError, RuntimeError or SafetensorError
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(_write_error(exc, tmp, self.run_dir)) from None
-        from accelerate.utils import gather_object
 
         digests = gather_object([replica_digest(nets.values())])
         acc.wait_for_everyone()

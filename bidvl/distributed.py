@@ -18,11 +18,12 @@ from typing import NamedTuple
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
 from . import objectives
 from .config import Config, ConfigError
 from .run_dir import RunDir
+from .tracking import tracker_environment, tracker_names
 
 
 class LatentNets(torch.nn.Module):
@@ -63,7 +64,6 @@ def deepspeed_plugins(cfg: Config) -> dict | None:
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
-    from accelerate.utils import DeepSpeedPlugin
 
     stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))
     where = "the accelerate config's deepspeed_config"
@@ -93,8 +93,6 @@ def deepspeed_plugins(cfg: Config) -> dict | None:
 def make_accelerator(cfg: Config, plugins: dict | None) -> Accelerator:
     """The run's Accelerator: precision from train.mixed_precision (resolved: see
     bidvl.config.resolve), the trackers of log.trackers (TensorBoard under run.dir/tensorboard)."""
-    from .tracking import tracker_environment, tracker_names
-
     run_dir = Path(cfg.run.dir)
     trackers = tracker_names(cfg)
     tracker_environment(cfg, trackers)

@@ -33,6 +33,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 
@@ -43,6 +44,7 @@ from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
                           make_accelerator, prepare_nets, step_optimizer)
 from .errors import BidvlError
+from .evaluation.periodic import evaluate_during_training
 from .stopping import StopControl
 from .health import HealthMonitor, UnhealthyRun, summary
 from .model_card import model_card_writer
@@ -73,8 +75,6 @@ def build_optimizers(cfg: Config, energy_net, encoder, generator):
 def restart_seed(seed: int, restarts: int) -> int:
     """The noise seed after the `restarts`-th health restart of a run seeded `seed` (< 2**31, so
     that Accelerate's set_seed can add the process index)."""
-    import numpy as np
-
     return int(np.random.SeedSequence([seed, restarts]).generate_state(1)[0]) % (2**31 - 2**16)
 
 
@@ -436,7 +436,6 @@ class Trainer:
             if step % cfg.log.images_every == 0 or last:
                 self._log_images(batches[0].to(acc.device))
             if cfg.eval.every and step % cfg.eval.every == 0:
-                from .evaluation.periodic import evaluate_during_training
 
                 with self._outside_autocast():
                     figures = evaluate_during_training(acc, cfg, self.energy_net, self.encoder, self.generator, step)

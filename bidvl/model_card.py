@@ -9,13 +9,19 @@ export.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCardData
+from torchvision.utils import save_image
 
-from . import objectives
+from . import __version__, objectives
+from .benchmarking import device_name
 from .config import Config
+from .evaluation.sampling import sample_images
+from .health import summary, write_export
 from .io import write_text
 from .run_dir import CARD_FILE, HUB_CONFIG, SAMPLES_FILE, RunDir
 
@@ -36,8 +42,6 @@ BIBTEX = """@inproceedings{kan2022bidvl,
 def front_matter(cfg: Config) -> str:
     """The card's YAML front matter for the Hugging Face Hub (huggingface_hub's ModelCardData):
     library, license, pipeline tag and tags naming the method, objective, nets and data."""
-    from huggingface_hub import ModelCardData
-
     data = ModelCardData(
         library_name="bidvl", license="apache-2.0", pipeline_tag="unconditional-image-generation",
         tags=["bidvl", "energy-based-model", "latent-variable-model", "generative-model", "pytorch",
@@ -84,9 +88,7 @@ def write_model_card(folder: Path, cfg: Config, state, devices: str, samples: to
                      ema: bool, world: int = 1, health: dict | None = None) -> None:
     """README.md + samples.png (a grid of `samples`, in [-1, 1]) into `folder`, and the run's last
     health check (`health`, bidvl.health) as health.json."""
-    from torchvision.utils import save_image
 
-    from .health import summary, write_export
 
     folder, run_dir = Path(folder), Path(cfg.run.dir)
     save_image(samples, folder / SAMPLES_FILE, nrow=max(1, round(len(samples) ** 0.5)),
@@ -155,9 +157,7 @@ FID, reconstruction RMSE and OOD AUROC.
 
 def write_hub_config(folder: Path, cfg: Config, step: int) -> None:
     """config.json: what the weights are, for the Hub (the training config is config.yaml)."""
-    import json
 
-    from . import __version__
 
     (Path(folder) / HUB_CONFIG).write_text(json.dumps(
         {"library_name": "bidvl", "bidvl_version": __version__, "step": step, "objective": cfg.objective.name,
@@ -170,8 +170,6 @@ def model_card_writer(accelerator, cfg: Config, state, generator, autocast, ema:
     the card. Sampling reads no global RNG and restores every buffer: exporting changes nothing."""
 
     def write(folder: Path) -> None:
-        from .benchmarking import device_name
-        from .evaluation.sampling import sample_images
 
         with autocast:
             samples = sample_images(generator, NUM_SAMPLES, cfg.model.latent_dim, SEED, device=accelerator.device)

@@ -20,14 +20,21 @@ the final figures once per finished training. Names are the tags: `loss/*` (the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
 
+from .config import ConfigError, flatten, to_dict
+from .evaluation.sampling import reconstruction_pairs, restored_buffers
 from .io import write_text
 from .run_dir import CARD_FILE, TRACKER_PROJECT, RunDir
 
@@ -88,8 +95,6 @@ def counting_flops(fn):
     """(fn(), the FLOPs it ran) by torch's FlopCounterMode (matmuls and convolutions, forward and
     backward, as MFU counts them). The mode only observes the operators it dispatches: fn's results
     are bit-identical to a plain call (tests/test_tracking.py)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         result = fn()
     return result, counter.get_total_flops()
@@ -195,7 +200,6 @@ class Progress:
         self.t0 = time.perf_counter()
         self.bar = None
         if self.mode == "bar":
-            from tqdm.auto import tqdm
 
             self.bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True)
 
@@ -277,9 +281,7 @@ _OUR_MLFLOW_URI = "BIDVL_MLFLOW_TRACKING_URI"  # the MLFLOW_TRACKING_URI that tr
 
 def tracker_names(cfg) -> list[str]:
     """log.trackers as a list; a ConfigError names a tracker whose package is not installed."""
-    import importlib.util
 
-    from .config import ConfigError
 
     names = [n.strip() for n in cfg.log.trackers.split(",") if n.strip()]
     for name in names:
@@ -294,8 +296,6 @@ def tracker_environment(cfg, names: list[str]) -> None:
     """MLflow without MLFLOW_TRACKING_URI writes into the run folder (run.dir/mlruns, MLflow's file
     store), like TensorBoard, instead of a database in the working directory; set the variable to
     use a server or a database."""
-    import os
-
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     # A URI set for an earlier run in this process (the study, tests) is replaced; the user's is kept.
     if "mlflow" in names and (not uri or uri == os.environ.get(_OUR_MLFLOW_URI)):
@@ -309,8 +309,6 @@ def start_trackers(accelerator, cfg) -> None:
     run.dir/trackers.json) and get the config as their parameters when their run is new.
     TensorBoard gets the config once, with the final figures, as hparams (`log_final`): its HParams
     tab shows one row per run instead of one empty row per start."""
-    from .config import flatten, to_dict
-
     run_dir = Path(cfg.run.dir)
     ids_file = RunDir(run_dir).trackers  # the W&B / MLflow run ids: a resumed run continues its own
     ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
@@ -341,8 +339,6 @@ def log_final(accelerator, cfg, step: int, figures: dict) -> None:
     """The run's final figures (the last training window's losses and the last evaluation during
     training) as `final/*` scalars to every tracker, and to TensorBoard as the metrics of the run's
     hparams (the config): once per finished training."""
-    from .config import flatten, to_dict
-
     metrics = {f"final/{k}": float(v) for k, v in figures.items()
                if isinstance(v, (int, float)) and math.isfinite(v)}
     accelerator.log(metrics, step=step)
@@ -358,9 +354,7 @@ def log_image_grids(accelerator, step: int, generator, encoder, latents: torch.T
     """Samples G(latents) and real/reconstruction pairs of up to 32 `real` images to the trackers
     that take images. Train-mode BatchNorm, as the authors sample, with every buffer restored:
     logging must not change training."""
-    from torchvision.utils import make_grid
 
-    from .evaluation.sampling import reconstruction_pairs, restored_buffers
 
     with restored_buffers(generator), restored_buffers(encoder), autocast:
         samples = generator(latents.to(accelerator.device)).float()

@@ -13,6 +13,7 @@ Output: 32x32 RGB (no resizing), splits `train` and `test`.
 
 from __future__ import annotations
 
+import io
 import pickle
 import tarfile
 from pathlib import Path
@@ -47,8 +48,6 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 
 def unpickle_batch(data: bytes, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(images N x 32 x 32 x 3 uint8, labels N) from the bytes of one batch file."""
-    import io
-
     try:
         batch = NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not a CIFAR batch"

@@ -39,8 +39,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import http.client
+import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,6 +50,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 import braceexpand
@@ -314,10 +317,6 @@ def publish(folder, dest: str) -> list[str]:
     template with {} for the file name (`pipe:aws s3 cp - s3://bucket/shards/digits/{}`), or a
     URL of a store fsspec writes (`s3://bucket/shards/digits`; each object written whole, as the
     store does). Returns the destinations written, in order."""
-    import json
-    import shutil
-    from pathlib import Path
-
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
     names = [s["name"] for info in meta["splits"].values() for s in info["shards"]] + ["meta.json"]

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bidvl.extras import require
+
 from .meta import ShardError
 from .writer import Dataset, Split, index_key
 
@@ -22,8 +24,6 @@ SIZE = 32
 
 def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(images N x 32 x 32 x 3, labels N in 0..9) from one `<split>_32x32.mat` file."""
-    from bidvl.extras import require
-
     loadmat = require("scipy.io", ShardError).loadmat
 
     if not path.is_file():

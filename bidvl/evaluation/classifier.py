@@ -22,7 +22,9 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import save_file
 
+from bidvl.data import eval_stream, read_meta
 from bidvl.io import atomic_path
 from bidvl.models import cpu_state_dict
 
@@ -53,8 +55,6 @@ class FeatureClassifier(nn.Module):
 
 def save_classifier(model: FeatureClassifier, path: str | os.PathLike, resolution: int, **figures) -> None:
     """Atomic write of a `--features` file (see the module docstring); `figures` go to metadata."""
-    from safetensors.torch import save_file
-
     meta = {"bidvl.features": KIND, "bidvl.in_chans": str(model.in_chans),
             "bidvl.resolution": str(resolution), "bidvl.widths": ",".join(map(str, model.widths)),
             "bidvl.num_classes": str(model.num_classes),
@@ -76,8 +76,6 @@ def load_classifier(metadata: dict, state: dict) -> FeatureClassifier:
 
 def load_split(folder: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split in memory, in index order: images in [-1, 1] and their labels."""
-    from bidvl.data import eval_stream
-
     images, labels, index = [], [], []
     for x, y, i in eval_stream(folder, split, 500):
         keep = i >= 0
@@ -110,8 +108,6 @@ def train_classifier(shards: str, epochs: int = 4, batch_size: int = 128, lr: fl
                      log=print) -> tuple[FeatureClassifier, dict]:
     """Adam + one-cycle LR, random flips and 2 px shifts, on the `train` split of a labelled shards
     folder; returns the net (eval mode) and its figures (test accuracy on the `test` split)."""
-    from bidvl.data import read_meta
-
     meta = read_meta(shards)
     if not meta.get("num_classes"):
         raise ValueError(f"{shards}/meta.json has no num_classes: the shards carry no labels")

@@ -21,11 +21,15 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from bidvl.data import eval_stream, split_info
+from bidvl.data import eval_stream, remote, split_info
+from bidvl.extras import require
 from bidvl.io import atomic_path, file_sha256
 from bidvl.models import cpu_state_dict
 
+from .classifier import load_classifier
 from .gather import IndexedRows, broadcast_from_main, process_layout, progress, rounds
 from .loading import EvalError
 from .sampling import dealt_batches, generate, index_of, local_batchnorm
@@ -161,7 +165,6 @@ class InceptionFeatures(Features):
 
     def __init__(self, weights: str | os.PathLike, device="cpu"):
         super().__init__()
-        from bidvl.extras import require
 
         FeatureExtractorInceptionV3 = require("torch_fidelity.feature_extractor_inceptionv3",
                                               EvalError).FeatureExtractorInceptionV3
@@ -210,9 +213,6 @@ class TorchScriptFeatures(Features):
 
 def read_safetensors(path: Path, tensors: bool = True) -> tuple[dict, dict]:
     """(metadata, state dict) of a `--features` file; tensors=False reads the header only."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -228,7 +228,6 @@ class ClassifierFeatures(Features):
 
     def __init__(self, path: str | os.PathLike, device="cpu"):
         super().__init__()
-        from .classifier import load_classifier
 
         path = Path(path)
         meta, state = read_safetensors(path)
@@ -253,7 +252,6 @@ class TimmFeatures(Features):
 
     def __init__(self, path: str | os.PathLike, device="cpu"):
         super().__init__()
-        from bidvl.extras import require
 
         timm = require("timm", EvalError)
         path = Path(path)
@@ -288,8 +286,6 @@ class TimmFeatures(Features):
 def save_timm_features(model: torch.nn.Module, timm_name: str, path: str | os.PathLike,
                        in_chans: int = 3, input_size: int = 0) -> None:
     """Write a `--features` file for a timm model made with num_classes=0 (docs/fid.md)."""
-    from safetensors.torch import save_file
-
     save_file(cpu_state_dict(model), str(path),
               metadata={"bidvl.features": "timm", "bidvl.timm_name": timm_name,
                         "bidvl.in_chans": str(in_chans), "bidvl.input_size": str(input_size)})
@@ -330,8 +326,6 @@ def reference_key(extractor: Features, folder: str | os.PathLike, split: str,
     launch/make_shards.py writes, so a rewritten dataset is a new key without downloading it.
     Shards written before make_shards recorded digests are keyed by name and count only; their
     cached statistics are reused until the cache file is deleted (a warning says so)."""
-    from bidvl.data import remote
-
     meta, shards, counts = split_info(folder, split, None, 0, *fit)
     h = hashlib.sha256()
     h.update(f"{CACHE_VERSION}\n{extractor.identity}\n{split}\n".encode())
@@ -356,8 +350,6 @@ def reference_key(extractor: Features, folder: str | os.PathLike, split: str,
 def _cache_paths(folder, split, key, fallback_dir) -> list[Path]:
     """The shards folder's fid_stats/ (local folders), then `fallback_dir` (the run's eval/cache);
     remote sources are cached in `fallback_dir` only."""
-    from bidvl.data import remote
-
     name = f"{split}-{key[:20]}.npz"
     source = str(folder)
     if remote.is_remote(source) or remote.is_list(source):

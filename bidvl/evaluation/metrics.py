@@ -33,6 +33,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from bidvl.data import ShardError, eval_stream, read_meta
+from bidvl.data.meta import foreign_shards, is_foreign_folder
 
 from .gather import IndexedRows, process_layout, progress, rounds
 from .loading import EvalError
@@ -147,8 +148,6 @@ def ood_split(folder: str | Path, resolution: int, channels: int, preferred: str
     """The split of an OOD shards folder to score (`preferred`, else its only split); checks that
     its images have the run's resolution and channels. A folder of shards written by another tool
     (no meta.json) is fitted to them: its `preferred` split where it has one, else its 'train'."""
-    from bidvl.data.meta import foreign_shards, is_foreign_folder
-
     if is_foreign_folder(folder):
         try:
             foreign_shards(Path(folder), preferred)

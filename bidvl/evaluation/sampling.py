@@ -29,6 +29,13 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from torch import nn
+from torchvision.utils import make_grid
+
+from bidvl.data import eval_stream
+from bidvl.data.remote import NetOptions
+
+from .gather import progress, rounds
+from .loading import heldout_data
 
 
 BN_MODES = ("train", "eval")
@@ -129,7 +136,6 @@ def sample_images(generator: nn.Module, num: int, latent_dim: int, seed: int = 0
     """The first `num` samples (one process), (num, C, H, W) in [-1, 1] on the CPU: the same images
     as the first `num` of an FID run with the same seed, batch size and bn_mode."""
     generator = local_batchnorm(generator)
-    from .gather import progress, rounds
 
     out = [generate(generator, positions, latent_dim, seed, bn_mode, device).cpu()
            for positions in progress(dealt_batches(num, batch_size), None, "samples", rounds(num, batch_size, 1))]
@@ -148,10 +154,7 @@ def first_test_images(cfg, num: int, batch_size: int, source: tuple[str, str] | 
     """The first `num` images (fewer if the split is smaller) of the run's test split (or of
     `source`, a (folder, split)), one process, read `batch_size` at a time; (N, C, H, W) in [-1, 1]
     on the CPU."""
-    from bidvl.data import eval_stream
-    from bidvl.data.remote import NetOptions
 
-    from .loading import heldout_data
 
     folder, split = source or heldout_data(cfg)
     real = []
@@ -164,7 +167,6 @@ def first_test_images(cfg, num: int, batch_size: int, source: tuple[str, str] | 
 
 
 def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    from torchvision.utils import make_grid
 
     return make_grid(images.cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
 

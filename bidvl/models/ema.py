@@ -7,6 +7,8 @@ import copy
 
 import torch
 
+from .registry import cpu_state_dict
+
 WARMUP_OFFSET = 10  # decay_k = min(decay, (1 + k) / (WARMUP_OFFSET + k)), diffusers' EMAModel schedule
 
 
@@ -44,7 +46,6 @@ class EMA:
             ema_t.copy_(t.detach())
 
     def state_dict(self):
-        from .registry import cpu_state_dict
 
         return cpu_state_dict(self.module)
 

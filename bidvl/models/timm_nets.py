@@ -22,13 +22,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from bidvl.extras import require
 from bidvl.models.dcgan import energy_output_layer
 
 SPECTRAL_NORM_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 
 
 def create_backbone(timm_name: str, channels: int) -> nn.Module:
-    from bidvl.extras import require
 
     timm = require("timm")  # imported here: it takes seconds, and only arch=timm needs it
 

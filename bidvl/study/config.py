@@ -20,6 +20,7 @@ import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bidvl.config import SHIPPED_CONFIGS, path_or_shipped
 from bidvl.errors import BidvlError
 
 
@@ -96,7 +97,6 @@ def study_file(name: str | Path) -> Path:
     exists here."""
     # Here, not at the top: bidvl.config imports torch (the model registry), which the study's own
     # process does not need to read a study file.
-    from bidvl.config import SHIPPED_CONFIGS, path_or_shipped
 
     shipped = SHIPPED_CONFIGS / "studies"
     found = path_or_shipped(name, shipped)

@@ -9,7 +9,12 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+import torch
+
+from bidvl.benchmarking import device_name
+from bidvl.evaluation.fid import read_safetensors
 from bidvl.extras import require
+from bidvl.health import verdict_of
 from bidvl.io import write_text
 from bidvl.run_dir import RunDir
 from bidvl.study.config import Study, StudyError
@@ -66,9 +71,7 @@ def plot_curves(study: Study, results: list[dict], path: Path) -> None:
 
 
 def machine() -> str:
-    import torch
 
-    from bidvl.benchmarking import device_name
 
     return (f"{device_name('cpu')}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"Python {platform.python_version()}")
@@ -89,7 +92,6 @@ def report_header(study: Study, budget_text: str) -> list[str]:
              f"thread(s) per run, {study.parallel} run(s) side by side).", ""]
     features = study.eval.features
     if features and Path(features).suffix == ".safetensors" and Path(features).is_file():
-        from bidvl.evaluation.fid import read_safetensors
 
         meta = read_safetensors(Path(features), tensors=False)[0]
         if "bidvl.test_accuracy" in meta:
@@ -164,8 +166,6 @@ def write_report(study: Study, results: list[dict]) -> Path:
 
 def health_cell(run_dir: Path) -> str:
     """The run's last health check (bidvl.health) as a table cell: the verdict and its reasons."""
-    from bidvl.health import verdict_of
-
     record = verdict_of(run_dir)
     if record is None:
         return "—"

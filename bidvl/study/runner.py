@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
+from bidvl.checkpoint import TrainState
+from bidvl.data.build import build_once
 from bidvl.io import write_text
 from bidvl.run_dir import TRAIN_STATE_FILE, RunDir
 from bidvl.study.config import Study, StudyError, StudyRun
@@ -38,7 +40,6 @@ def _run_stage(stage: str, args: list[str], log: Path, env: dict) -> None:
 
 
 def ensure_ood_shards(study: Study) -> None:
-    from bidvl.data.build import build_once
 
     for folder, (dataset, resolution) in study.eval.auto_build_ood.items():
         if not (Path(folder) / "meta.json").is_file():
@@ -52,7 +53,6 @@ def run_one(study: Study, run: StudyRun) -> list[dict]:
 
 
 def run_budget(study: Study, run: StudyRun, budget: float) -> dict:
-    from bidvl.checkpoint import TrainState
 
     out = Path(study.out) / run.name
     result_path = out / study.result_name(budget)

@@ -8,27 +8,27 @@ import json
 import sys
 from pathlib import Path
 
-from bidvl.errors import BidvlError
+import torch
+from accelerate import Accelerator
+from torchvision.utils import save_image
 
-# Each stage imports the library (torch, accelerate, the engine, the evaluation) in its body: a
-# stage's process loads only what that stage runs.
+from bidvl.config import load_config
+from bidvl.engine import train
+from bidvl.errors import BidvlError
+from bidvl.evaluation import EvalOptions, load_run
+from bidvl.evaluation.evaluator import evaluate_run
+from bidvl.evaluation.sampling import reconstruction_grid, sample_grid
 
 
 def train_stage(config: str, overrides: list[str]) -> None:
     """Trains `config` with `overrides` to the end (max_steps, time budget or a signal), as
     launch/train.py does."""
-    from bidvl.config import load_config
-    from bidvl.engine import train
-
     train(load_config(config, overrides))
 
 
 def evaluate_stage(run_dir: str, options: dict) -> None:
     """launch/evaluate.py --run RUN_DIR with `options` (EvalOptions fields): the report files."""
-    from accelerate import Accelerator
 
-    from bidvl.evaluation import EvalOptions, load_run
-    from bidvl.evaluation.evaluator import evaluate_run
 
     accelerator = Accelerator()
     run = load_run(run_dir, device=accelerator.device)
@@ -42,11 +42,7 @@ def evaluate_stage(run_dir: str, options: dict) -> None:
 def grids_stage(run_dir: str) -> None:
     """RUN_DIR/samples.png (64 samples) and RUN_DIR/reconstructions.png (32 test images and their
     reconstructions), as launch/sample.py draws them."""
-    import torch
-    from torchvision.utils import save_image
 
-    from bidvl.evaluation import load_run
-    from bidvl.evaluation.sampling import reconstruction_grid, sample_grid
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run = load_run(run_dir, device=device)
