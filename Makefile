@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup train test mutation
+.PHONY: setup train test test-fast mutation
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# The fast tier (docs/testing.md): the in-process tests, no subprocess, launcher or loader worker.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not process" $(ARGS)
 
 # Mutation testing (docs/testing.md; not part of CI): the functions MUTANTS names (fnmatch patterns
 # of mutmut's mutant names) against the fast tests listed in pyproject.toml's [tool.mutmut].

@@ -1,5 +1,14 @@
-"""Shared by the test files: the tiny-run overrides and the 16 px digits shards (built once)."""
+"""Shared by the test files: the tiny-run overrides, the 16 px digits shards (built once), and
+the two tiers (docs/testing.md).
 
+Tiers: a test that starts a process (a subprocess, `accelerate launch`, DataLoader workers), itself
+or through a fixture, is in the `process` tier: marked `@pytest.mark.process`, or `slow`, or using
+one of PROCESS_FIXTURES (marked here). `make test-fast` runs the rest (`-m "not process"`), and
+there any process start fails the test naming the marker it lacks, so the tier cannot drift.
+`make test` (CI) runs both.
+"""
+
+import multiprocessing.process
 import os
 import signal
 import subprocess
@@ -22,6 +31,46 @@ TINY = [
 
 
 NETS = ("energy", "encoder", "generator")
+# Fixtures that train a run in a subprocess: a test that uses one is in the process tier.
+PROCESS_FIXTURES = {"tiny_run", "ema_run", "local_run", "trained_twice", "features"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow") or PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.process)
+
+
+class StartedAProcess(AssertionError):
+    pass
+
+
+_POPEN, _START = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
+HARMLESS = {"uname"}  # (platform.processor(), which some trackers call on import)
+
+
+def _refusing_popen(self, args, *rest, **kwargs):
+    if isinstance(args, (list, tuple)) and args and os.path.basename(str(args[0])) in HARMLESS:
+        return _POPEN(self, args, *rest, **kwargs)
+    _refuse()
+
+
+def _refuse(*args, **kwargs):
+    raise StartedAProcess("this test (or a fixture it uses) starts a process: mark it @pytest.mark.process "
+                          "(or add the fixture to PROCESS_FIXTURES in tests/conftest.py)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under `-m "not process"` (the fast tier) starting a process during a test (its fixtures
+    included) fails it."""
+    if "not process" not in (item.config.getoption("markexpr", "") or ""):
+        return (yield)
+    subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start = _refusing_popen, _refuse
+    try:
+        return (yield)
+    finally:
+        subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start = _POPEN, _START
 
 
 def train_tiny(run, shards, *overrides) -> Path:

@@ -40,6 +40,7 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.process
 def test_import_bidvl_is_cheap():
     code = "import sys, bidvl; assert 'torch' not in sys.modules; assert callable(bidvl.load)"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)

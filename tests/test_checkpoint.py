@@ -521,8 +521,6 @@ def test_the_run_lock_on_several_processes_follows_the_main_processs_answer(tmp_
     import re
     from types import SimpleNamespace
 
-    import accelerate.utils
-
     from bidvl.checkpoint import CheckpointError, RunLock
 
     sent = []
@@ -531,7 +529,7 @@ def test_the_run_lock_on_several_processes_follows_the_main_processs_answer(tmp_
         sent.append(list(objects))
         return main_answer if not rank.is_main_process else objects
 
-    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(checkpoint, "broadcast_object_list", broadcast)
     rank = SimpleNamespace(is_main_process=False, num_processes=2)
     main_answer = ["run.dir=x is in use by another training run (pid 1 on host h; lock x/.lock)"]
     with pytest.raises(CheckpointError, match=r"^run.dir=x is in use by another training run \(pid 1 on host h"):
@@ -602,8 +600,6 @@ def test_step_folders_sort_by_number_and_copies_do_not_count(tmp_path):
 
 
 def test_a_save_replaces_a_stale_temp_folder_and_refuses_diverged_replicas(tmp_path, digits16, monkeypatch):
-    import accelerate.utils
-
     trainer = _trainer(tmp_path, digits16)
     stale = layout.RunDir(tmp_path / "run").checkpoints / ".tmp_step_00000001"
     stale.mkdir(parents=True)
@@ -612,7 +608,7 @@ def test_a_save_replaces_a_stale_temp_folder_and_refuses_diverged_replicas(tmp_p
     folder = trainer.save_checkpoint()
     assert not (folder / "from_a_killed_save.bin").exists() and checkpoint.verify(folder)
     digest = checkpoint.replica_digest(trainer.unwrapped.values())
-    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: [digest, "0" * 64, digest, "1" * 64])
+    monkeypatch.setattr(checkpoint, "gather_object", lambda objects: [digest, "0" * 64, digest, "1" * 64])
     trainer.state.step = 2
     with pytest.raises(RuntimeError, match=r"^replicas diverged at step 2: ranks \[1, 3\] differ from rank 0$"):
         trainer.save_checkpoint()

@@ -277,6 +277,7 @@ def test_scripts_exit_2_with_one_line_and_write_nothing(places):
 
 
 
+@pytest.mark.process
 def test_the_config_reference_lists_every_key_and_is_up_to_date():
     """docs/config.md and --help-config come from config.py: every key with its default, what it
     accepts (CHOICES / RANGES) and a meaning; the committed page is what the generator writes now."""

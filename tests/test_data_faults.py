@@ -341,6 +341,7 @@ def first_batch_error(folder, num_workers, max_skipped) -> str:
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.process
 def test_a_shard_of_only_bad_samples_stops_within_one_batch(tmp_path, capfd, num_workers):
     samples = [(f"s{i:04d}.png", b"\x89PNG\r\n\x1a\n not really") for i in range(500)]
     folder = write_shards(tmp_path / "s", [samples])
@@ -356,6 +357,7 @@ def test_a_shard_of_only_bad_samples_stops_within_one_batch(tmp_path, capfd, num
 
 
 @pytest.mark.parametrize("fault, num_workers", [("truncated", 0), ("truncated", 1), ("empty", 0)])
+@pytest.mark.process
 def test_a_stream_whose_every_shard_is_unreadable_stops(tmp_path, capfd, fault, num_workers):
     folder = write_shards(tmp_path / "s", [[(f"s{k}{i}.png", png()) for i in range(4)] for k in range(3)])
     for k in range(3):

@@ -108,6 +108,7 @@ def test_zero2_bf16_trains_and_evaluates(tmp_path, digits16):
         assert torch.isfinite(t).all(), name
 
 
+@pytest.mark.process
 def test_deepspeed_refuses_what_it_cannot_do(tmp_path, digits16):
     cfg = yaml.safe_load(zero(2).read_text())
     cfg["deepspeed_config"]["zero_stage"] = 3

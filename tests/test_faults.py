@@ -232,6 +232,7 @@ def test_meta_json_values_out_of_range_are_named(tmp_path, edit, error):
         train_stream(folder, "train", batch_size=1, seed=0)
 
 
+@pytest.mark.process
 def test_skip_budget_stops_training_clearly(tmp_path):
     samples = [good(i) for i in range(40)]
     for i in (3, 9, 17):
@@ -367,6 +368,7 @@ def test_nan_stop_policy(tmp_path, digits16):
     trainer.close()
 
 
+@pytest.mark.process
 def test_resume_from_another_architecture_fails_before_the_first_step(tmp_path, digits16):
     run = tmp_path / "run"
     subprocess.run(train_cmd(run, digits16, 2, "checkpoint.every=2"), env=ENV, check=True, capture_output=True)
@@ -390,6 +392,7 @@ def test_config_faults_fail_before_training(tmp_path, digits16):
     trainer.close()
 
 
+@pytest.mark.process
 def test_a_shard_that_differs_from_its_recorded_sha256_is_bad_data(tmp_path, digits16, capfd):
     """One label byte changed in a shard (the tar and the image still read: it would train
     silently): the sha256 that make_shards recorded in meta.json names it, for a local folder,

@@ -108,6 +108,7 @@ def test_images_are_fitted_like_resize_then_center_crop():
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.process
 def test_the_order_with_crops_and_flips_is_exact_on_resume(tmp_path, workers):
     folder = tmp_path / "foreign"
     write_foreign(folder)
@@ -135,6 +136,7 @@ def test_bad_members_and_images_are_named_and_skippable(tmp_path, capfd):
     assert "sample caption: member .png is not a readable image" in err  # .txt allowed, the image is not
 
 
+@pytest.mark.process
 def test_a_remote_list_without_meta_json_is_counted_once_it_says_so(tmp_path, capfd):
     import threading
     from functools import partial
@@ -160,6 +162,7 @@ def test_a_remote_list_without_meta_json_is_counted_once_it_says_so(tmp_path, ca
         server.server_close()
 
 
+@pytest.mark.process
 def test_the_same_tars_without_meta_json_train_to_the_same_weights(tmp_path, digits16):
     """bidvl's own shards with their meta.json removed are a WebDataset like any other: the run
     reads them in the same order and gives bit-identical weights (16 px grey images need no fit)."""

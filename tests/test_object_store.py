@@ -49,6 +49,7 @@ def ids(source, n=12, **kwargs):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.process
 def test_published_to_s3_the_shards_stream_what_the_local_folder_does(s3, digits16, workers):
     url = f"s3://{BUCKET}/datasets/digits16"
     written = remote.publish(digits16, url)

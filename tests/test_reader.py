@@ -66,6 +66,7 @@ def test_train_batches_shape_range_labels(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.process
 def test_train_stream_equal_batches_per_rank_and_deterministic(tmp_path, workers):
     folder = make_shards(tmp_path / "s", count=53)
     streams = [train_stream(folder, "train", batch_size=4, seed=3, rank=r, world_size=2,
@@ -83,6 +84,7 @@ def test_train_stream_equal_batches_per_rank_and_deterministic(tmp_path, workers
 
 
 @pytest.mark.parametrize("workers", [0, 2, 3])
+@pytest.mark.process
 def test_train_stream_resumes_exactly(tmp_path, workers):
     folder = make_shards(tmp_path / "s", count=40)
     kwargs = dict(batch_size=3, seed=7, rank=1, world_size=2, num_workers=workers)
@@ -98,6 +100,7 @@ def test_train_stream_resumes_exactly(tmp_path, workers):
     (50, 50, 2, 2),  # 1 shard < 2 ranks: samples dealt round-robin
     (13, 2, 3, 1),   # uneven: some ranks get fewer samples and pad
 ])
+@pytest.mark.process
 def test_eval_stream_covers_every_sample_exactly_once(tmp_path, count, per_shard, world, workers):
     folder = make_shards(tmp_path / "s", count=count, per_shard=per_shard)
     streams = [eval_stream(folder, "train", batch_size=4, rank=r, world_size=world,
@@ -121,6 +124,7 @@ def test_eval_stream_covers_every_sample_exactly_once(tmp_path, count, per_shard
     (0, 13, 3),  # 7 shards of 2: ranks hold 5, 4, 4 samples: 2, 1, 1 batches of 4
     (2, 3, 2),   # 3 shards of 1: rank 0 reads two in two workers (2 batches), rank 1 one (1 batch)
 ])
+@pytest.mark.process
 def test_a_rank_with_fewer_batches_pads_with_marked_batches(tmp_path, workers, count, world):
     """Every rank yields len(stream) batches (a gather on a missing batch would hang); a rank with
     fewer repeats its last images, or zeros when it has none, with labels and indices -1."""
@@ -245,6 +249,7 @@ GOLDEN_ORDER = {
 
 
 @pytest.mark.parametrize("workers, rank", sorted(GOLDEN_ORDER))
+@pytest.mark.process
 def test_the_data_order_is_pinned(tmp_path, workers, rank):
     """The order is a pure function of (seed, rank, role, epoch): pinned here across an epoch
     boundary, so a change to the seeding, the roles or the shuffle buffer shows."""
@@ -257,6 +262,7 @@ def test_the_data_order_is_pinned(tmp_path, workers, rank):
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.process
 def test_a_loader_with_workers_leaves_torch_global_rng_alone(tmp_path, split):
     """The training noise comes from torch's global RNG, which checkpoints save; a DataLoader draws
     its workers' base seed from it unless given its own generator. Opening a loader (a resume, a

@@ -181,6 +181,7 @@ def test_our_shuffle_buffer_draws_what_webdatasets_did():
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.process
 def test_url_pipe_and_shard_lists_stream_what_the_local_folder_does(server, digits16, workers):
     local = first(digits16, num_workers=workers, rank=1, world_size=2)
     last = len(split_info(digits16, "train")[1]) - 1
@@ -197,6 +198,7 @@ def test_url_pipe_and_shard_lists_stream_what_the_local_folder_does(server, digi
                  resolution=16, channels=1) == local
 
 
+@pytest.mark.process
 def test_evaluation_reads_a_url_like_the_local_folder(server, digits16):
     def rows(source):
         return [(i.tolist(), x.sum(dim=(1, 2, 3)).tolist()) for x, _, i in eval_stream(source, "test", 40)]
@@ -204,6 +206,7 @@ def test_evaluation_reads_a_url_like_the_local_folder(server, digits16):
     assert rows(server.url("digits16")) == rows(digits16) == rows(f"pipe:cat {digits16}/{{}}")
 
 
+@pytest.mark.process
 def test_fid_reference_statistics_of_a_url_equal_the_local_folders_and_are_cached_in_the_run(
         tmp_path, digits16, small_features):
     """A remote source's reference statistics are those of its local copy; they are cached in the
@@ -261,6 +264,7 @@ def test_fid_reference_statistics_of_a_url_equal_the_local_folders_and_are_cache
         server.stop()
 
 
+@pytest.mark.process
 def test_a_subset_list_counts_its_own_shards_and_resumes_exactly(server, digits16):
     source = server.url("digits16/train-{000002..000009}.tar")
     meta, shards, counts = split_info(source, "train")
@@ -309,6 +313,7 @@ def test_evaluation_takes_the_retry_budget_it_is_given(server, digits16):
     server.faults.clear()
 
 
+@pytest.mark.process
 def test_a_missing_folder_or_shard_fails_at_once_naming_the_url(server, digits16, tmp_path):
     with pytest.raises(ShardError, match=rf"{server.url('nowhere/meta.json')}: HTTP 404.*\(no meta.json\)"):
         train_stream(server.url("nowhere"), "train", batch_size=16, seed=0, net=FAST)
@@ -362,6 +367,7 @@ def test_the_same_strict_checks_name_the_url_and_member(server, digits16, tmp_pa
 # ------------------------------------------------------------------ publishing
 
 
+@pytest.mark.process
 def test_make_shards_publishes_to_a_folder_or_a_pipe_template_meta_json_last(tmp_path, server):
     spec = importlib.util.spec_from_file_location("make_shards", REPO / "launch/make_shards.py")
     make_shards = importlib.util.module_from_spec(spec)
@@ -504,6 +510,7 @@ def test_a_run_killed_while_reading_from_a_url_resumes_bit_exactly_from_a_pipe_t
     same_weights(local_run, run)
 
 
+@pytest.mark.process
 def test_a_server_gone_for_good_is_a_named_error_within_the_retry_budget(tmp_path, server):
     """One process, one loader worker: the server stops after 14 shards and never comes back.
     (Health checks off: their probe reads the test split's 16 small shards first, which would use
@@ -523,6 +530,7 @@ def test_a_server_gone_for_good_is_a_named_error_within_the_retry_budget(tmp_pat
     assert step_of(last) >= 2 and verify(last) and not (run / "model").exists()
 
 
+@pytest.mark.process
 def test_a_404_fails_before_the_first_step_naming_the_url(tmp_path, server):
     run = tmp_path / "run"
     url = server.url("digits16-typo")
@@ -534,6 +542,7 @@ def test_a_404_fails_before_the_first_step_naming_the_url(tmp_path, server):
     assert not complete_checkpoints(run) and not (run / "model").exists()
 
 
+@pytest.mark.process
 def test_a_dripping_server_and_a_hung_command_are_bounded_by_the_file_deadline(server, digits16):
     """data.net_timeout bounds each wait for bytes, so a server that sends one byte every 0.2 s
     never trips it; data.net_shard_timeout bounds the whole file. A pipe: command that never
@@ -564,6 +573,7 @@ def remote_read(url, net):
 
 
 @pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.process
 def test_a_stop_while_the_data_is_stalled_checkpoints_within_seconds(tmp_path, server, digits16, workers):
     """SIGTERM while the loader waits on a server that drips bytes (one process): the run does not
     wait for the data; it checkpoints the last step and exits 0 within seconds, and a resume from

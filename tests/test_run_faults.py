@@ -56,6 +56,7 @@ def truncated_copy(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("launch", [train_cmd, two_process_cmd], ids=["1 process", "2 processes"])
+@pytest.mark.process
 def test_a_bad_shard_with_loader_workers_ends_the_run_with_one_line(tmp_path, digits16, launch):
     """Before: the error was printed, then the process waited for ever for its worker (which
     ignores SIGTERM) at exit, and the worker outlived it."""
@@ -76,6 +77,7 @@ def test_a_bad_shard_with_loader_workers_ends_the_run_with_one_line(tmp_path, di
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.process
 def test_a_stop_signal_to_the_process_group_checkpoints_then_resumes(tmp_path, digits16, sig, status):
     """Ctrl-C (SIGINT) and SLURM's SIGTERM reach every process of the group, loader workers
     included: the run checkpoints and exits (130 after Ctrl-C, 0 after SIGTERM)."""
@@ -103,6 +105,7 @@ def test_a_stop_signal_to_the_process_group_checkpoints_then_resumes(tmp_path, d
     assert code == 0 and f"resumed from {found[-1]}" in err + _, err[-2000:]
 
 
+@pytest.mark.process
 def test_second_sigint_aborts_at_once(tmp_path, digits16):
     run = tmp_path / "run"
     # A slow step (bigger nets) so that the second Ctrl-C lands while the first is pending.
@@ -274,6 +277,7 @@ def test_a_full_disk_that_raises_no_oserror_is_named_and_cleaned_up(tmp_path, di
     trainer.close(synchronise=False)
 
 
+@pytest.mark.process
 def test_a_real_full_disk_mid_run_exits_2_and_keeps_the_complete_checkpoint(tmp_path, digits16):
     """The run folder on a 1.5 MB tmpfs (mounted here when permitted): the first checkpoint
     (~1 MB) fits, the second does not. One `error:` line naming ENOSPC and the path, exit 2, no
@@ -304,6 +308,7 @@ def test_a_real_full_disk_mid_run_exits_2_and_keeps_the_complete_checkpoint(tmp_
 # ------------------------------------------------------------------ one trainer per run folder
 
 
+@pytest.mark.process
 def test_a_second_trainer_on_a_run_folder_is_refused_naming_the_holder(tmp_path, digits16):
     run = tmp_path / "run"
     first = subprocess.Popen(train_cmd(run, digits16, 100000, *WORKERS, "checkpoint.every=5"), env=ENV,
@@ -347,6 +352,7 @@ def test_the_lock_is_released_by_close_and_refused_in_process(tmp_path, digits16
 # ------------------------------------------------------------------ resume with loader workers
 
 
+@pytest.mark.process
 def test_resume_with_loader_workers_is_bit_exact(tmp_path, digits16):
     """Opening a DataLoader with workers drew its base seed from torch's global RNG, which the
     checkpoint restores: the resumed run drew once more than the uninterrupted one, and its noise

@@ -161,6 +161,7 @@ def test_sbatch_usr1_checkpoints_and_requeues(tmp_path, digits16):
     assert "resume: auto" in resolved and f"dir: {run}" in resolved
 
 
+@pytest.mark.process
 def test_benchmark_prints_one_json_object():
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/benchmark.py"), "--config", "configs/digits.yaml",
@@ -222,6 +223,7 @@ def test_benchmark_interpolate_token_restores_the_old_upsampling(monkeypatch):
     assert torch.equal(resnet.upsample2x(x), F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
 
 
+@pytest.mark.process
 def test_upsample_benchmark_prints_one_json_object():
     proc = subprocess.run(
         [sys.executable, str(REPO / "launch/benchmark_upsample.py"), "--config", "configs/cifar10_resnet.yaml",

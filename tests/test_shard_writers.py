@@ -378,6 +378,7 @@ def test_imagefolder_without_classes_and_holdout(tmp_path):
 # --- bad input: one clear line, exit code 2 ------------------------------------------------------
 
 
+@pytest.mark.process
 def test_cli_missing_src_wrong_format_and_help(tmp_path):
     result = run_cli("cifar10", "--out", tmp_path / "out")
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -394,6 +395,7 @@ def test_cli_missing_src_wrong_format_and_help(tmp_path):
     assert result.returncode == 0 and "fashion-mnist" in result.stdout
 
 
+@pytest.mark.process
 def test_cli_refuses_existing_shards_unless_overwrite(tmp_path, capsys):
     src = tmp_path / "images"
     write_image_folder(src)
@@ -493,6 +495,7 @@ print("built" if build_once("digits", sys.argv[1], 16) else "found", flush=True)
 """
 
 
+@pytest.mark.process
 def test_build_once_from_processes_started_at_once(tmp_path):
     """launch/study.py starts its runs at once on a fresh clone, each auto-building the same
     folder: one process builds, the others wait on the lock and read its shards (before the

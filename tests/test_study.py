@@ -47,6 +47,7 @@ def test_classifier_features_load_and_refuse_other_shapes(features):
         extractor(torch.zeros(2, 1, 32, 32))
 
 
+@pytest.mark.process
 def test_feature_script_refuses_unlabelled_or_bad_output(tmp_path, digits16):
     p = run(["launch/train_feature_classifier.py", "--shards", str(digits16), "--out", str(tmp_path / "x.pt")])
     assert p.returncode == 2 and "--out" in p.stderr
@@ -92,6 +93,7 @@ def test_study_runs_evaluates_reports_and_skips_finished_runs(tmp_path, digits16
     assert "kept text" in (tmp_path / "docs/study.md").read_text()
 
 
+@pytest.mark.process
 def test_study_file_errors_name_the_key(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"base": "x", "out": "o", "report": "r.md", "runs": [{"name": "a b"}]}))
@@ -201,6 +203,7 @@ def test_a_study_file_is_read_as_written(tmp_path):
 STUDY_MODULES = ["config", "report", "scaling", "runner", "stages"]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("module", [*STUDY_MODULES, "__init__"])
 def test_each_study_module_imports_on_its_own(module):
     name = "bidvl.study" if module == "__init__" else f"bidvl.study.{module}"

@@ -465,6 +465,7 @@ def test_precision_follows_the_launcher_unless_the_config_says(tmp_path, monkeyp
         assert resolve_precision(cfg) == "no"
 
 
+@pytest.mark.process
 def test_launcher_bf16_trains_in_bf16_and_records_it(tmp_path, digits16):
     """`accelerate launch --mixed_precision bf16 launch/train.py` once trained in fp32."""
     run = tmp_path / "run"
@@ -476,6 +477,7 @@ def test_launcher_bf16_trains_in_bf16_and_records_it(tmp_path, digits16):
     assert load_config(run / "config.yaml").train.mixed_precision == "bf16"
 
 
+@pytest.mark.process
 def test_print_config_prints_the_resolved_yaml_and_writes_nothing(tmp_path):
     p = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--print-config", "train.max_steps=7",
                         f"run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -491,6 +493,7 @@ def test_print_config_prints_the_resolved_yaml_and_writes_nothing(tmp_path):
         assert f"\n  {section} " in help_text
 
 
+@pytest.mark.process
 def test_resume_prints_changed_keys_and_refuses_changed_maths(tmp_path, digits16):
     run = tmp_path / "run"
     assert run_train(tiny_args(run, digits16, 2, "checkpoint.every=2")).returncode == 0
@@ -508,6 +511,7 @@ def test_resume_prints_changed_keys_and_refuses_changed_maths(tmp_path, digits16
     assert load_config(run / "config.yaml").objective.r_basic == 0.5
 
 
+@pytest.mark.process
 def test_resume_on_another_number_of_processes_says_what_changes(tmp_path, digits16):
     run = tmp_path / "run"
     assert run_train(tiny_args(run, digits16, 2, "checkpoint.every=2")).returncode == 0
@@ -517,6 +521,7 @@ def test_resume_on_another_number_of_processes_says_what_changes(tmp_path, digit
     assert "data order changes" in p.stderr and "epoch length" in p.stderr
 
 
+@pytest.mark.process
 def test_export_writes_a_model_card_with_samples(tmp_path, digits16):
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
@@ -639,6 +644,7 @@ def test_a_nonfinite_gradient_in_one_optimizer_step_marks_the_whole_step(tmp_pat
     trainer.close()
 
 
+@pytest.mark.process
 def test_a_log_file_gets_plain_lines_and_a_closing_summary(tmp_path, digits16):
     """Run as a cluster job runs it (stdout and stderr into one file, no terminal): no carriage
     returns, one line per log window (step/total, speed, ETA, losses, the health verdict), and
@@ -692,6 +698,7 @@ def test_the_progress_line_counts_down_the_budget_it_runs_on(tmp_path, digits16,
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.process
 def test_an_ema_turned_on_at_resume_starts_from_the_loaded_generator(tmp_path, digits16):
     """A run saved without an EMA resumes with train.ema on (the EMA starts from the checkpoint's
     generator, said once) instead of calling every checkpoint damaged; with train.ema_warmup the
