@@ -41,4 +41,4 @@ MUTANTS ?= bidvl.objectives.* bidvl.engine.x_build_optimizers__* bidvl.engine.*_
 mutation: $(STAMP)
 	$(BIN)/pip install -q 'mutmut==3.8.1'
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children 2 $(foreach m,$(MUTANTS),'$(m)')
-	$(BIN)/python launch/mutation_report.py $(foreach m,$(MUTANTS),'$(m)')
+	$(BIN)/python tools/mutation_report.py $(foreach m,$(MUTANTS),'$(m)')

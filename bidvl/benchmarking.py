@@ -1,4 +1,4 @@
-"""What the benchmark scripts (launch/benchmark*.py) share: the name of the device measured and a
+"""What the benchmark scripts (tools/benchmark*.py) share: the name of the device measured and a
 stand-in image folder of real photographic content.
 
     device_name("cuda")                               # "NVIDIA H200"; "cpu": the CPU's model name

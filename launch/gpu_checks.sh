@@ -3,13 +3,13 @@
 # runs one command for at most 10 minutes; 15 minutes of device time in all, so PART=1 first):
 #   PART=1 (default, about 9 min at most): the CUDA upsampling test (the ResNet generator's
 #          upsample2x equals F.interpolate in values and gradients), then
-#          `SET=first launch/gpu_benchmark.sh`: the upsampling micro-benchmark, celeba128 as bf16,
+#          `SET=first tools/gpu_benchmark.sh`: the upsampling micro-benchmark, celeba128 as bf16,
 #          bf16+interpolate (the old upsampling) and bf16+channels_last+cudnn_benchmark, cifar10 as
 #          fp32 and bf16+compile (the issue-5 targets first).
 #   PART=2 (about 4 min at most): the slow CUDA tests, SyncBatchNorm joint batch (two ranks sharing
 #          the GPU over gloo equal one process on the joint batch) and the one-GPU DeepSpeed ZeRO-2
 #          smoke run (fp32 equals plain training; bf16 trains, checkpoints, evaluates).
-# Further runs: SET=eager or SET=compile launch/gpu_benchmark.sh (about 8 min each).
+# Further runs: SET=eager or SET=compile tools/gpu_benchmark.sh (about 8 min each).
 #
 #   OUT=gpu_out launch/gpu_checks.sh     # then: $OUT/gpu_tests_part1.log, $OUT/benchmarks.jsonl
 #   PART=2 OUT=gpu_out launch/gpu_checks.sh
@@ -39,7 +39,7 @@ tests() {  # limit, test ids...
 case $PART in
     1)
         tests 45 "tests/test_models.py::test_upsample_on_cuda_equals_interpolate"
-        SET=first launch/gpu_benchmark.sh
+        SET=first tools/gpu_benchmark.sh
         ;;
     2)
         tests 240 \

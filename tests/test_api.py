@@ -26,7 +26,7 @@ def ema_run(tmp_path_factory, digits16):
 
 
 def script(name, *args):
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / name), *map(str, args)], env=ENV,
+    proc = subprocess.run([sys.executable, str(REPO / ("tools" if name == "energy_probe.py" else "launch") / name), *map(str, args)], env=ENV,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

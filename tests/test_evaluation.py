@@ -31,8 +31,8 @@ from bidvl.models.registry import Nets
 
 
 
-def launch_module(name):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
+def launch_module(name, folder="launch"):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -40,7 +40,7 @@ def launch_module(name):
 
 evaluate_cli = launch_module("evaluate")
 sample_cli = launch_module("sample")
-probe_cli = launch_module("energy_probe")
+probe_cli = launch_module("energy_probe", "tools")
 
 
 def write_shards(folder: Path, splits: dict, per_shard: int = 4) -> Path:

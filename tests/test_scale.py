@@ -164,7 +164,7 @@ def test_sbatch_usr1_checkpoints_and_requeues(tmp_path, digits16):
 @pytest.mark.process
 def test_benchmark_prints_one_json_object():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "launch/benchmark.py"), "--config", "configs/digits.yaml",
+        [sys.executable, str(REPO / "tools/benchmark.py"), "--config", "configs/digits.yaml",
          "--steps", "2", "--warmup", "1", "--batch-size", "8", "--device", "cpu",
          "--variants", "fp32,bf16+cudnn_benchmark", "--profile", "1"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, check=False,
@@ -190,7 +190,7 @@ def test_benchmark_prints_one_json_object():
 def test_benchmark_times_the_loader_on_stand_in_shards(monkeypatch):
     """--stand-in-data: configs/celeba128.yaml's shards are not here; photo crops written at its
     resolution and channels stand in, read with its loader settings (workers off here)."""
-    monkeypatch.syspath_prepend(str(REPO / "launch"))
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
     from benchmark import stand_in_data_wait
 
     from bidvl.config import load_config
@@ -206,7 +206,7 @@ def test_benchmark_interpolate_token_restores_the_old_upsampling(monkeypatch):
     F.interpolate (the whole-step A/B of resnet.upsample2x on a GPU)."""
     import torch.nn.functional as F
 
-    monkeypatch.syspath_prepend(str(REPO / "launch"))
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # measure() sets it in this process
     from benchmark import measure, parse_variant
 
@@ -226,7 +226,7 @@ def test_benchmark_interpolate_token_restores_the_old_upsampling(monkeypatch):
 @pytest.mark.process
 def test_upsample_benchmark_prints_one_json_object():
     proc = subprocess.run(
-        [sys.executable, str(REPO / "launch/benchmark_upsample.py"), "--config", "configs/cifar10_resnet.yaml",
+        [sys.executable, str(REPO / "tools/benchmark_upsample.py"), "--config", "configs/cifar10_resnet.yaml",
          "--device", "cpu", "--batch-size", "2", "--repeats", "1", "--dtypes", "fp32,bf16"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, check=False,
     )
@@ -239,7 +239,7 @@ def test_upsample_benchmark_prints_one_json_object():
     for block in result["blocks"]:
         for method in methods:
             assert 0 < block[method]["forward_ms"] and 0 < block[method]["forward_backward_ms"]
-    refused = subprocess.run([sys.executable, str(REPO / "launch/benchmark_upsample.py"), "--config",
+    refused = subprocess.run([sys.executable, str(REPO / "tools/benchmark_upsample.py"), "--config",
                               "configs/cifar10.yaml"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "model.arch='dcgan'" in refused.stderr
 

@@ -416,10 +416,10 @@ def test_fit_logs_the_time_spent_waiting_for_data(tmp_path, digits16, sleep):
     ["objective.name=vae"], ["objective.name=divergence_triangle"], ["objective.order=lower_first"],
 ])
 def test_benchmark_plain_loop_runs_the_engine_objective(tmp_path, digits16, objective):
-    """launch/benchmark.py's plain loop calls the same objective object as the engine: from the
+    """tools/benchmark.py's plain loop calls the same objective object as the engine: from the
     same weights, batch and noise, one step of each gives the same weights (the plain loop once
     ignored objective.name)."""
-    sys.path.insert(0, str(REPO / "launch"))
+    sys.path.insert(0, str(REPO / "tools"))
     try:
         from benchmark import build_plain, plain_step
     finally:

@@ -104,7 +104,7 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
     GPU; its backward scatters with atomic adds. Here, per axis, the output's even and odd rows are
     lerps of each row with its clamped neighbour (weights 3/4, 1/4), interleaved: elementwise
     kernels over all elements, an atomic-free (deterministic) backward, fused by torch.compile.
-    Not yet timed on a GPU: `launch/benchmark_upsample.py` times the choices on a given machine.
+    Not yet timed on a GPU: `tools/benchmark_upsample.py` times the choices on a given machine.
     F.interpolate stays on the CPU (where the slices are ~1.9x slower per generator pass;
     docs/benchmarks.md) and for channels_last tensors (whose CUDA kernel runs one thread per
     element, and whose layout the slices would not keep).

@@ -1,7 +1,7 @@
 """What run-health checks cost: a check's time against health.every training steps.
 
-    python launch/benchmark_health.py --config configs/digits.yaml
-    python launch/benchmark_health.py --config configs/fashion_mnist.yaml model.energy_width=16 \
+    python tools/benchmark_health.py --config configs/digits.yaml
+    python tools/benchmark_health.py --config configs/fashion_mnist.yaml model.energy_width=16 \
         model.encoder_width=16 model.generator_width=16 model.latent_dim=32 train.batch_size=64 \
         data.num_workers=0 [--features bidvl/evaluation/weights/fashion_mnist_classifier.safetensors]
 

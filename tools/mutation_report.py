@@ -1,6 +1,6 @@
 """Tallies a `make mutation` run (mutmut 3) per module, as docs/testing.md reports it.
 
-    python launch/mutation_report.py 'bidvl.objectives.*' 'bidvl.models.ema.*'   # after mutmut run
+    python tools/mutation_report.py 'bidvl.objectives.*' 'bidvl.models.ema.*'   # after mutmut run
 
 Reads `mutmut results --all true` in the repository root, keeps the mutants the patterns name
 (fnmatch, as `mutmut run` selects them), and counts killed, survived, timeout, no tests and

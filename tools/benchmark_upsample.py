@@ -1,6 +1,6 @@
 """Time the ResNet generator's x2 bilinear upsampling, F.interpolate against the slice formulation.
 
-    python launch/benchmark_upsample.py [--config configs/celeba128.yaml] [--device cuda|cpu]
+    python tools/benchmark_upsample.py [--config configs/celeba128.yaml] [--device cuda|cpu]
         [--dtypes fp32,bf16] [--repeats 20] [--batch-size B]
 
 For each up-block of the config's generator (`bidvl.models.resnet.GENERATOR_BLOCKS`: the input

@@ -3,7 +3,7 @@ DataLoader workers, at 32 and 128 px, from the local folder (memory map) and ove
 folder served by `python -m http.server` in a separate process on 127.0.0.1). Prints one JSON
 object; `*_per_core` divides by the reader processes (1, or --workers).
 
-    python launch/benchmark_data.py [--images 4000] [--batch-size 100] [--workers 2] [--no-http]
+    python tools/benchmark_data.py [--images 4000] [--batch-size 100] [--workers 2] [--no-http]
 
 Shards are built in a temp folder: 32 px from FashionMNIST when its IDX files are installed
 (else scikit-learn's digits), 128 px from random crops of scikit-learn's two sample photos (real

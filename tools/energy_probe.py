@@ -1,6 +1,6 @@
 """What does the energy net respond to? Mean E(v) of test images and of perturbed versions of them.
 
-    python launch/energy_probe.py --run runs/study_fashion_mnist/bidvl_offset [--checkpoint 200]
+    python tools/energy_probe.py --run runs/study_fashion_mnist/bidvl_offset [--checkpoint 200]
 
 Prints one JSON object: for the test images (the first --num of the config's test split), the
 same images with Gaussian noise of standard deviation 0.05 / 0.1 / 0.3 added (clamped to [-1, 1]),

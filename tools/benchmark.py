@@ -1,6 +1,6 @@
 """Time the engine's bi-level iteration against a plain PyTorch loop of the same nets.
 
-    python launch/benchmark.py --config configs/cifar10.yaml [--steps 20] [--warmup 3]
+    python tools/benchmark.py --config configs/cifar10.yaml [--steps 20] [--warmup 3]
         [--batch-size B] [--variants fp32,bf16,channels_last,compile,bf16+compile]
         [--device cpu|cuda] [--peak-tflops 989] [--data-batches 50] [--profile STEPS]
         [--stand-in-data IMAGES]
