@@ -29,7 +29,7 @@ test-fast: $(STAMP)
 # of mutmut's mutant names) against the fast tests listed in pyproject.toml's [tool.mutmut].
 # One thread per process: mutmut forks its workers, and a fork after torch's OpenMP pool started
 # can hang (every such mutant then reads as a timeout).
-MUTANTS ?= bidvl.objectives.* bidvl.engine.x_build_optimizers__* bidvl.engine.*_frozen__* \
+MUTANTS ?= bidvl.objectives.* bidvl.distributed.x_build_optimizers__* bidvl.engine.*_frozen__* \
 	bidvl.engine.*_backward__* bidvl.engine.*_optimizer_step__* bidvl.engine.*upper_level_step__* \
 	bidvl.engine.*lower_level_step__* bidvl.engine.*_lower_level_phase__* bidvl.engine.*train_step__* \
 	bidvl.engine.*set_learning_rates__* bidvl.engine.*apply_nonfinite_policy__* \

@@ -122,9 +122,23 @@ class PreparedNets(NamedTuple):
     latent_engine: torch.nn.Module | None  # DeepSpeed's engine for encoder + generator
 
 
-def prepare_nets(accelerator, cfg: Config, nets, build_optimizers, deepspeed: bool) -> PreparedNets:
-    """SyncBatchNorm and channels_last as configured, the optimizers from `build_optimizers(cfg,
-    energy_net, encoder, generator)`, then Accelerate's prepare in the fixed order energy net,
+def build_optimizers(cfg: Config, energy_net, encoder, generator):
+    """Adam for the energy net; one Adam for encoder + generator (the lower level's nets), the
+    encoder in a group of its own when train.encoder_weight_decay is set."""
+    eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
+    energy_opt = torch.optim.Adam(energy_net.parameters(), lr=eo.lr, betas=tuple(eo.betas),
+                                  weight_decay=eo.weight_decay)
+    latent_params = [*encoder.parameters(), *generator.parameters()]
+    if cfg.train.encoder_weight_decay is not None:  # a group of its own for the encoder
+        latent_params = [{"params": list(encoder.parameters()), "weight_decay": cfg.train.encoder_weight_decay},
+                         {"params": list(generator.parameters())}]
+    latent_opt = torch.optim.Adam(latent_params, lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay)
+    return energy_opt, latent_opt
+
+
+def prepare_nets(accelerator, cfg: Config, nets, deepspeed: bool) -> PreparedNets:
+    """SyncBatchNorm and channels_last as configured, the optimizers (`build_optimizers`), then
+    Accelerate's prepare in the fixed order energy net,
     encoder, generator, energy optimizer, latent optimizer (checkpoint file names follow it)."""
     energy_net, encoder, generator = nets
     if cfg.model.sync_batchnorm and accelerator.num_processes > 1:

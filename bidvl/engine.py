@@ -10,7 +10,8 @@ The work is done by components, each in its own module:
     bidvl.tracking      step metrics, the logging window, timers, image grids
     bidvl.distributed   the Accelerator, DeepSpeed's two engines, the per-step flags all ranks share
     bidvl.data          the training stream (`ShardStream`, or any object with its two members)
-    bidvl.health        run health checks, verdicts and RUN_DIR/health.jsonl
+    bidvl.health        run health checks, verdicts, RUN_DIR/health.jsonl, and health.on_unhealthy
+    bidvl.stopping      stop signals, and the wait for data a stop may interrupt
 
 `fit` reads top to bottom: fetch -> step -> non-finite policy -> log -> evaluate -> health ->
 checkpoint.
@@ -33,7 +34,6 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate.utils import set_seed
 
@@ -45,37 +45,15 @@ from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugin
                           make_accelerator, prepare_nets, step_optimizer)
 from .errors import BidvlError
 from .evaluation.periodic import evaluate_during_training
-from .stopping import StopControl
-from .health import HealthMonitor, UnhealthyRun, summary
+from .health import HealthMonitor
 from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
-from .tracking import (MetricsWindow, Progress, StepResult, closing_lines, counting_flops, log_final, log_image_grids,
-                       peak_tflops, start_trackers)
+from .stopping import StopControl
+from .tracking import (MetricsWindow, Progress, StepResult, close_run, counting_flops, log_image_grids, peak_tflops,
+                      start_trackers)
 
-# The last training window's figures that go into the run's final figures (tracking.log_final).
-FINAL_LOGS = ("loss/", "energy/")
 NETS = ("energy", "encoder", "generator")  # the prepare order; checkpoint file names follow it
-
-
-def build_optimizers(cfg: Config, energy_net, encoder, generator):
-    """Adam for the energy net; one Adam for encoder + generator (the lower level's nets), the
-    encoder in a group of its own when train.encoder_weight_decay is set."""
-    eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
-    energy_opt = torch.optim.Adam(energy_net.parameters(), lr=eo.lr, betas=tuple(eo.betas),
-                                  weight_decay=eo.weight_decay)
-    latent_params = [*encoder.parameters(), *generator.parameters()]
-    if cfg.train.encoder_weight_decay is not None:  # a group of its own for the encoder
-        latent_params = [{"params": list(encoder.parameters()), "weight_decay": cfg.train.encoder_weight_decay},
-                         {"params": list(generator.parameters())}]
-    latent_opt = torch.optim.Adam(latent_params, lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay)
-    return energy_opt, latent_opt
-
-
-def restart_seed(seed: int, restarts: int) -> int:
-    """The noise seed after the `restarts`-th health restart of a run seeded `seed` (< 2**31, so
-    that Accelerate's set_seed can add the process index)."""
-    return int(np.random.SeedSequence([seed, restarts]).generate_state(1)[0]) % (2**31 - 2**16)
 
 
 def train(cfg: Config) -> int:
@@ -112,7 +90,7 @@ class Trainer:
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
         nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
-        nets = prepare_nets(acc, cfg, nets, build_optimizers, self.deepspeed)
+        nets = prepare_nets(acc, cfg, nets, self.deepspeed)
         self.energy_net, self.encoder, self.generator = nets.energy_net, nets.encoder, nets.generator
         self.energy_opt, self.latent_opt = nets.energy_opt, nets.latent_opt
         self.latent_engine = nets.latent_engine  # DeepSpeed's engine for encoder + generator, else None
@@ -272,7 +250,7 @@ class Trainer:
             raise NonFiniteError(f"{what} at step {self.state.step} (train.on_nonfinite=stop)")
         if self.state.rollbacks >= cfg.max_rollbacks:
             raise NonFiniteError(f"{what} at step {self.state.step}, after {self.state.rollbacks} "
-                                     f"rollbacks (train.max_rollbacks={cfg.max_rollbacks})")
+                                 f"rollbacks (train.max_rollbacks={cfg.max_rollbacks})")
         rollbacks = self.state.rollbacks + 1
         # Scaled from the current rates, not the checkpoint's: a second rollback to the same
         # checkpoint lowers them again (it would otherwise replay the same rates).
@@ -288,42 +266,9 @@ class Trainer:
         return True
 
     def check_health(self, step: int, logs: dict) -> bool:
-        """A health check (bidvl.health), then health.on_unhealthy once `patience` checks in a row
-        were unhealthy: warn (go on), stop (checkpoint, raise UnhealthyRun), restart (reload the
-        newest checkpoint whose check was healthy, a new noise seed, the abandoned checkpoints
-        removed and the restarted state saved at once, so a resume continues the restarted run).
-        Returns True when the run was restarted."""
-        hc = self.cfg.health
-        record = self.health.check(step, self.unwrapped, logs, self.state.restarts)
-        self.state.health, self.state.health_lines = record["verdict"], self.health.lines
-        unhealthy_for = self.health.unhealthy_for()
-        if hc.on_unhealthy == "warn" or unhealthy_for < hc.patience:
-            return False
-        why = f"unhealthy for {unhealthy_for} checks in a row at step {step}: {'; '.join(record['reasons'])}"
-        if hc.on_unhealthy == "stop" or self.state.restarts >= hc.max_restarts:
-            self.save_checkpoint()
-            raise UnhealthyRun(f"run {why} (health.on_unhealthy={hc.on_unhealthy}" + (
-                f", after {self.state.restarts} restarts: health.max_restarts={hc.max_restarts})"
-                if hc.on_unhealthy == "restart" else ")") + "; checkpointed, see RUN_DIR/health.jsonl")
-        loaded = self.checkpointer.restart_point(self.unwrapped, self.ema)
-        if loaded is None:
-            self.save_checkpoint()
-            raise UnhealthyRun(f"run {why}; no checkpoint whose check was healthy to restart from "
-                               "(health.on_unhealthy=restart); checkpointed")
-        folder, state = loaded
-        restarts = self.state.restarts + 1
-        state.restarts, state.noise_seed = restarts, restart_seed(self.cfg.run.seed, restarts)
-        state.budget_used_s = self.state.budget_used_s  # the abandoned steps count against the budget
-        self.state = state
-        set_seed(state.noise_seed, device_specific=True)  # the new noise; checkpointed from here on
-        self.health.restarted(step, state.step, restarts, state.noise_seed)
-        self.state.health_lines = self.health.lines
-        self.set_learning_rates()
-        self.checkpointer.discard_after(state.step)
-        self.save_checkpoint()
-        self.accelerator.print(f"health: run {why}; restarted from {folder.name} with noise seed "
-                               f"{state.noise_seed} (restart {restarts} of {hc.max_restarts})")
-        return True
+        """A health check, then health.on_unhealthy (bidvl.health.HealthMonitor.act). Returns True
+        when the run was restarted."""
+        return self.health.act(self, step, logs)
 
     # ------------------------------------------------------------------ checkpoints (bidvl.checkpoint)
 
@@ -346,20 +291,6 @@ class Trainer:
             generator = self.ema.module if self.ema is not None else self.unwrapped["generator"]
             log_image_grids(self.accelerator, self.state.step, generator, self.unwrapped["encoder"],
                             self.fixed_latent, v, self._outside_autocast())
-
-    def _stop_while_waiting(self, last_saved: int) -> str:
-        """A stop request ended a wait for data: one process checkpoints the last step; several
-        end without a checkpoint (ShardError: exit 2), as a checkpoint needs every rank."""
-        step, sig = self.state.step, self.stops.signal
-        if self.stops.processes > 1:
-            raise ShardError(f"signal {sig} arrived while rank {self.accelerator.process_index} waited for "
-                             f"data, and no data came within train.stop_wait_s={self.cfg.train.stop_wait_s:g} s: "
-                             f"exiting without a checkpoint (a checkpoint needs every rank at the same step); "
-                             f"a restart resumes from the newest complete one")
-        self.accelerator.print(f"signal {sig} while waiting for data: checkpointing at step {step} and exiting")
-        if last_saved != step and step > 0:  # (a new run stopped before its first step: nothing to save)
-            self.save_checkpoint()
-        return f"stopped by signal {sig} while waiting for data"
 
     def fit(self, stream=None) -> dict:
         """Trains to train.max_steps (or the time budget, or a stop signal); returns the last logs.
@@ -404,7 +335,7 @@ class Trainer:
             with window.waiting_for_data():
                 arrived = self.stops.next_batches(batches_iter, accum)
             if arrived is None:
-                how = self._stop_while_waiting(last_saved)
+                how = self.stops.stopped_while_waiting(acc, self.state.step, last_saved, self.save_checkpoint)
                 break
             batches, skipped = arrived
             self.skipped_samples += skipped
@@ -470,16 +401,7 @@ class Trainer:
                 self.save_checkpoint()
             model = self.export()
             how = "stopped by its time budget" if over_budget else "finished"
-        final = {**{k: v for k, v in logs.items() if k.startswith(FINAL_LOGS)}, **eval_figures}
-        if model is not None:
-            log_final(acc, cfg, self.state.step, final)
-        progress.close()
-        for line in closing_lines(how, self.state.step, time.perf_counter() - progress.t0, final, model,
-                                  Path(cfg.run.dir)):
-            acc.print(line)
-        if self.health is not None:
-            acc.print(f"run health: {summary(self.health.history[-1] if self.health.history else None)} "
-                      f"({self.health.path})")
+        close_run(acc, cfg, progress, how, self.state.step, logs, eval_figures, model, self.health)
         self.stops.ended = how
         return logs
 

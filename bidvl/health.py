@@ -51,8 +51,10 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import set_seed
 from torchvision.transforms.functional import gaussian_blur
 
 from . import objectives
@@ -355,6 +357,12 @@ def summary(record: dict | None) -> str:
     return head + (": " + "; ".join(record["reasons"]) if record["reasons"] else "")
 
 
+def restart_seed(seed: int, restarts: int) -> int:
+    """The noise seed after the `restarts`-th health restart of a run seeded `seed` (< 2**31, so
+    that Accelerate's set_seed can add the process index)."""
+    return int(np.random.SeedSequence([seed, restarts]).generate_state(1)[0]) % (2**31 - 2**16)
+
+
 class HealthMonitor:
     """Runs the checks of one training run, keeps their history and RUN_DIR/health.jsonl."""
 
@@ -451,3 +459,41 @@ class HealthMonitor:
         """Records a restart (health.on_unhealthy=restart) from `from_step` back to `to_step`."""
         self._append({"step": to_step, "event": "restart", "from_step": from_step, "restarts": restarts,
                       "noise_seed": noise_seed})
+
+    def act(self, trainer, step: int, logs: dict) -> bool:
+        """A check of `trainer`'s nets (bidvl.engine.Trainer: the component acts on it), then
+        health.on_unhealthy once `patience` checks in a row were unhealthy: warn (go on), stop
+        (checkpoint, raise UnhealthyRun), restart (reload the newest checkpoint whose check was
+        healthy, a new noise seed, the abandoned checkpoints removed and the restarted state saved
+        at once, so a resume continues the restarted run). Returns True when it restarted."""
+        hc = self.cfg.health
+        record = self.check(step, trainer.unwrapped, logs, trainer.state.restarts)
+        trainer.state.health, trainer.state.health_lines = record["verdict"], self.lines
+        unhealthy_for = self.unhealthy_for()
+        if hc.on_unhealthy == "warn" or unhealthy_for < hc.patience:
+            return False
+        why = f"unhealthy for {unhealthy_for} checks in a row at step {step}: {'; '.join(record['reasons'])}"
+        if hc.on_unhealthy == "stop" or trainer.state.restarts >= hc.max_restarts:
+            trainer.save_checkpoint()
+            raise UnhealthyRun(f"run {why} (health.on_unhealthy={hc.on_unhealthy}" + (
+                f", after {trainer.state.restarts} restarts: health.max_restarts={hc.max_restarts})"
+                if hc.on_unhealthy == "restart" else ")") + "; checkpointed, see RUN_DIR/health.jsonl")
+        loaded = trainer.checkpointer.restart_point(trainer.unwrapped, trainer.ema)
+        if loaded is None:
+            trainer.save_checkpoint()
+            raise UnhealthyRun(f"run {why}; no checkpoint whose check was healthy to restart from "
+                               "(health.on_unhealthy=restart); checkpointed")
+        folder, state = loaded
+        restarts = trainer.state.restarts + 1
+        state.restarts, state.noise_seed = restarts, restart_seed(self.cfg.run.seed, restarts)
+        state.budget_used_s = trainer.state.budget_used_s  # the abandoned steps count against the budget
+        trainer.state = state
+        set_seed(state.noise_seed, device_specific=True)  # the new noise; checkpointed from here on
+        self.restarted(step, state.step, restarts, state.noise_seed)
+        trainer.state.health_lines = self.lines
+        trainer.set_learning_rates()
+        trainer.checkpointer.discard_after(state.step)
+        trainer.save_checkpoint()
+        trainer.accelerator.print(f"health: run {why}; restarted from {folder.name} with noise seed "
+                                  f"{state.noise_seed} (restart {restarts} of {hc.max_restarts})")
+        return True

@@ -18,6 +18,8 @@ from __future__ import annotations
 import signal
 import sys
 
+from .data.errors import ShardError
+
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGALRM)
 
 
@@ -83,6 +85,20 @@ class StopControl:
             self._waiting_for_data = False
             signal.setitimer(signal.ITIMER_REAL, 0)
         return batches, skipped_samples
+
+    def stopped_while_waiting(self, accelerator, step: int, last_saved: int, save) -> str:
+        """A stop request ended a wait for data: one process checkpoints the last step (`save()`);
+        several end without a checkpoint (ShardError: exit 2), as a checkpoint needs every rank.
+        Returns how the training ended."""
+        if self.processes > 1:
+            raise ShardError(f"signal {self.signal} arrived while rank {accelerator.process_index} waited for "
+                             f"data, and no data came within train.stop_wait_s={self.stop_wait_s:g} s: "
+                             f"exiting without a checkpoint (a checkpoint needs every rank at the same step); "
+                             f"a restart resumes from the newest complete one")
+        accelerator.print(f"signal {self.signal} while waiting for data: checkpointing at step {step} and exiting")
+        if last_saved != step and step > 0:  # (a new run stopped before its first step: nothing to save)
+            save()
+        return f"stopped by signal {self.signal} while waiting for data"
 
     def restore(self) -> None:
         """The previous handlers back (last in a teardown: a signal during it is reported, not fatal)."""

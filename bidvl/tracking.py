@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, flatten, to_dict
 from .evaluation.sampling import reconstruction_pairs, restored_buffers
+from .health import summary
 from .io import write_text
 from .run_dir import CARD_FILE, TRACKER_PROJECT, RunDir
 
@@ -333,6 +334,25 @@ def start_trackers(accelerator, cfg) -> None:
             new_ids["mlflow"] = tracker.active_run.info.run_id
     if new_ids != ids:
         write_text(ids_file, json.dumps(new_ids, indent=1) + "\n")
+
+
+# The last training window's figures that go into the run's final figures (log_final).
+FINAL_LOGS = ("loss/", "energy/")
+
+
+def close_run(accelerator, cfg, progress: Progress, how: str, step: int, logs: dict, eval_figures: dict,
+              model: Path | None, health) -> None:
+    """The end of a training: the final figures (the last window's losses and energies, the last
+    evaluation) to the trackers when the model was exported, the progress closed, the closing lines
+    and the run's health (`health`: bidvl.health.HealthMonitor or None)."""
+    final = {**{k: v for k, v in logs.items() if k.startswith(FINAL_LOGS)}, **eval_figures}
+    if model is not None:
+        log_final(accelerator, cfg, step, final)
+    progress.close()
+    for line in closing_lines(how, step, time.perf_counter() - progress.t0, final, model, Path(cfg.run.dir)):
+        accelerator.print(line)
+    if health is not None:
+        accelerator.print(f"run health: {summary(health.history[-1] if health.history else None)} ({health.path})")
 
 
 def log_final(accelerator, cfg, step: int, figures: dict) -> None:

@@ -325,7 +325,7 @@ def test_stop_policy_checkpoints_and_names_the_reason(tmp_path, digits16):
 def test_restart_goes_back_to_the_newest_healthy_checkpoint_and_resumes_bit_exact(tmp_path, digits16):
     from bidvl.checkpoint import TrainState
     from bidvl.run_dir import complete_checkpoints
-    from bidvl.engine import restart_seed
+    from bidvl.health import restart_seed
 
     # Checks are healthy until the warm-up ends (step 4), then unhealthy: the second unhealthy
     # check (step 6) restarts from step 2 with new noise; the same happens again and, with
@@ -361,7 +361,7 @@ def test_restart_goes_back_to_the_newest_healthy_checkpoint_and_resumes_bit_exac
 
 
 def test_the_restart_noise_differs_from_the_first_attempt(tmp_path, digits16):
-    from bidvl.engine import restart_seed
+    from bidvl.health import restart_seed
 
     seeds = {restart_seed(0, k) for k in range(4)} | {restart_seed(1, k) for k in range(4)}
     assert len(seeds) == 8 and all(0 <= s < 2**31 - 2**16 for s in seeds)

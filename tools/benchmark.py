@@ -112,7 +112,7 @@ def plain_step(nets, opts, v, cfg, autocast):
 
 
 def build_plain(cfg, device):
-    from bidvl.engine import build_optimizers
+    from bidvl.distributed import build_optimizers
     from bidvl.models import build_nets
 
     nets = [net.to(device).train() for net in build_nets(cfg.model, cfg.data.channels, cfg.data.resolution)]
