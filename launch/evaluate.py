@@ -6,7 +6,7 @@ The same as `bidvl evaluate` (bidvl/cli/evaluate.py, where the options are docum
 
 import sys
 
-from bidvl.cli.evaluate import main
+from bidvl.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("evaluate"))

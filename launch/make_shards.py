@@ -6,7 +6,7 @@ The same as `bidvl make-shards` (bidvl/cli/make_shards.py, where the options are
 
 import sys
 
-from bidvl.cli.make_shards import main
+from bidvl.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("make_shards"))

@@ -6,7 +6,7 @@ The same as `bidvl sample` (bidvl/cli/sample.py, where the options are documente
 
 import sys
 
-from bidvl.cli.sample import main
+from bidvl.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("sample"))

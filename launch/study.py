@@ -6,7 +6,7 @@ The same as `bidvl study` (bidvl/cli/study.py, where the options are documented)
 
 import sys
 
-from bidvl.cli.study import main
+from bidvl.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("study"))

@@ -6,7 +6,7 @@ The same as `bidvl train` (bidvl/cli/train.py, where the options are documented)
 
 import sys
 
-from bidvl.cli.train import main
+from bidvl.cli import run_command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command("train"))

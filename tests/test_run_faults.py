@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, ENV, REPO, TINY, run_bounded
+from conftest import BIN, ENV, REPO, TINY, finish, run_bounded
 from bidvl import checkpoint
 from bidvl import run_dir as layout
 from bidvl.checkpoint import CheckpointError, verify
@@ -463,3 +463,19 @@ def test_a_stop_signal_during_the_teardown_is_reported_not_fatal(tmp_path, digit
     assert "signal 15 after the training had ended (finished): finishing the teardown, then exiting" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before
     assert (tmp_path / "run" / "model" / "energy.safetensors").is_file()
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("command", [["launch/train.py"], ["-m", "bidvl", "train"]], ids=["launch", "bidvl"])
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, command):
+    """Ctrl-C in the first seconds (torch is still being imported) ends the command as a Ctrl-C
+    before training does: `error: interrupted`, exit 130, no traceback (before: a traceback from
+    inside torch's import and death by SIGINT)."""
+    proc = subprocess.Popen([sys.executable, *command, f"run.dir={tmp_path / 'run'}"], env=ENV, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(0.6)  # the imports take ~2 s on 2 cores
+    proc.send_signal(signal.SIGINT)
+    code, _, err = finish(proc, timeout=60)
+    assert code == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "error: interrupted"
+    assert not (tmp_path / "run").exists()
