@@ -8,5 +8,10 @@ import sys
 
 from bidvl.cli import run_command
 
+
+def main(argv=None) -> int:
+    return run_command("study", argv)
+
+
 if __name__ == "__main__":
-    sys.exit(run_command("study"))
+    sys.exit(main())

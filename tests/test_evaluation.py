@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -634,3 +635,18 @@ def test_a_vae_is_scored_by_its_elbo_and_the_report_names_the_generator(tiny_run
     assert reports["bidvl"]["ood"]["score"] == "-E(v)" and "generator" not in reports["bidvl"]["ood"]
     assert reports["vae"]["ood"]["score"].startswith("ELBO(v)") and reports["vae"]["ood"]["generator"] == "trained"
     assert reports["vae"]["ood"]["auroc"] != reports["bidvl"]["ood"]["auroc"]
+
+
+def test_evaluation_options_are_checked_once_when_made():
+    """EvalOptions checks itself against bidvl.config's ranges (those of the eval.* keys), however
+    it is made: the command line, the study's stage, the periodic evaluation, a library call."""
+    from bidvl.errors import BidvlError
+
+    for kwargs, message in (({"num_samples": 1}, "--num-samples 1: expected an integer in [2, 2**31)"),
+                            ({"batch_size": 0}, "--batch-size 0: expected an integer in [1, 2**31)"),
+                            ({"max_test": -1}, "--max-test -1"), ({"seed": 2**32}, "--seed 4294967296"),
+                            ({"num_workers": -2}, "--num-workers -2"), ({"metrics": ("fid", "is")}, "metric 'is'"),
+                            ({"bn_mode": "frozen"}, "--bn-mode 'frozen'"), ({"fid_ref": "val"}, "--fid-ref 'val'")):
+        with pytest.raises(BidvlError, match=re.escape(message)):
+            EvalOptions(**kwargs)
+    assert EvalOptions(metrics=("rmse",), num_samples=2, max_test=0).num_samples == 2

@@ -21,19 +21,15 @@ import json
 import sys
 from pathlib import Path
 
-from bidvl.config import COUNT_OR_ZERO, RANGES, SEED, ConfigError, path_problem
+from bidvl.config import ConfigError, path_problem
 from bidvl.errors import BidvlError
 from bidvl.run_dir import RunDir
 
 
 def check_args(args) -> None:
-    """Every option in range and the report folder writable, before anything is loaded or written
-    (an unwritable RUN_DIR/eval would otherwise fail only after the whole evaluation)."""
-    for option, value, accepted in (("--num-samples", args.num_samples, RANGES["eval.num_samples"]),
-                                    ("--max-test", args.max_test, RANGES["eval.max_test"]),
-                                    ("--batch-size", args.batch_size, RANGES["eval.batch_size"]),
-                                    ("--seed", args.seed, SEED), ("--num-workers", args.num_workers, COUNT_OR_ZERO)):
-        accepted.check(option, value, joiner=" ")
+    """The report folder writable, before anything is loaded or written (an unwritable
+    RUN_DIR/eval would otherwise fail only after the whole evaluation). The options themselves are
+    checked once, by EvalOptions."""
     problem = Path(args.run).is_dir() and path_problem(RunDir(args.run).eval, "folder", writable=True)
     if problem:  # (a missing run folder is load_run's error)
         raise ConfigError(f"--run {args.run}: cannot write the report: {problem}")
@@ -85,22 +81,21 @@ def main(argv=None):
     from bidvl.model_card import refresh_evaluation
 
     try:
+        opts = EvalOptions(
+            metrics=parse_metrics(args.metrics), num_samples=args.num_samples, batch_size=args.batch_size,
+            split=args.split, max_test=args.max_test, ood=tuple(args.ood), fid_ref=args.fid_ref,
+            features=args.features, inception_weights=args.inception_weights, seed=args.seed,
+            bn_mode=args.bn_mode, cache_dir=str(RunDir(args.run).eval_cache), num_workers=args.num_workers,
+        )
         check_args(args)
-        metrics = parse_metrics(args.metrics)
     except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     accelerator = Accelerator()
     try:
-        if args.download_weights and "fid" in metrics and not args.features:
+        if args.download_weights and "fid" in opts.metrics and not args.features:
             download_weights(accelerator, args.inception_weights)
         run = load_run(args.run, args.checkpoint, device=accelerator.device, ema=False if args.no_ema else None)
-        opts = EvalOptions(
-            metrics=metrics, num_samples=args.num_samples, batch_size=args.batch_size,
-            split=args.split, max_test=args.max_test, ood=tuple(args.ood), fid_ref=args.fid_ref,
-            features=args.features, inception_weights=args.inception_weights, seed=args.seed,
-            bn_mode=args.bn_mode, cache_dir=str(RunDir(args.run).eval_cache), num_workers=args.num_workers,
-        )
         report, path = evaluate_run(accelerator, args.run, run, opts)
     except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)

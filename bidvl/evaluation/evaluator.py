@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from bidvl import objectives
-from bidvl.config import EVAL_METRICS, Config
+from bidvl.config import COUNT_OR_ZERO, EVAL_METRICS, RANGES, SEED, Config
 from bidvl.data import split_info
 from bidvl.io import write_text
 from bidvl.run_dir import RunDir
@@ -37,6 +37,11 @@ from .metrics import auroc, batch_statistics_pass, heldout_pass, ood_split, rmse
 from .sampling import BN_MODES
 
 METRICS = EVAL_METRICS
+# (EvalOptions field, the command line's option, its range: bidvl.config's, as for the eval.* keys)
+OPTION_RANGES = (("num_samples", "--num-samples", RANGES["eval.num_samples"]),
+                 ("max_test", "--max-test", RANGES["eval.max_test"]),
+                 ("batch_size", "--batch-size", RANGES["eval.batch_size"]),
+                 ("seed", "--seed", SEED), ("num_workers", "--num-workers", COUNT_OR_ZERO))
 
 
 @dataclass
@@ -55,6 +60,20 @@ class EvalOptions:
     cache_dir: str = ""  # where reference statistics go when the shards folder is read-only
     num_workers: int = 0  # data loader workers per process
     extractor: Optional[object] = field(default=None, repr=False)  # a ready fid.Features
+
+    def __post_init__(self):
+        """Every option checked once, here, against the ranges bidvl.config owns (the same as the
+        eval.* keys); the errors name the command line's option. What depends on the data (the FID
+        reference's size, the OOD folders) is checked by `check_options`."""
+        for m in self.metrics:
+            if m not in METRICS:
+                raise EvalError(f"metric {m!r}: expected one of {', '.join(METRICS)}")
+        if self.bn_mode not in BN_MODES:
+            raise EvalError(f"--bn-mode {self.bn_mode!r}: expected one of {', '.join(BN_MODES)}")
+        if self.fid_ref not in ("train", "test"):
+            raise EvalError(f"--fid-ref {self.fid_ref!r}: expected train or test")
+        for name, option, accepted in OPTION_RANGES:
+            accepted.check(option, getattr(self, name), joiner=" ")
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -76,17 +95,8 @@ def ood_name(folder: str, taken: set) -> str:
 
 
 def check_options(cfg: Config, opts: EvalOptions) -> list[tuple[str, str, str]]:
-    """Fails early on bad options; returns the OOD sets as (name, folder, split)."""
-    for m in opts.metrics:
-        if m not in METRICS:
-            raise EvalError(f"metric {m!r}: expected one of {', '.join(METRICS)}")
-    if opts.bn_mode not in BN_MODES:
-        raise EvalError(f"--bn-mode {opts.bn_mode!r}: expected one of {', '.join(BN_MODES)}")
-    if opts.fid_ref not in ("train", "test"):
-        raise EvalError(f"--fid-ref {opts.fid_ref!r}: expected train or test")
-    if opts.num_samples < 2 or opts.batch_size < 1 or opts.max_test < 0:
-        raise EvalError(f"--num-samples {opts.num_samples}, --batch-size {opts.batch_size}, "
-                        f"--max-test {opts.max_test}: expected >= 2, >= 1, >= 0")
+    """Fails early on what the options ask of the data (EvalOptions checked the options
+    themselves); returns the OOD sets as (name, folder, split)."""
     if "fid" in opts.metrics:
         ref_folder, ref_split = train_data(cfg) if opts.fid_ref == "train" else heldout_data(cfg, opts.split)
         _, _, counts = split_info(ref_folder, ref_split, None, 0, cfg.data.resolution, cfg.data.channels)
