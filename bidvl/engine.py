@@ -44,7 +44,7 @@ from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
                           make_accelerator, prepare_nets, step_optimizer)
 from .errors import BidvlError
-from .evaluation.periodic import evaluate_during_training
+from .evaluation.periodic import PeriodicEvaluation
 from .health import HealthMonitor
 from .model_card import model_card_writer
 from .models import build_nets
@@ -322,7 +322,7 @@ class Trainer:
         # The first step's FLOPs are counted (perf/tflops, perf/mfu); not under train.compile, whose
         # graphs the counter would have to trace again.
         count_flops = not cfg.train.compile
-        eval_figures = {}  # the last evaluation during training (eval.every)
+        periodic, eval_figures = PeriodicEvaluation(acc, cfg), {}  # the last evaluation during training (eval.every)
         clock = time.process_time if cfg.train.budget_clock == "process" else time.perf_counter
         budget_s = cfg.train.time_budget_min * 60.0
 
@@ -369,7 +369,7 @@ class Trainer:
             if cfg.eval.every and step % cfg.eval.every == 0:
 
                 with self._outside_autocast():
-                    figures = evaluate_during_training(acc, cfg, self.energy_net, self.encoder, self.generator, step)
+                    figures = periodic(self.energy_net, self.encoder, self.generator, step)
                 if figures:
                     acc.log(figures, step=step)
                     eval_figures = figures

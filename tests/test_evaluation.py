@@ -411,8 +411,7 @@ def test_sample_command_refuses_what_memory_cannot_hold_and_names_a_failed_write
 def test_periodic_evaluation(tiny_run, small_features, monkeypatch):
     from accelerate import Accelerator
 
-    from bidvl.evaluation import evaluate_during_training
-    from bidvl.evaluation import periodic
+    from bidvl.evaluation import PeriodicEvaluation
 
     accelerator = Accelerator(cpu=True)
     run = load_run(tiny_run)
@@ -423,7 +422,7 @@ def test_periodic_evaluation(tiny_run, small_features, monkeypatch):
         net.train()
     state = [{k: v.clone() for k, v in net.state_dict().items()} for net in run.nets]
     rng = torch.get_rng_state()
-    figures = evaluate_during_training(accelerator, cfg, *run.nets, step=4)
+    figures = PeriodicEvaluation(accelerator, cfg)(*run.nets, step=4)
     assert set(figures) == {"eval/fid", "eval/rmse", "eval/rmse_running_stats", "eval/rmse_01", "eval/sse_per_image",
                             "eval/auroc_uniform"}
     assert all(np.isfinite(v) for v in figures.values())
@@ -438,14 +437,16 @@ def test_periodic_evaluation(tiny_run, small_features, monkeypatch):
     # Without weights (none in an empty hub cache either) or features FID is skipped, with one warning.
     monkeypatch.delenv(fid_lib.ENV_WEIGHTS, raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tiny_run.parent / "empty_torch_home"))
-    monkeypatch.setattr(periodic, "_warned", set())
     cfg = load_config(tiny_run / "config.yaml", ["eval.metrics=fid,rmse", "eval.max_test=16"])
+    periodic = PeriodicEvaluation(accelerator, cfg)
     with pytest.warns(UserWarning, match="FID is skipped"):
-        figures = evaluate_during_training(accelerator, cfg, *run.nets, step=4)
+        figures = periodic(*run.nets, step=4)
     assert "eval/fid" not in figures and "eval/rmse" in figures
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # once per run
         warnings.simplefilter("error")
-        evaluate_during_training(accelerator, cfg, *run.nets, step=4)
+        periodic(*run.nets, step=4)
+    with pytest.warns(UserWarning, match="FID is skipped"):  # another run in the same process: its own warning
+        PeriodicEvaluation(accelerator, cfg)(*run.nets, step=4)
 
 
 def test_timm_feature_spec(tmp_path):

@@ -8,17 +8,17 @@ launch/sample.py).
 
 Modules: loading (run folder -> nets), sampling (world-size-independent samples), metrics (RMSE,
 AUROC), fid (Fréchet distance, feature extractors, reference statistics), evaluator (the suite and
-its report files), periodic (`evaluate_during_training` for the engine).
+its report files), periodic (`PeriodicEvaluation`, the engine's).
 """
 
 from .evaluator import EvalOptions, evaluate_nets, evaluate_run, markdown, write_report
 from .fid import feature_extractor, frechet_distance
 from .loading import EvalError, LoadedRun, load_run, resolve_weights
-from .periodic import evaluate_during_training
+from .periodic import PeriodicEvaluation
 from .sampling import sample_images
 
 __all__ = [
     "EvalOptions", "evaluate_nets", "evaluate_run", "markdown", "write_report", "feature_extractor",
     "frechet_distance", "EvalError", "LoadedRun", "load_run", "resolve_weights",
-    "evaluate_during_training", "sample_images",
+    "PeriodicEvaluation", "sample_images",
 ]
