@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 MUTANTS ?= bidvl.objectives.* bidvl.distributed.x_build_optimizers__* bidvl.engine.*_frozen__* \
 	bidvl.engine.*_backward__* bidvl.engine.*_optimizer_step__* bidvl.engine.*upper_level_step__* \
 	bidvl.engine.*lower_level_step__* bidvl.engine.*_lower_level_phase__* bidvl.engine.*train_step__* \
-	bidvl.engine.*set_learning_rates__* bidvl.engine.*apply_nonfinite_policy__* \
+	bidvl.engine.*set_learning_rates__* bidvl.nonfinite.* \
 	bidvl.distributed.x_step_optimizer__* bidvl.models.ema.* bidvl.checkpoint.* \
 	bidvl.data.reader.x__seed__* bidvl.data.reader.x_shuffled__* bidvl.data.reader.x__pick__* \
 	bidvl.data.reader.*_TrainRoles* bidvl.data.reader.*TrainStream* bidvl.data.reader.*_EvalShards* \

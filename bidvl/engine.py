@@ -43,12 +43,12 @@ from .config import Config, resolve
 from .data import ShardError, ShardStream
 from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
                           make_accelerator, prepare_nets, step_optimizer)
-from .errors import BidvlError
 from .evaluation.periodic import PeriodicEvaluation
 from .health import HealthMonitor
 from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
+from .nonfinite import apply_policy
 from .stopping import StopControl
 from .tracking import (MetricsWindow, Progress, StepResult, close_run, counting_flops, log_image_grids, peak_tflops,
                       start_trackers)
@@ -67,10 +67,6 @@ def train(cfg: Config) -> int:
     finally:
         trainer.close(synchronise=finished)  # after an error other ranks may be inside a collective
     return trainer.stops.signal
-
-
-class NonFiniteError(BidvlError, FloatingPointError):
-    """train.on_nonfinite gave up: stop, rollbacks used up, or no checkpoint to roll back to."""
 
 
 class Trainer:
@@ -235,35 +231,8 @@ class Trainer:
                 group["lr"] = oc.lr * oc.lr_decay ** epoch * self.state.lr_scale
 
     def apply_nonfinite_policy(self, result: StepResult) -> bool:
-        """Counts consecutive steps with a non-finite skip; after train.nonfinite_patience of them
-        applies train.on_nonfinite: skip (go on), stop (raise), rollback (reload the newest complete
-        checkpoint with the learning rates scaled). Returns True when the run was rolled back."""
-        cfg = self.cfg.train
-        if not result.nonfinite:
-            self.state.skipped_in_a_row = 0
-            return False
-        self.state.skipped_in_a_row += 1
-        if self.state.skipped_in_a_row < cfg.nonfinite_patience or cfg.on_nonfinite == "skip":
-            return False
-        what = f"{self.state.skipped_in_a_row} consecutive steps with non-finite loss or gradients"
-        if cfg.on_nonfinite == "stop":
-            raise NonFiniteError(f"{what} at step {self.state.step} (train.on_nonfinite=stop)")
-        if self.state.rollbacks >= cfg.max_rollbacks:
-            raise NonFiniteError(f"{what} at step {self.state.step}, after {self.state.rollbacks} "
-                                 f"rollbacks (train.max_rollbacks={cfg.max_rollbacks})")
-        rollbacks = self.state.rollbacks + 1
-        # Scaled from the current rates, not the checkpoint's: a second rollback to the same
-        # checkpoint lowers them again (it would otherwise replay the same rates).
-        lr_scale = self.state.lr_scale * cfg.rollback_lr_scale
-        loaded = self.checkpointer.rollback(self.unwrapped, self.ema)
-        if loaded is None:
-            raise NonFiniteError(f"{what} at step {self.state.step} and no checkpoint to roll back to")
-        latest, self.state = loaded
-        self.state.rollbacks = rollbacks
-        self.state.lr_scale = lr_scale
-        self.set_learning_rates()
-        self.accelerator.print(f"{what}: rolled back to {latest.name}, learning rates x{self.state.lr_scale:g}")
-        return True
+        """train.on_nonfinite after this step (bidvl.nonfinite.apply_policy). True: rolled back."""
+        return apply_policy(self, result)
 
     def check_health(self, step: int, logs: dict) -> bool:
         """A health check, then health.on_unhealthy (bidvl.health.HealthMonitor.act). Returns True
@@ -275,13 +244,11 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         return self.checkpointer.save(self.state, self.unwrapped, self.ema)
 
-
     def export(self) -> Path:
         """RUN_DIR/model: the nets, the config and the model card (bidvl.model_card)."""
         generator = self.ema.module if self.ema is not None else self.unwrapped["generator"]
-        history = self.health.history if self.health is not None else []
         card = model_card_writer(self.accelerator, self.cfg, self.state, generator, self._outside_autocast(),
-                                 ema=self.ema is not None, health=history[-1] if history else None)
+                                 ema=self.ema is not None, health=self.health.last if self.health is not None else None)
         return self.checkpointer.export(self.state.step, self.unwrapped, self.ema, extra=card)
 
     # ------------------------------------------------------------------ the loop
@@ -305,12 +272,7 @@ class Trainer:
             resumed_from, self.state = loaded
             acc.print(f"resumed from {resumed_from} at step {self.state.step}")
         self.checkpointer.write_config()
-        if cfg.health.every:
-            self.health = HealthMonitor(acc, cfg, self.objective)
-            if self.health.enabled:
-                self.health.resume(self.state.health_lines)  # 0 for a new run: an old file is emptied
-            else:  # no images to probe with (said in the log)
-                self.health = None
+        self.health = HealthMonitor.for_run(acc, cfg, self.objective, self.state.health_lines)
         start_trackers(acc, cfg)
         self.set_learning_rates()
 
@@ -363,7 +325,8 @@ class Trainer:
             last = step == cfg.train.max_steps or over_budget
             if window.steps and (step % cfg.log.every == 0 or last):
                 logs = window.flush(step, self._scalars(flags.skipped_samples))
-                progress.logged(step, logs, self._last_verdict(), self.state.budget_used_s)
+                verdict = self.health.verdict if self.health is not None else ""
+                progress.logged(step, logs, verdict, self.state.budget_used_s)
             if step % cfg.log.images_every == 0 or last:
                 self._log_images(batches[0].to(acc.device))
             if cfg.eval.every and step % cfg.eval.every == 0:
@@ -404,10 +367,6 @@ class Trainer:
         close_run(acc, cfg, progress, how, self.state.step, logs, eval_figures, model, self.health)
         self.stops.ended = how
         return logs
-
-    def _last_verdict(self) -> str:
-        history = self.health.history if self.health is not None else []
-        return history[-1]["verdict"] if history else ""
 
     def _scalars(self, skipped_samples: int) -> dict:
         return {

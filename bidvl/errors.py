@@ -14,7 +14,7 @@ caught `ValueError` or `FloatingPointError` before still does:
 | `bidvl.evaluation.EvalError` | run folders to load, weights files, evaluation options | ValueError |
 | `bidvl.study.StudyError` (`study/config.py`) | study files | ValueError |
 | `bidvl.health.UnhealthyRun` | `health.on_unhealthy=stop` | RuntimeError |
-| `bidvl.engine.NonFiniteError` | `train.on_nonfinite` giving up | FloatingPointError |
+| `bidvl.nonfinite.NonFiniteError` | `train.on_nonfinite` giving up | FloatingPointError |
 """
 
 

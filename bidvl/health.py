@@ -386,9 +386,28 @@ class HealthMonitor:
         if problem:
             accelerator.print(f"warning: health checks are off for this run: no images to probe with ({problem})")
 
+    @classmethod
+    def for_run(cls, accelerator, cfg, objective, lines: int) -> "HealthMonitor | None":
+        """The run's monitor, its health.jsonl cut back to the `lines` the resumed checkpoint had
+        seen (0 for a new run: an old file is emptied); None when health.every=0 or there are no
+        images to probe with (said in the log)."""
+        if not cfg.health.every:
+            return None
+        monitor = cls(accelerator, cfg, objective)
+        if not monitor.enabled:
+            return None
+        monitor.resume(lines)
+        return monitor
+
     @property
     def lines(self) -> int:
         return len(self.records)
+
+    @property
+    def last(self) -> dict | None:
+        """The last check's record (None before the first)."""
+        history = self.history
+        return history[-1] if history else None
 
     @property
     def history(self) -> list[dict]:

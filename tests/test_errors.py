@@ -29,7 +29,7 @@ def bidvl_exceptions():
 def test_every_error_of_bidvl_has_the_base_and_keeps_its_standard_one():
     found = bidvl_exceptions()
     assert {"bidvl.config.ConfigError", "bidvl.data.errors.ShardError", "bidvl.evaluation.loading.EvalError",
-            "bidvl.study.config.StudyError", "bidvl.health.UnhealthyRun", "bidvl.engine.NonFiniteError",
+            "bidvl.study.config.StudyError", "bidvl.health.UnhealthyRun", "bidvl.nonfinite.NonFiniteError",
             "bidvl.checkpoint.DamagedCheckpoint", "bidvl.data.remote.NotFound"} <= set(found)
     outside = sorted(name for name, cls in found.items()
                      if name not in INTERNAL and not issubclass(cls, BidvlError))
