@@ -332,7 +332,7 @@ def first_batch_error(folder, num_workers, max_skipped) -> str:
         cause = raised.value.__cause__
         if num_workers:
             assert isinstance(cause, ShardError)
-            assert str(cause).startswith("Caught ShardError in DataLoader worker process 0")
+            assert str(cause).startswith(f"Caught {type(raised.value).__name__} in DataLoader worker process 0")
             assert str(cause).rstrip().endswith(message)
         del raised, batches, cause  # shuts the loader's worker down here, inside the time limit
         gc.collect()
@@ -367,6 +367,7 @@ def test_a_stream_whose_every_shard_is_unreadable_stops(tmp_path, capfd, fault, 
     reason = "truncated" if fault == "truncated" else "holds no samples"
     assert re.search(r"more than data.max_skipped=5 bad samples or shards skipped .*the last: shard "
                      r"\S*train-00000\d\.tar.*" + reason, message), message
+    assert message.count("data.max_skipped") == 1, message  # (it nested itself: "the last: more than ...")
     assert len(warning_lines(capfd)) <= FULL_WARNINGS
 
 

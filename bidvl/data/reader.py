@@ -241,6 +241,11 @@ def _shard_samples(shards, report=None, net=None, digests=None) -> Iterator[dict
             report(exc)
 
 
+class SkipBudgetSpent(ShardError):
+    """data.max_skipped was exceeded while assembling one batch: the stream ends with this one line
+    (reported once, never counted as one more bad sample)."""
+
+
 class _TrainRoles(IterableDataset):
     def __init__(self, shards, decoder, batch_size, per_role, roles, seed, rank, start_batch, buffer,
                  on_error="raise", max_skipped=100, net=None, digests=None):
@@ -282,7 +287,7 @@ class _TrainRoles(IterableDataset):
         self.skipped_in_batch += 1
         self.reported += 1
         if self.skipped_in_batch > self.max_skipped:
-            raise ShardError(f"more than data.max_skipped={self.max_skipped} bad samples or shards skipped "
+            raise SkipBudgetSpent(f"more than data.max_skipped={self.max_skipped} bad samples or shards skipped "
                              f"while assembling one batch (data.on_error=skip); the last: {exc}") from None
         n = self.reported
         if n <= FULL_WARNINGS:
@@ -298,6 +303,8 @@ class _TrainRoles(IterableDataset):
         while True:
             try:
                 return self.decoder(next(stream), rng)
+            except SkipBudgetSpent:  # (spent while a whole shard was reported: not a bad sample itself)
+                raise
             except ShardError as exc:
                 self._report(exc)
 
