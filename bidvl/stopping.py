@@ -6,10 +6,14 @@ agree on it, bidvl.distributed.agree_on_flags). A second Ctrl-C, once the first 
 at once (the process dies of SIGINT).
 
 A stop that arrives while the loop waits for data (a stalled server, a hung `pipe:` command) does
-not wait for the data: one process stops at once (`StopRequested` out of the wait; the state is
-that of the last step, so it checkpoints); several processes give the data train.stop_wait_s
-(SIGALRM) to arrive, since the other ranks may be inside the next step, then end without a
-checkpoint (`Trainer` raises the ShardError that says so). After the run has ended (`ended` set),
+not wait for the data: one process gives the batch GRACE_S (1 s) to arrive, then stops
+(`StopRequested` out of the wait, raised by SIGALRM; the state is that of the last step, so it
+checkpoints); several processes give the data train.stop_wait_s to arrive, since the other ranks
+may be inside the next step, then end without a checkpoint (`stopped_while_waiting` raises the
+ShardError that says so). The grace matters with loader workers: an exception raised into the
+DataLoader while it receives a batch (a file descriptor passed by the worker) broke the transfer
+and the worker printed a ConnectionResetError traceback; a batch that is coming arrives within the
+grace, and the stop then follows the step as usual. After the run has ended (`ended` set),
 a signal is reported and the teardown finishes.
 """
 
@@ -21,6 +25,7 @@ import sys
 from .data.errors import ShardError
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGALRM)
+GRACE_S = 1.0  # one process: how long a stop during a wait for data lets a coming batch arrive
 
 
 class StopRequested(BaseException):
@@ -62,10 +67,8 @@ class StopControl:
             self._interrupt_the_wait()
 
     def _interrupt_the_wait(self) -> None:
-        if self.processes == 1:
-            self._waiting_for_data = False
-            raise StopRequested
-        signal.setitimer(signal.ITIMER_REAL, self.stop_wait_s)
+        """SIGALRM raises StopRequested into the wait unless the batch arrives first."""
+        signal.setitimer(signal.ITIMER_REAL, GRACE_S if self.processes == 1 else self.stop_wait_s)
 
     def next_batches(self, batches_iter, accum: int) -> tuple[list, int] | None:
         """The next step's `accum` micro-batches and the samples the loader skipped for them, or
