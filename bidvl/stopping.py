@@ -13,7 +13,8 @@ may be inside the next step, then end without a checkpoint (`stopped_while_waiti
 ShardError that says so). The grace matters with loader workers: an exception raised into the
 DataLoader while it receives a batch (a file descriptor passed by the worker) broke the transfer
 and the worker printed a ConnectionResetError traceback; a batch that is coming arrives within the
-grace, and the stop then follows the step as usual. After the run has ended (`ended` set),
+grace, and the stop then follows the step as usual. A stop already pending when a wait begins
+(received after the last step's flags were agreed) ends it before anything is read. After the run has ended (`ended` set),
 a signal is reported and the teardown finishes.
 """
 
@@ -76,7 +77,9 @@ class StopControl:
         batches, skipped_samples = [], 0
         try:
             self._waiting_for_data = True
-            if self.signal:  # received after the last step's flags were agreed
+            if self.signal:  # received after the last step's flags were agreed: nothing is being read yet
+                if self.processes == 1:
+                    raise StopRequested
                 self._interrupt_the_wait()
             for _ in range(accum):
                 batch, _, skipped = next(batches_iter)
