@@ -473,7 +473,16 @@ def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path, command):
     inside torch's import and death by SIGINT)."""
     proc = subprocess.Popen([sys.executable, *command, f"run.dir={tmp_path / 'run'}"], env=ENV, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    time.sleep(0.6)  # the imports take ~2 s on 2 cores
+    # Inside `import torch`: its C library is mapped (the Python half of the import takes another
+    # second or more). A fixed delay was too short on a loaded machine (still in Python's startup).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if "libtorch" in Path(f"/proc/{proc.pid}/maps").read_text():
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     code, _, err = finish(proc, timeout=60)
     assert code == 130 and "Traceback" not in err, err[-2000:]
