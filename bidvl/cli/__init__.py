@@ -17,6 +17,7 @@ interrupted` and exit 130, as after the imports, instead of a traceback.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 COMMANDS = {  # subcommand -> (module, one line)
@@ -57,9 +58,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(module: str, argv: list[str] | None = None) -> int:
-    """bidvl.cli.MODULE's main(argv), imported here: a Ctrl-C during the imports is one line, 130."""
+    """bidvl.cli.MODULE's main(argv), imported here: a Ctrl-C before the command installs its own
+    handler (the trainer's) is one line, 130. An import that a Ctrl-C cut in half can fail later
+    with another error (numpy's lazy submodules recurse): after a Ctrl-C, that is an interrupt too."""
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         return importlib.import_module(f"bidvl.cli.{module}").main(argv)
-    except KeyboardInterrupt:
+    except BaseException as exc:
+        if not (interrupted or isinstance(exc, KeyboardInterrupt)) or isinstance(exc, SystemExit):
+            raise
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if signal.getsignal(signal.SIGINT) is on_sigint:
+            signal.signal(signal.SIGINT, previous)
