@@ -122,17 +122,26 @@ class PreparedNets(NamedTuple):
     latent_engine: torch.nn.Module | None  # DeepSpeed's engine for encoder + generator
 
 
-def build_optimizers(cfg: Config, energy_net, encoder, generator):
+def build_optimizers(cfg: Config, energy_net, encoder, generator, fused: bool = True):
     """Adam for the energy net; one Adam for encoder + generator (the lower level's nets), the
-    encoder in a group of its own when train.encoder_weight_decay is set."""
+    encoder in a group of its own when train.encoder_weight_decay is set.
+
+    `fused`: torch's fused Adam (one kernel for all of an optimizer's tensors), which takes the
+    skip decision as a device tensor (`found_inf`, as GradScaler passes it), so a non-finite step
+    is skipped without the host reading anything (`step_optimizer`). Its update equals the default
+    implementation's to round-off (bit-equal in float64, tests/test_equivalence.py). DeepSpeed's
+    ZeRO optimizer wraps it too (on its flat fp32 partitions), so DDP and ZeRO runs take the same
+    updates (tests/test_deepspeed.py). fused=False: torch's default implementation."""
     eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
+    fused = fused or None  # None: torch's default choice (foreach on GPUs, a loop on the CPU)
     energy_opt = torch.optim.Adam(energy_net.parameters(), lr=eo.lr, betas=tuple(eo.betas),
-                                  weight_decay=eo.weight_decay)
+                                  weight_decay=eo.weight_decay, fused=fused)
     latent_params = [*encoder.parameters(), *generator.parameters()]
     if cfg.train.encoder_weight_decay is not None:  # a group of its own for the encoder
         latent_params = [{"params": list(encoder.parameters()), "weight_decay": cfg.train.encoder_weight_decay},
                          {"params": list(generator.parameters())}]
-    latent_opt = torch.optim.Adam(latent_params, lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay)
+    latent_opt = torch.optim.Adam(latent_params, lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay,
+                                  fused=fused)
     return energy_opt, latent_opt
 
 
@@ -174,32 +183,44 @@ def cast_buffers_to_bf16(nets) -> None:
 
 
 def step_optimizer(accelerator, optimizer, params, max_norm: float, deepspeed_engine=None):
-    """Clip (or just measure), skip non-finite gradients, step, zero. Returns (gradient norm,
-    whether the step counts as skipped, whether the gradient was non-finite).
+    """Clip (or just measure), step unless the gradients are not finite, zero. Returns three device
+    tensors: the gradient norm, whether the step was skipped (0/1) and whether the gradient was
+    non-finite (0/1). Nothing is read on the host (bidvl.nonfinite reads the counts at the log,
+    evaluation and checkpoint steps), so a GPU never waits for the host here.
 
-    Gradients are identical on every rank after the all-reduce, so every rank takes the same
-    decision. fp16: Accelerate unscales before clipping and the GradScaler skips overflowing steps
-    itself (counted, not non-finite). DeepSpeed: engine.step() clips (gradient_clipping =
-    train.grad_clip), steps and zeroes; a non-finite norm is seen only afterwards, so that step is
-    not skipped, but it is counted like a skipped one and drives train.on_nonfinite.
+    The skip is decided on the device: `found_inf` = the norm is not finite, handed to the fused
+    Adam (`build_optimizers`), which then leaves the parameters, its moments and its step count as
+    they were. Gradients are identical on every rank after the all-reduce, so every rank skips
+    alike. fp16: Accelerate unscales before clipping and the shared GradScaler hands the fused Adam
+    its own found_inf (any gradient not finite after unscaling, i.e. the same norm test); such a
+    step counts as skipped, not as non-finite. DeepSpeed: engine.step() clips (gradient_clipping =
+    train.grad_clip), steps and zeroes, and its global norm is a host float (DeepSpeed reads it); a
+    non-finite norm is seen only afterwards, so that step is not skipped, but it is counted like a
+    skipped one and drives train.on_nonfinite.
     """
+    device = accelerator.device
     if deepspeed_engine is not None:
         deepspeed_engine.step()
         norm = deepspeed_engine.get_global_grad_norm()
-        norm = torch.as_tensor(float("nan") if norm is None else float(norm))
-        nonfinite = not torch.isfinite(norm)
+        norm = torch.tensor(float("nan") if norm is None else float(norm), device=device)
+        nonfinite = ~torch.isfinite(norm)
         return norm, nonfinite, nonfinite
-    if max_norm > 0 or accelerator.mixed_precision == "fp16":
+    fp16 = accelerator.mixed_precision == "fp16"
+    if max_norm > 0 or fp16:
         norm = accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     else:  # only measured: no multiplication of every gradient by 1
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    nonfinite = not torch.isfinite(norm) and accelerator.mixed_precision != "fp16"
-    skipped = nonfinite
-    if not nonfinite:
+    norm = torch.as_tensor(norm, device=device).detach().float()  # (a CPU 0 when no gradient exists)
+    skipped = ~torch.isfinite(norm)
+    inner = getattr(optimizer, "optimizer", optimizer)  # torch's Adam inside Accelerate's wrapper
+    if not fp16:  # (under fp16 the GradScaler sets its own found_inf for the step)
+        inner.found_inf = skipped.float()
+    try:
         optimizer.step()
-        skipped = bool(getattr(optimizer, "step_was_skipped", False))  # fp16 overflow
+    finally:
+        inner.__dict__.pop("found_inf", None)
     optimizer.zero_grad(set_to_none=True)
-    return norm.detach().float(), skipped, nonfinite
+    return norm, skipped, torch.zeros_like(skipped) if fp16 else skipped
 
 
 class StepFlags(NamedTuple):
@@ -208,11 +229,24 @@ class StepFlags(NamedTuple):
     over_budget: bool  # any rank has used up train.time_budget_min
 
 
-def agree_on_flags(accelerator, stop: bool, skipped_samples: int, over_budget: bool) -> StepFlags:
-    """The per-step flags, combined over ranks with one small all-reduce, so every rank takes the
-    same decision at the same step. One process: no device tensor, so no wait for the device."""
-    flags = [float(stop), float(skipped_samples), float(over_budget)]
-    if accelerator.num_processes > 1:
-        flags = accelerator.reduce(torch.tensor(flags, device=accelerator.device),
-                                   reduction="sum").tolist()  # one device sync, not three
-    return StepFlags(flags[0] > 0, int(flags[1]), flags[2] > 0)
+class HostFlags:
+    """The per-step flags every rank must agree on (a stop signal, skipped samples, the time
+    budget), combined over ranks at every step on the host: a CPU tensor all-reduced in a gloo
+    process group of its own, so the agreement never waits for the GPU (a device all-reduce read
+    back every step would empty the GPU's queue at each one). One process: no collective at all.
+
+    The group is made once, by every rank (new_group is collective), when the trainer is built. On
+    a cluster, gloo connects the ranks over TCP like the launcher's store; where it picks the wrong
+    network interface, set GLOO_SOCKET_IFNAME as for any gloo group."""
+
+    def __init__(self, accelerator):
+        self.processes = accelerator.num_processes
+        self.group = torch.distributed.new_group(backend="gloo") if self.processes > 1 else None
+
+    def agree(self, stop: bool, skipped_samples: int, over_budget: bool) -> StepFlags:
+        flags = [float(stop), float(skipped_samples), float(over_budget)]
+        if self.processes > 1:
+            tensor = torch.tensor(flags, dtype=torch.float64)
+            torch.distributed.all_reduce(tensor, group=self.group)
+            flags = tensor.numpy().tolist()  # host memory (numpy refuses a device tensor)
+        return StepFlags(flags[0] > 0, int(flags[1]), flags[2] > 0)

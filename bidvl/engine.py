@@ -13,8 +13,9 @@ The work is done by components, each in its own module:
     bidvl.health        run health checks, verdicts, RUN_DIR/health.jsonl, and health.on_unhealthy
     bidvl.stopping      stop signals, and the wait for data a stop may interrupt
 
-`fit` reads top to bottom: fetch -> step -> non-finite policy -> log -> evaluate -> health ->
-checkpoint.
+`fit` reads top to bottom: fetch -> step -> flags (agreed on the host) -> at sync steps: non-finite
+policy -> log -> evaluate -> health -> checkpoint. An ordinary step reads nothing back from the
+device (tests/test_device_reads.py); device values are read only at sync steps (`_sync_step`).
 
 Freezing: a net that is not trained in a phase is called through its *unwrapped* module with
 detached parameters (`objectives.frozen_call`): gradients reach its input (e.g. the generator
@@ -41,14 +42,14 @@ from . import objectives
 from .checkpoint import Checkpointer, TrainState
 from .config import Config, resolve
 from .data import ShardError, ShardStream
-from .distributed import (agree_on_flags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
+from .distributed import (HostFlags, cast_buffers_to_bf16, deepspeed_plugins, end_with_the_launcher,
                           make_accelerator, prepare_nets, step_optimizer)
 from .evaluation.periodic import PeriodicEvaluation
 from .health import HealthMonitor
 from .model_card import model_card_writer
 from .models import build_nets
 from .models.ema import EMA
-from .nonfinite import apply_policy
+from .nonfinite import NonfiniteCounts, apply_policy
 from .stopping import StopControl
 from .tracking import (MetricsWindow, Progress, StepResult, close_run, counting_flops, log_image_grids, peak_tflops,
                       start_trackers)
@@ -82,6 +83,7 @@ class Trainer:
         self.bf16_weights = self.deepspeed and cfg.train.mixed_precision == "bf16"  # DeepSpeed's bf16
         self.accelerator = acc = make_accelerator(cfg, plugins)
         self.stops.processes = acc.num_processes
+        self.flags = HostFlags(acc)  # the per-step flags all ranks agree on, on the host
         self.objective = objectives.build(cfg)
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -96,6 +98,7 @@ class Trainer:
         if self.bf16_weights:
             cast_buffers_to_bf16(self.unwrapped.values())
         self.state = TrainState()
+        self.nonfinite = NonfiniteCounts(acc.device, cfg.train.nonfinite_patience)  # read at sync steps
         self.checkpointer = Checkpointer(acc, cfg, typed)
         self.ema = EMA(self.unwrapped["generator"], cfg.train.ema, cfg.train.ema_warmup) if cfg.train.ema > 0 else None
         self.steps_per_epoch = 1  # set from the data stream by fit()
@@ -139,8 +142,7 @@ class Trainer:
         norm, skipped, nonfinite = step_optimizer(self.accelerator, optimizer, params, self.cfg.train.grad_clip,
                                                   engine if self.deepspeed else None)
         result.set(f"grad_norm/{name}", norm)
-        self.state.skipped_steps += skipped
-        result.nonfinite |= nonfinite
+        result.add_optimizer_step(skipped, nonfinite)
 
     def upper_level_step(self, batches, latents, result: StepResult) -> None:
         """Eq. (14): update the nets the objective trains in the upper level (the energy net)."""
@@ -217,6 +219,7 @@ class Trainer:
             self.lower_level_step(batches, latents, result)
         if upper and cfg.objective.order == "lower_first":
             self.upper_level_step(batches, latents, result)
+        self.nonfinite.record(result.skipped, result.nonfinite, self.state.step + 1)  # on the device
         return result
 
     # ------------------------------------------------------------------ schedule and policies
@@ -230,9 +233,10 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = oc.lr * oc.lr_decay ** epoch * self.state.lr_scale
 
-    def apply_nonfinite_policy(self, result: StepResult) -> bool:
-        """train.on_nonfinite after this step (bidvl.nonfinite.apply_policy). True: rolled back."""
-        return apply_policy(self, result)
+    def apply_nonfinite_policy(self) -> bool:
+        """At a sync step: the non-finite counts read, then train.on_nonfinite
+        (bidvl.nonfinite.apply_policy). True: rolled back."""
+        return apply_policy(self)
 
     def check_health(self, step: int, logs: dict) -> bool:
         """A health check, then health.on_unhealthy (bidvl.health.HealthMonitor.act). Returns True
@@ -242,6 +246,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints (bidvl.checkpoint)
 
     def save_checkpoint(self) -> Path:
+        self.nonfinite.read_into(self.state)  # the counts in the saved state are current
         return self.checkpointer.save(self.state, self.unwrapped, self.ema)
 
     def export(self) -> Path:
@@ -270,6 +275,7 @@ class Trainer:
         loaded = self.checkpointer.resume(self.unwrapped, self.ema)
         if loaded is not None:
             resumed_from, self.state = loaded
+            self.nonfinite.start_from(self.state)
             acc.print(f"resumed from {resumed_from} at step {self.state.step}")
         self.checkpointer.write_config()
         self.health = HealthMonitor.for_run(acc, cfg, self.objective, self.state.health_lines)
@@ -297,7 +303,7 @@ class Trainer:
             with window.waiting_for_data():
                 arrived = self.stops.next_batches(batches_iter, accum)
             if arrived is None:
-                how = self.stops.stopped_while_waiting(acc, self.state.step, last_saved, self.save_checkpoint)
+                how = self.stops.stopped_while_waiting(acc, self.state.step, last_saved, self._settle_and_save)
                 break
             batches, skipped = arrived
             self.skipped_samples += skipped
@@ -309,20 +315,22 @@ class Trainer:
             self.state.step += 1
             self.state.budget_used_s += clock() - tick
             window.record(result, images=sum(len(b) for b in batches) * acc.num_processes)
-            flags = agree_on_flags(acc, bool(self.stops.signal), self.skipped_samples, spent())
+            flags = self.flags.agree(bool(self.stops.signal), self.skipped_samples, spent())
             over_budget = flags.over_budget
             if flags.skipped_samples > cfg.data.max_skipped:
                 raise ShardError(f"{flags.skipped_samples} bad samples or shards skipped, more than "
                                  f"data.max_skipped={cfg.data.max_skipped} (see the warnings above)")
-            if self.apply_nonfinite_policy(result):  # rolled back: reopen the data where that step was
-                batches_iter = stream.open(self.state.step * accum)
+            step = self.state.step
+            last = step == cfg.train.max_steps or over_budget
+            # Device values are read only at sync steps (the counts, the logs); the steps between
+            # read nothing, so a GPU never waits for the host there (bidvl.nonfinite).
+            if (last or flags.stop or self._sync_step(step)) and self.apply_nonfinite_policy():
+                batches_iter = stream.open(self.state.step * accum)  # rolled back: reopen the data there
                 progress.moved_to(self.state.step)
                 window.drop_steps()
                 continue
-            step = self.state.step
             if step % self.steps_per_epoch == 0:  # epoch boundary: decay both LRs
                 self.set_learning_rates()
-            last = step == cfg.train.max_steps or over_budget
             if window.steps and (step % cfg.log.every == 0 or last):
                 logs = window.flush(step, self._scalars(flags.skipped_samples))
                 verdict = self.health.verdict if self.health is not None else ""
@@ -340,6 +348,7 @@ class Trainer:
                 with self._outside_autocast():
                     restarted = self.check_health(step, logs)
                 if restarted:  # reopen the data where the restart point was
+                    self.nonfinite.start_from(self.state)
                     batches_iter = stream.open(self.state.step * accum)
                     progress.moved_to(self.state.step)
                     window.drop_steps()
@@ -367,6 +376,20 @@ class Trainer:
         close_run(acc, cfg, progress, how, self.state.step, logs, eval_figures, model, self.health)
         self.stops.ended = how
         return logs
+
+    def _sync_step(self, step: int) -> bool:
+        """A step at which the loop reads device values anyway (log, images, evaluation, health,
+        checkpoint): the non-finite counts are read there too."""
+        cfg = self.cfg
+        every = [cfg.log.every, cfg.log.images_every, cfg.checkpoint.every, cfg.eval.every,
+                 cfg.health.every if self.health is not None else 0]
+        return any(n and step % n == 0 for n in every)
+
+    def _settle_and_save(self) -> None:
+        """A checkpoint outside the loop's order (a stop while waiting for data): the non-finite
+        policy first, as at any sync step; a rollback leaves nothing to save."""
+        if not self.apply_nonfinite_policy():
+            self.save_checkpoint()
 
     def _scalars(self, skipped_samples: int) -> dict:
         return {

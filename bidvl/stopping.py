@@ -2,7 +2,7 @@
 
 SIGTERM and SIGUSR1 (SLURM's time limit and requeue) and Ctrl-C (SIGINT) end the run after the
 current step with a checkpoint; the engine reads `StopControl.signal` after each step (the ranks
-agree on it, bidvl.distributed.agree_on_flags). A second Ctrl-C, once the first was handled, aborts
+agree on it, bidvl.distributed.HostFlags). A second Ctrl-C, once the first was handled, aborts
 at once (the process dies of SIGINT).
 
 A stop that arrives while the loop waits for data (a stalled server, a hung `pipe:` command) does

@@ -41,13 +41,20 @@ from .run_dir import CARD_FILE, TRACKER_PROJECT, RunDir
 
 
 class StepResult:
-    """One bi-level step's metrics, as sums and counts (averaged when the window is flushed), and
-    whether an optimizer step was skipped for a non-finite gradient."""
+    """One bi-level step's metrics, as sums and counts (averaged when the window is flushed), the
+    optimizer steps it skipped and whether one of them had a non-finite gradient: device tensors
+    (bidvl.nonfinite reads them at sync steps), or 0 / False before the first optimizer step."""
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self.nonfinite = False
+        self.skipped: torch.Tensor | int = 0
+        self.nonfinite: torch.Tensor | bool = False
+
+    def add_optimizer_step(self, skipped: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        """One optimizer step's outcome (bidvl.distributed.step_optimizer), on the device."""
+        self.skipped = self.skipped + skipped.long()
+        self.nonfinite = nonfinite | self.nonfinite
 
     def add(self, values: dict) -> None:
         """Per micro-batch values, averaged over all the adds of the window."""

@@ -157,6 +157,7 @@ def test_a_checkpoint_holds_every_file_in_its_manifest_and_loads_back_exactly(tm
     trainer.train_step(_batch())
     trainer.state = TrainState(step=3, skipped_steps=2, skipped_in_a_row=1, rollbacks=1, budget_used_s=1.5,
                                lr_scale=0.5)
+    trainer.nonfinite.start_from(trainer.state)  # (as after any replaced state: its counts from here)
     saved, ema = _params(trainer), {k: t.clone() for k, t in trainer.ema.state_dict().items()}
     folder = trainer.save_checkpoint()
     assert folder == tmp_path / "run" / "checkpoints" / "step_00000003"  # the layout other tools read

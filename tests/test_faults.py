@@ -288,6 +288,13 @@ def tiny_trainer(tmp_path, shards, *overrides):
     return Trainer(cfg)
 
 
+def sync_step(trainer, batch) -> bool:
+    """One training step as fit() takes it, that step a sync step: the non-finite policy applied."""
+    trainer.train_step(batch)
+    trainer.state.step += 1
+    return trainer.apply_nonfinite_policy()
+
+
 def test_repeated_nan_rolls_back_with_lower_lr_then_stops(tmp_path, digits16):
     trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=2", "train.max_rollbacks=1",
                            "train.on_nonfinite=rollback", "train.rollback_lr_scale=0.5")
@@ -300,18 +307,16 @@ def test_repeated_nan_rolls_back_with_lower_lr_then_stops(tmp_path, digits16):
     base_lr = trainer.cfg.train.energy_optim.lr
     decay = trainer.cfg.train.energy_optim.lr_decay
     trainer.steps_per_epoch = 1  # (fit() sets it from the data): step 1 is in epoch 1
-    trainer.state.step = 2
-    assert not trainer.apply_nonfinite_policy(trainer.train_step(nan_batch))
-    trainer.state.step = 3
-    assert trainer.apply_nonfinite_policy(trainer.train_step(nan_batch))  # second in a row: roll back
+    assert not sync_step(trainer, nan_batch)
+    assert sync_step(trainer, nan_batch)  # second in a row (step 3): roll back
     assert trainer.state.step == 1 and trainer.state.rollbacks == 1
     assert trainer.energy_opt.param_groups[0]["lr"] == pytest.approx(base_lr * decay * 0.5)
     assert decay != 1.0 and trainer.state.lr_scale == 0.5
     for a, b in zip(weights, trainer.energy_net.parameters()):
         assert torch.equal(a, b)
-    trainer.apply_nonfinite_policy(trainer.train_step(nan_batch))
+    sync_step(trainer, nan_batch)
     with pytest.raises(FloatingPointError, match="after 1 rollbacks"):
-        trainer.apply_nonfinite_policy(trainer.train_step(nan_batch))
+        sync_step(trainer, nan_batch)
     trainer.close()
 
 
@@ -319,23 +324,23 @@ def test_only_consecutive_nonfinite_steps_count_and_skip_never_stops(tmp_path, d
     good = [torch.rand(16, 1, 16, 16) * 2 - 1]
     nan = [torch.full((16, 1, 16, 16), float("nan"))]
     trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=2", "train.on_nonfinite=stop")
-    assert not trainer.apply_nonfinite_policy(trainer.train_step(nan))
-    assert not trainer.apply_nonfinite_policy(trainer.train_step(good))
+    assert not sync_step(trainer, nan)
+    assert not sync_step(trainer, good)
     assert trainer.state.skipped_in_a_row == 0  # a finite step ends the run of non-finite ones
-    assert not trainer.apply_nonfinite_policy(trainer.train_step(nan))
+    assert not sync_step(trainer, nan)
     with pytest.raises(FloatingPointError, match=r"^2 consecutive steps with non-finite loss or gradients at "
-                                                 r"step 0 \(train.on_nonfinite=stop\)$"):
-        trainer.apply_nonfinite_policy(trainer.train_step(nan))
+                                                 r"step 4 \(train.on_nonfinite=stop\)$"):
+        sync_step(trainer, nan)
     trainer.close()
     trainer = tiny_trainer(tmp_path / "skip", digits16, "train.nonfinite_patience=1", "train.on_nonfinite=skip")
     for _ in range(3):
-        assert not trainer.apply_nonfinite_policy(trainer.train_step(nan))
+        assert not sync_step(trainer, nan)
     assert trainer.state.skipped_in_a_row == 3 and trainer.state.rollbacks == 0
     trainer.close()
     trainer = tiny_trainer(tmp_path / "none", digits16, "train.nonfinite_patience=1", "train.on_nonfinite=rollback")
     with pytest.raises(FloatingPointError, match=r"^1 consecutive steps with non-finite loss or gradients at "
-                                                 r"step 0 and no checkpoint to roll back to$"):
-        trainer.apply_nonfinite_policy(trainer.train_step(nan))
+                                                 r"step 1 and no checkpoint to roll back to$"):
+        sync_step(trainer, nan)
     trainer.close()
 
 
@@ -353,7 +358,7 @@ def test_each_rollback_scales_the_learning_rates_again_and_restores_the_ema(tmp_
     assert any(not torch.equal(a, b) for a, b in zip(saved_ema, trainer.ema.module.parameters()))
     base = trainer.cfg.train.energy_optim.lr
     for scale in (0.5, 0.25):
-        assert trainer.apply_nonfinite_policy(trainer.train_step(nan))
+        assert sync_step(trainer, nan)
         assert trainer.state.lr_scale == scale
         assert trainer.energy_opt.param_groups[0]["lr"] == pytest.approx(base * scale)
         assert all(torch.equal(a, b) for a, b in zip(saved_ema, trainer.ema.module.parameters()))
@@ -361,10 +366,37 @@ def test_each_rollback_scales_the_learning_rates_again_and_restores_the_ema(tmp_
     trainer.close()
 
 
+def test_the_policy_acts_at_the_next_sync_step_on_a_patience_reached_between(tmp_path, digits16):
+    """Steps between sync steps read nothing: a run of non-finite steps that reached the patience
+    and ended before the sync step is still acted on there, naming both steps; the counts are
+    exact."""
+    good = [torch.rand(16, 1, 16, 16) * 2 - 1]
+    nan = [torch.full((16, 1, 16, 16), float("nan"))]
+    trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=2", "train.on_nonfinite=stop")
+    for batch in (good, nan, nan, nan, good):  # steps 1..5; the patience is reached at step 3
+        trainer.train_step(batch)
+        trainer.state.step += 1
+    assert trainer.state.skipped_steps == 0  # nothing read yet
+    with pytest.raises(FloatingPointError, match=r"^2 consecutive steps with non-finite loss or gradients at "
+                                                 r"step 3 \(acted on at step 5, the first sync step after it\) "
+                                                 r"\(train.on_nonfinite=stop\)$"):
+        trainer.apply_nonfinite_policy()
+    assert trainer.state.skipped_steps == 6 and trainer.state.skipped_in_a_row == 0
+    trainer.close()
+    trainer = tiny_trainer(tmp_path / "short", digits16, "train.nonfinite_patience=3", "train.on_nonfinite=stop")
+    for batch in (nan, nan, good, nan, nan):  # never 3 in a row
+        trainer.train_step(batch)
+        trainer.state.step += 1
+    assert not trainer.apply_nonfinite_policy()
+    assert trainer.state.skipped_steps == 8 and trainer.state.skipped_in_a_row == 2
+    assert not sync_step(trainer, good) and trainer.state.skipped_in_a_row == 0
+    trainer.close()
+
+
 def test_nan_stop_policy(tmp_path, digits16):
     trainer = tiny_trainer(tmp_path, digits16, "train.nonfinite_patience=1", "train.on_nonfinite=stop")
     with pytest.raises(FloatingPointError, match="train.on_nonfinite=stop"):
-        trainer.apply_nonfinite_policy(trainer.train_step([torch.full((16, 1, 16, 16), float("nan"))]))
+        sync_step(trainer, [torch.full((16, 1, 16, 16), float("nan"))])
     trainer.close()
 
 

@@ -95,11 +95,15 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path, digits16):
     v = torch.full((16, 1, 16, 16), float("nan"))
     e, q = snapshot(trainer.energy_net), snapshot(trainer.encoder)
     metrics = trainer.train_step([v])
-    assert trainer.state.skipped_steps == 2  # upper and lower step
+    assert trainer.state.skipped_steps == 0  # counted on the device, read at a sync step
+    assert not trainer.apply_nonfinite_policy()  # (patience 10: no action)
+    assert trainer.state.skipped_steps == 2 and trainer.state.skipped_in_a_row == 1  # upper and lower step
     assert not changed(e, trainer.energy_net) and not changed(q, trainer.encoder)
     assert not torch.isfinite(metrics["grad_norm/energy_net"])
     trainer.train_step([torch.rand(16, 1, 16, 16)])
     assert trainer.state.skipped_steps == 2 and changed(e, trainer.energy_net)
+    trainer.save_checkpoint()  # a checkpoint reads the counts into the state it saves
+    assert trainer.state.skipped_steps == 2 and trainer.state.skipped_in_a_row == 0
     trainer.close()
 
 
@@ -640,7 +644,7 @@ def test_a_nonfinite_gradient_in_one_optimizer_step_marks_the_whole_step(tmp_pat
     for p in params:
         p.grad = torch.zeros_like(p)
     trainer._optimizer_step(trainer.latent_opt, params, "encoder_generator", result)
-    assert result.nonfinite and trainer.state.skipped_steps == 1
+    assert result.nonfinite and result.skipped == 1
     trainer.close()
 
 

@@ -11,7 +11,10 @@ config's shape (median over --steps after --warmup):
           Accelerate, with the engine's grad-norm and non-finite checks and metrics;
   plain   the same work written as a single-process loop over `bidvl.models.build_nets` and
           `bidvl.objectives` (below), with the same optimizers, batch and precision.
-ratio_engine_to_plain is the engine's overhead. Each side runs in a fresh process, so peak memory
+ratio_engine_to_plain is the engine's overhead. `device_reads_per_iter`: the Tensor reads
+(`.item()`, `.tolist()`, `bool()`, ...) of one iteration, counted over 2 more steps after the
+timing; on a GPU each waits for the queued kernels (the engine's train_step makes none: its counts
+are read at sync steps, see bidvl.nonfinite). Each side runs in a fresh process, so peak memory
 (CUDA max_memory_allocated, or the process's max RSS on the CPU) is its own.
 
 A variant is `+`-joined tokens: fp32 | bf16 (autocast), channels_last, compile (torch.compile),
@@ -48,9 +51,10 @@ from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
-from bidvl.benchmarking import device_name
+from bidvl.benchmarking import DeviceReads, device_name
 
 REPO = Path(__file__).resolve().parent.parent
+READ_STEPS = 2  # steps whose device->host reads are counted (bidvl.benchmarking.DeviceReads)
 TOKENS = ("fp32", "bf16", "channels_last", "compile", "cudnn_benchmark", "interpolate")
 
 
@@ -192,6 +196,11 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
             step()
             sync()
             times.append(time.perf_counter() - t0)
+        with DeviceReads() as reads:  # after the timing: the counter's own cost is not timed
+            for _ in range(READ_STEPS):
+                step()
+        sync()
+        result["device_reads_per_iter"] = reads.count / READ_STEPS
         if profile_steps:
             result["profile"] = top_ops(step, sync, profile_steps, cuda)
         if trainer is not None:
