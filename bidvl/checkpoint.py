@@ -293,9 +293,8 @@ def _write_error(exc: Exception, tmp: Path, run_dir: Path, what: str = "") -> st
         if code == "ENOSPC":
             text = f"no space left on device; {type(exc).__name__}: {text}"
     where = getattr(exc, "filename", None) or tmp
-    kept = (f"the complete checkpoints in {RunDir(run_dir).checkpoints} are untouched" if what.startswith("checkpoint")
-            else f"the checkpoints in {RunDir(run_dir).checkpoints} are untouched")
-    return f"cannot write {what}: {code} ({text}) at {where}; its temp folder was removed; {kept}"
+    return (f"cannot write {what}: {code} ({text}) at {where}; its temp folder was removed; "
+            f"the complete checkpoints in {RunDir(run_dir).checkpoints} are untouched")
 
 
 def _remove(folder: Path) -> None:

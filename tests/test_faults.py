@@ -255,6 +255,37 @@ def test_skip_budget_stops_training_clearly(tmp_path):
     assert "not a readable image" in fail.stderr
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.process
+def test_a_stop_ends_a_loader_that_spins_on_a_huge_skip_budget(tmp_path, workers):
+    """Every sample bad, data.on_error=skip with a skip budget that is never spent: the loader
+    spins, skipping, and no batch ever comes. SIGTERM still ends the run within seconds, exit 0,
+    saying so (step 0: nothing to checkpoint)."""
+    bad = [[(f"s{k}{i:03d}.png", b"\x89PNG\r\n\x1a\n not really") for i in range(200)] for k in range(2)]
+    folder = write_shards(tmp_path / "s", bad, res=16)
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(run, folder, 100, "data.on_error=skip", "data.max_skipped=1000000000",
+                                      f"data.num_workers={workers}", "health.every=0"),
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(run.glob("config.yaml")):  # the trainer is up and reading
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        time.sleep(3.0)  # spinning: hundreds of samples skipped a second
+        assert proc.poll() is None
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert time.monotonic() - sent < 15
+    assert "bad samples or shards skipped so far" in err  # it did spin
+    assert f"training stopped by signal {signal.SIGTERM.value} while waiting for data at step 0" in out + err
+    assert not list(run.glob("checkpoints/step_*"))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_mangled_tars_give_batches_or_shard_errors(tmp_path, data):

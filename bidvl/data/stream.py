@@ -46,14 +46,15 @@ class ShardStream:
                 build_once(cfg.data.auto_build, folder, cfg.data.resolution)
             accelerator.wait_for_everyone()
         self.net = remote.NetOptions.of(cfg.data)
-        if not remote.is_list(source) and not is_foreign_folder(source):
+        described = not remote.is_list(source) and not is_foreign_folder(source)  # has a meta.json
+        if described:
             splits = read_meta(source, self.net)["splits"]
             if cfg.data.train_split not in splits:
                 raise ConfigError(f"data.train_split={cfg.data.train_split!r}: "
                                   f"{remote.member(source, 'meta.json')} has splits {', '.join(splits)}")
         meta, _, _ = split_info(source, cfg.data.train_split, self.net, cfg.data.train_count,
                                 cfg.data.resolution, cfg.data.channels)
-        where = source if remote.is_list(source) or is_foreign_folder(source) else remote.member(source, "meta.json")
+        where = remote.member(source, "meta.json") if described else source
         # Shards without meta.json are counted once, here (a download per remote shard), not again
         # on every open.
         self.count = meta["splits"][cfg.data.train_split]["count"] if meta["format"] == FOREIGN \
