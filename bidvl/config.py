@@ -138,7 +138,11 @@ class TrainConfig:
     mixed_precision: str = "auto"
     grad_accum: int = 1  # micro-batches per optimizer step (the step sees grad_accum x batch_size per process)
     channels_last: bool = False  # nets and batches in NHWC memory format (a GPU speed option)
-    compile: bool = False  # torch.compile each trained net (Accelerate's dynamo backend, inductor)
+    # torch.compile each level's terms (forward and loss, one graph each, no graph break allowed;
+    # AOTAutograd compiles their backward): bidvl.engine.Trainer.level_terms. The fused Adam step
+    # is one kernel already and stays eager. Not under DeepSpeed.
+    compile: bool = False
+    compile_backend: str = "inductor"  # inductor | aot_eager (traced, not code-generated: for checks)
     grad_clip: float = 0.0  # 0: off
     ema: float = 0.0  # generator EMA decay; 0: off (as the authors)
     # Ramp the EMA's decay up from 0.1: min(ema, (1 + k) / (10 + k)) at its k-th update
@@ -292,6 +296,7 @@ CHOICES = {
     "data.crop": ("center", "random"),
     "checkpoint.on_damaged": ("fallback", "stop"),
     "train.on_nonfinite": ("skip", "rollback", "stop"),
+    "train.compile_backend": ("inductor", "aot_eager"),
     "health.on_unhealthy": ("warn", "stop", "restart"),
     "log.progress": ("auto", "bar", "lines"),
 }

@@ -60,7 +60,7 @@ def deepspeed_plugins(cfg: Config) -> dict | None:
     calling the frozen energy net through its detached parameters in the lower level does not
     work), fp16 (use bf16) and objective.latent_term=not_offset (its upper level steps the encoder
     alone, which a flat ZeRO optimizer over encoder + generator cannot do: it would move the
-    generator by Adam momentum).
+    generator by Adam momentum), and train.compile (not supported with DeepSpeed's engines).
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return None
@@ -71,6 +71,9 @@ def deepspeed_plugins(cfg: Config) -> dict | None:
         raise ConfigError(f"DeepSpeed zero_stage={stage} ({where}): expected 1 or 2 (see bidvl/distributed.py)")
     if cfg.train.mixed_precision == "fp16":
         raise ConfigError("train.mixed_precision=fp16 under DeepSpeed: use bf16 (or no)")
+    if cfg.train.compile:
+        raise ConfigError("train.compile=true under DeepSpeed: not supported (a compiled level would "
+                          "call DeepSpeed's engine inside the graph); use DDP to compile")
     problem = objectives.build(cfg).deepspeed_problem()
     if problem:
         raise ConfigError(problem)
@@ -100,7 +103,7 @@ def make_accelerator(cfg: Config, plugins: dict | None) -> Accelerator:
     return Accelerator(
         deepspeed_plugins=plugins,
         mixed_precision=cfg.train.mixed_precision,
-        dynamo_backend="inductor" if cfg.train.compile else "no",
+        dynamo_backend="no",  # train.compile compiles the levels' terms (Trainer.level_terms), not the nets
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(RunDir(run_dir).tensorboard)),
         kwargs_handlers=[

@@ -97,6 +97,8 @@ class Trainer:
                           zip(NETS, (self.energy_net, self.encoder, self.generator))}
         if self.bf16_weights:
             cast_buffers_to_bf16(self.unwrapped.values())
+        self.frozen = {name: objectives.Frozen(net) for name, net in self.unwrapped.items()}
+        self._levels = {}  # level -> its terms function (level_terms)
         self.state = TrainState()
         self.nonfinite = NonfiniteCounts(acc.device, cfg.train.nonfinite_patience)  # read at sync steps
         self.checkpointer = Checkpointer(acc, cfg, typed)
@@ -112,8 +114,34 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def _frozen(self, name: str):
-        """The unwrapped net `name` called through its detached parameters (no gradient reaches them)."""
-        return objectives.Frozen(self.unwrapped[name])
+        """The unwrapped net `name` called through its detached parameters (no gradient reaches
+        them); one object per net, so a compiled level sees the same module at every call."""
+        return self.frozen[name]
+
+    def level_terms(self, level):
+        """The function (v, h_p) -> terms of `level`: "upper", or a lower-level phase (a tuple of
+        net names, objective.lower_level_phases). Eager, or under train.compile one torch.compile'd
+        graph per level (fullgraph: a graph break is an error, never a silent fallback; static
+        shapes; train.compile_backend), whose backward AOTAutograd compiles too. Nets, autocast and
+        DDP's no_sync stay outside, as in the eager step."""
+        fn = self._levels.get(level)
+        if fn is None:
+            if level == "upper":
+                def fn(v, h_p):
+                    with torch.no_grad():
+                        v_hat = self.unwrapped["generator"](h_p)
+                    return self.objective.upper_level(v, v_hat, energy_net=self.energy_net, encoder=self.encoder)
+            else:
+                nets = {"encoder": self.encoder, "generator": self.generator}
+                called = {name: net if name in level else self._frozen(name) for name, net in nets.items()}
+                frozen = {"energy_net": self._frozen("energy"), "frozen_encoder": self._frozen("encoder")}
+
+                def fn(v, h_p):
+                    return self.objective.lower_level(v, h_p, phase=level, **called, **frozen)
+            if self.cfg.train.compile:
+                fn = torch.compile(fn, fullgraph=True, dynamic=False, backend=self.cfg.train.compile_backend)
+            self._levels[level] = fn
+        return fn
 
     def _no_sync(self, last: bool, *nets):
         stack = contextlib.ExitStack()
@@ -148,13 +176,11 @@ class Trainer:
         """Eq. (14): update the nets the objective trains in the upper level (the energy net)."""
         trains_encoder = "encoder" in self.objective.upper_level_trains
         trained = [self.energy_net] + ([self.encoder] if trains_encoder else [])
-        generator = self.unwrapped["generator"]
+        terms_of = self.level_terms("upper")
         for i, (v, h_p) in enumerate(zip(batches, latents)):
             last = i == len(batches) - 1
             with self._no_sync(last, *trained), self.accelerator.autocast():
-                with torch.no_grad():
-                    v_hat = generator(h_p)
-                terms = self.objective.upper_level(v, v_hat, energy_net=self.energy_net, encoder=self.encoder)
+                terms = terms_of(v, h_p)
                 self._backward(self.energy_net, terms.loss, len(batches), last)
             result.add({"loss/loss_ul": terms.loss, "energy/data": terms.energy_data.mean(),
                         "energy/samples": terms.energy_samples.mean()})
@@ -181,12 +207,11 @@ class Trainer:
         """Trains the nets named in `phase` (the other lower-level net frozen)."""
         nets = {"encoder": self.encoder, "generator": self.generator}
         trained = [nets[name] for name in phase]
-        called = {name: net if name in phase else self._frozen(name) for name, net in nets.items()}
-        frozen = {"energy_net": self._frozen("energy"), "frozen_encoder": self._frozen("encoder")}
+        terms_of = self.level_terms(tuple(phase))
         for i, (v, h_p) in enumerate(zip(batches, latents)):
             last = i == len(batches) - 1
             with self._no_sync(last, *trained), self.accelerator.autocast():
-                terms = self.objective.lower_level(v, h_p, phase=phase, **called, **frozen)
+                terms = terms_of(v, h_p)
                 self._backward(self.latent_engine, terms.loss, len(batches), last)
             result.add({f"loss/{k}": v for k, v in (
                 (loss_name, terms.loss), ("recon", terms.recon), ("kl", terms.kl), ("energy_term", terms.energy),

@@ -118,6 +118,8 @@ def test_deepspeed_refuses_what_it_cannot_do(tmp_path, digits16):
     assert p.returncode != 0 and "zero_stage=3" in p.stderr
     p = launch(tmp_path / "no", digits16, 1, "objective.latent_term=not_offset", config=zero(2), processes=1)
     assert p.returncode != 0 and "not_offset" in p.stderr
+    p = launch(tmp_path / "compiled", digits16, 1, "train.compile=true", config=zero(2), processes=1)
+    assert p.returncode != 0 and "train.compile=true under DeepSpeed" in p.stderr
 
 
 @pytest.mark.slow
