@@ -68,7 +68,7 @@ class DataConfig:
     net_retries: int = 5  # remote reads: tries after the first (dropped connection, timeout, 5xx)
     net_backoff: float = 1.0  # seconds before the first retry, doubled for each next one
     net_timeout: float = 60.0  # seconds an http(s) connect or read may stall
-    net_shard_timeout: float = 600.0  # seconds one remote file (http(s), pipe:) may take in all, then a retry
+    net_shard_timeout: float = 600.0  # seconds one remote file (http(s), pipe:, object stores) may take in all, then a retry
 
 
 @dataclass

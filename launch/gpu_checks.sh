@@ -9,6 +9,9 @@
 #   PART=2 (about 4 min at most): the slow CUDA tests, SyncBatchNorm joint batch (two ranks sharing
 #          the GPU over gloo equal one process on the joint batch) and the one-GPU DeepSpeed ZeRO-2
 #          smoke run (fp32 equals plain training; bf16 trains, checkpoints, evaluates).
+# Each benchmark row also has device_reads_per_iter (0 for the engine since issue 28) and
+# pipelined_step_ms (steps back to back, one sync at the end), and under compile the engine
+# compiles each level's terms (bidvl.engine.Trainer.level_terms).
 # Further runs: SET=eager or SET=compile tools/gpu_benchmark.sh (about 8 min each).
 #
 #   OUT=gpu_out launch/gpu_checks.sh     # then: $OUT/gpu_tests_part1.log, $OUT/benchmarks.jsonl

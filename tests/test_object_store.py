@@ -6,9 +6,11 @@ the `s3` fixture; the client finds it through AWS_ENDPOINT_URL, as any S3 SDK us
 MinIO or Ceph.
 """
 
+import io
 import itertools
 import subprocess
 import sys
+import time
 
 import boto3
 import pytest
@@ -72,6 +74,33 @@ def test_a_missing_object_fails_at_once_naming_it(s3, digits16, capfd):
     assert "retrying" not in capfd.readouterr().err  # not retried
     with pytest.raises(ShardError, match=rf"{url}/{gone}: no such object"):
         remote.check_exists(f"{url}/{gone}", FAST)
+
+
+def test_a_store_that_drips_bytes_is_cut_off_at_the_shard_deadline(capfd):
+    """data.net_shard_timeout bounds an object-store read as it bounds http(s) and pipe: ones: a
+    store answering every block slowly (an fsspec file system of the test's own, registered as
+    `drip://`, whose blocks take 0.2 s) fails after the deadline and one block, retried, named."""
+    import fsspec
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class Dripping(io.BytesIO):
+        def read(self, size=-1):
+            time.sleep(0.2)
+            return super().read(min(size, remote.CHUNK) if size and size > 0 else remote.CHUNK)
+
+    class DripFileSystem(MemoryFileSystem):
+        protocol = "drip"
+
+        def _open(self, path, mode="rb", **kwargs):
+            return Dripping(bytes(20 * remote.CHUNK))  # 20 blocks: 4 s in all
+
+    fsspec.register_implementation("drip", DripFileSystem, clobber=True)
+    start = time.monotonic()
+    with pytest.raises(ShardError, match=r"drip://b/shard-000000\.tar: .*not read within 0\.5 s "
+                                         r"\(data\.net_shard_timeout; \d+ bytes so far\)"):
+        remote.read_bytes("drip://b/shard-000000.tar", NetOptions(retries=1, backoff=0.05, file_timeout=0.5))
+    assert time.monotonic() - start < 2.5  # two tries of about 0.6 s, not 2 x 4 s
+    assert "retrying" in capfd.readouterr().err
 
 
 def test_store_errors_say_what_to_install_and_are_retried_otherwise(capfd):

@@ -14,7 +14,9 @@ config's shape (median over --steps after --warmup):
 ratio_engine_to_plain is the engine's overhead. `device_reads_per_iter`: the Tensor reads
 (`.item()`, `.tolist()`, `bool()`, ...) of one iteration, counted over 2 more steps after the
 timing; on a GPU each waits for the queued kernels (the engine's train_step makes none: its counts
-are read at sync steps, see bidvl.nonfinite). Each side runs in a fresh process, so peak memory
+are read at sync steps, see bidvl.nonfinite). `step_ms` synchronises the device after every step;
+`pipelined_step_ms` times --steps steps back to back with one synchronisation at the end, as
+training runs them between log steps (on a GPU the gain of a step without reads shows there). Each side runs in a fresh process, so peak memory
 (CUDA max_memory_allocated, or the process's max RSS on the CPU) is its own.
 
 A variant is `+`-joined tokens: fp32 | bf16 (autocast), channels_last, compile (torch.compile),
@@ -196,6 +198,11 @@ def measure(side: str, config: str, variant: dict, device: str, batch_size: int,
             step()
             sync()
             times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()  # back to back, one sync at the end: a step that reads nothing
+        for _ in range(steps):   # lets the host queue the next step while the GPU runs this one
+            step()
+        sync()
+        result["pipelined_step_ms"] = round(1e3 * (time.perf_counter() - t0) / steps, 3)
         with DeviceReads() as reads:  # after the timing: the counter's own cost is not timed
             for _ in range(READ_STEPS):
                 step()

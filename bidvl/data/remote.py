@@ -69,7 +69,8 @@ class NetOptions:
     """Retries of remote reads (data.net_retries, data.net_backoff, data.net_timeout,
     data.net_shard_timeout): a failed read is tried again `retries` times, waiting backoff,
     2 x backoff, 4 x backoff, ... seconds (each wait at most MAX_WAIT); `timeout` bounds each
-    http(s) connect and wait for bytes, `file_timeout` one whole file (http(s) and pipe:)."""
+    http(s) connect and wait for bytes, `file_timeout` one whole file (http(s), pipe: and
+    object stores)."""
 
     retries: int = 5
     backoff: float = 1.0
@@ -216,6 +217,8 @@ def _fsspec_call(url: str, action):
     scheme = urlparse(url).scheme
     try:
         return action()
+    except _Transient:
+        raise
     except FileNotFoundError:
         raise NotFound(f"{url}: no such object") from None
     except ImportError as exc:  # fsspec: "Install s3fs to access S3"
@@ -231,12 +234,23 @@ def _fsspec_call(url: str, action):
         raise _Transient(f"{type(exc).__name__}: {_why(exc)}") from None
 
 
-def _fsspec_read(url: str) -> bytes:
+def _fsspec_read(url: str, file_timeout: float = DEFAULT.file_timeout) -> bytes:
+    """The object whole, read in CHUNK blocks so that the file's deadline (data.net_shard_timeout)
+    is checked between blocks, as for http(s): a store that drips bytes cannot hold a shard for
+    longer than the deadline and one block (each block's request has the store client's own
+    timeouts)."""
     import fsspec
 
     def read():
+        deadline = time.monotonic() + file_timeout
+        chunks = []
         with fsspec.open(url, "rb") as f:
-            return f.read()
+            while chunk := f.read(CHUNK):
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise _Transient(f"not read within {file_timeout:g} s (data.net_shard_timeout; "
+                                     f"{sum(map(len, chunks))} bytes so far)")
+        return b"".join(chunks)
 
     return _fsspec_call(url, read)
 
@@ -288,7 +302,7 @@ def read_bytes(url: str, net: NetOptions = DEFAULT, what: str = "shard") -> byte
         return _with_retries(url, what, lambda: _http_read(url, net.timeout, net.file_timeout), net)
     if is_pipe(url):
         return _with_retries(url, what, lambda: _pipe_read(url, net.file_timeout), net)
-    return _with_retries(url, what, lambda: _fsspec_read(url), net)
+    return _with_retries(url, what, lambda: _fsspec_read(url, net.file_timeout), net)
 
 
 def check_exists(url: str, net: NetOptions = DEFAULT, what: str = "shard") -> None:
