@@ -180,8 +180,9 @@ def test_benchmark_prints_one_json_object():
         for key in ("engine", "plain", "ratio_engine_to_plain", "mfu"):
             assert key in variant, key
         for side in ("engine", "plain"):
-            for key in ("step_ms", "images_per_s", "peak_memory_mb"):
+            for key in ("step_ms", "images_per_s", "peak_memory_mb", "pipelined_step_ms"):
                 assert variant[side][key] > 0, (side, key)
+            assert variant[side]["device_reads_per_iter"] == 0, side  # (issue 28; both sides' fused Adam)
             ops = variant[side]["profile"]  # --profile 1: the top operators of one step
             assert ops and all(op["self_ms_per_step"] >= 0 and op["calls_per_step"] > 0 for op in ops)
             assert any("conv" in op["op"] for op in ops), [op["op"] for op in ops]
