@@ -39,6 +39,7 @@ import torch
 from accelerate.utils import set_seed
 
 from . import objectives
+from .ceilings import build_nets_within_memory
 from .checkpoint import Checkpointer, TrainState
 from .config import Config, resolve
 from .data import ShardError, ShardStream
@@ -47,7 +48,6 @@ from .distributed import (HostFlags, cast_buffers_to_bf16, deepspeed_plugins, en
 from .evaluation.periodic import PeriodicEvaluation
 from .health import HealthMonitor
 from .model_card import model_card_writer
-from .models import build_nets
 from .models.ema import EMA
 from .nonfinite import NonfiniteCounts, apply_policy
 from .stopping import StopControl
@@ -77,6 +77,14 @@ class Trainer:
         typed, self.cfg = cfg, resolve(cfg)
         cfg = self.cfg
         self.stops = StopControl(cfg.train.stop_wait_s)  # from the start (bidvl.stopping)
+        try:
+            self._build(cfg, typed)
+        except BaseException:  # a trainer that failed to build leaves the signal handlers as they were
+            self.stops.restore()
+            raise
+
+    def _build(self, cfg: Config, typed: Config) -> None:
+        """Processes, nets, optimizers, checkpointer, EMA and the fixed latents (for __init__)."""
         end_with_the_launcher()
         plugins = deepspeed_plugins(cfg)
         self.deepspeed = plugins is not None
@@ -87,7 +95,7 @@ class Trainer:
         self.objective = objectives.build(cfg)
 
         set_seed(cfg.run.seed)  # identical initial weights on every rank
-        nets = build_nets(cfg.model, channels=cfg.data.channels, resolution=cfg.data.resolution)
+        nets = build_nets_within_memory(cfg, acc.device, self.deepspeed)  # (bidvl.ceilings)
         nets = prepare_nets(acc, cfg, nets, self.deepspeed)
         self.energy_net, self.encoder, self.generator = nets.energy_net, nets.encoder, nets.generator
         self.energy_opt, self.latent_opt = nets.energy_opt, nets.latent_opt

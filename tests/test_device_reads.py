@@ -7,10 +7,8 @@ graphs from capturing the step; on the CPU the same calls are counted (bidvl.ben
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-import torch
 
 from conftest import BIN, REPO, TINY
 from read_count_worker import count_reads

@@ -387,17 +387,17 @@ def test_sample_command(tiny_run, tmp_path, capsys):
 
 def test_sample_command_refuses_what_memory_cannot_hold_and_names_a_failed_write(tiny_run, tmp_path, capsys,
                                                                                  monkeypatch):
-    from bidvl.cli import sample
+    from bidvl import ceilings
 
     png, npy = tmp_path / "grid.png", tmp_path / "samples.npy"
-    monkeypatch.setattr(sample, "available_memory", lambda: 2**20)  # 1 MiB at hand
+    monkeypatch.setattr(ceilings, "available_memory", lambda: 2**20)  # 1 MiB at hand
     assert sample_cli.main(["--run", str(tiny_run), "--num", "1000", "--out", str(png)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --num 1000: the images need about 0.0 GiB (1000 x 1 x 16 x 16 float32, with the "
                           "grid and the .npy copy), more than the 0.0 GiB of memory available"), err
     assert not png.exists()
     monkeypatch.undo()
-    assert sample.available_memory() > 2**20  # the real figure, from /proc/meminfo
+    assert ceilings.available_memory() > 2**20  # the real figure, from /proc/meminfo
 
     def full_disk(path, *args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -14,7 +14,6 @@ The same samples from Python: bidvl.load(RUN).sample(N, seed=SEED).
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -39,21 +38,11 @@ def check_args(args) -> None:
             raise ConfigError(f"{option} {path}: {problem}")
 
 
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (Linux MemAvailable; else free pages)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def check_memory(args, cfg) -> None:
     """--num against the memory at hand, before anything is generated: the images (float32), their
     grid and the .npy copy, twice for --reconstruct (images and reconstructions)."""
+    from bidvl.ceilings import available_memory  # (torch: loaded late, as the CLI's other imports)
+
     per_image = cfg.data.channels * cfg.data.resolution ** 2 * 4
     need = args.num * per_image * 3 * (2 if args.reconstruct else 1)
     have = available_memory()
