@@ -52,14 +52,15 @@ def test_no_device_reads_between_sync_steps(tmp_path, digits16, overrides):
 
 
 @pytest.mark.process
-def test_no_device_reads_between_sync_steps_on_two_processes_with_a_loader_worker(tmp_path, digits16):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_no_device_reads_between_sync_steps_on_two_processes_with_a_loader_worker(tmp_path, digits16, precision):
     """As users run it: `accelerate launch` with two ranks (DDP, gloo on the CPU), a DataLoader
-    worker, bf16 autocast and clipping; the per-step flags are agreed on the host
-    (bidvl.distributed.HostFlags)."""
+    worker, autocast and clipping (fp16: the shared GradScaler hands the fused Adam its found_inf);
+    the per-step flags are agreed on the host (bidvl.distributed.HostFlags)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0",
            str(REPO / "tests/read_count_worker.py"), "--out", str(tmp_path),
-           *TINY, *SYNC, "data.num_workers=1", "train.mixed_precision=bf16", "train.grad_clip=1.0", f"run.dir={tmp_path / 'run'}", f"data.train={digits16}"]
+           *TINY, *SYNC, "data.num_workers=1", f"train.mixed_precision={precision}", "train.grad_clip=1.0", f"run.dir={tmp_path / 'run'}", f"data.train={digits16}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
