@@ -125,26 +125,25 @@ class PreparedNets(NamedTuple):
     latent_engine: torch.nn.Module | None  # DeepSpeed's engine for encoder + generator
 
 
-def build_optimizers(cfg: Config, energy_net, encoder, generator, fused: bool = True):
+def build_optimizers(cfg: Config, energy_net, encoder, generator):
     """Adam for the energy net; one Adam for encoder + generator (the lower level's nets), the
     encoder in a group of its own when train.encoder_weight_decay is set.
 
-    `fused`: torch's fused Adam (one kernel for all of an optimizer's tensors), which takes the
+    Both are torch's fused Adam (one kernel for all of an optimizer's tensors), which takes the
     skip decision as a device tensor (`found_inf`, as GradScaler passes it), so a non-finite step
     is skipped without the host reading anything (`step_optimizer`). Its update equals the default
     implementation's to round-off (bit-equal in float64, tests/test_equivalence.py). DeepSpeed's
     ZeRO optimizer wraps it too (on its flat fp32 partitions), so DDP and ZeRO runs take the same
-    updates (tests/test_deepspeed.py). fused=False: torch's default implementation."""
+    updates (tests/test_deepspeed.py)."""
     eo, lo = cfg.train.energy_optim, cfg.train.latent_optim
-    fused = fused or None  # None: torch's default choice (foreach on GPUs, a loop on the CPU)
     energy_opt = torch.optim.Adam(energy_net.parameters(), lr=eo.lr, betas=tuple(eo.betas),
-                                  weight_decay=eo.weight_decay, fused=fused)
+                                  weight_decay=eo.weight_decay, fused=True)
     latent_params = [*encoder.parameters(), *generator.parameters()]
     if cfg.train.encoder_weight_decay is not None:  # a group of its own for the encoder
         latent_params = [{"params": list(encoder.parameters()), "weight_decay": cfg.train.encoder_weight_decay},
                          {"params": list(generator.parameters())}]
     latent_opt = torch.optim.Adam(latent_params, lr=lo.lr, betas=tuple(lo.betas), weight_decay=lo.weight_decay,
-                                  fused=fused)
+                                  fused=True)
     return energy_opt, latent_opt
 
 

@@ -178,20 +178,24 @@ def _http(url: str, action):
 CHUNK = 1 << 20
 
 
+def _read_within(read_chunk, deadline: float, file_timeout: float) -> bytes:
+    """read_chunk(CHUNK) until it returns nothing, in chunks so that the file's deadline (a
+    time.monotonic() value: file_timeout = data.net_shard_timeout after the read began) is checked
+    as bytes trickle in; past it, _Transient (retried)."""
+    chunks = []
+    while chunk := read_chunk(CHUNK):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise _Transient(f"not read within {file_timeout:g} s (data.net_shard_timeout; "
+                             f"{sum(map(len, chunks))} bytes so far)")
+    return b"".join(chunks)
+
+
 def _http_read(url: str, timeout: float, file_timeout: float = DEFAULT.file_timeout) -> bytes:
     def read():
         deadline = time.monotonic() + file_timeout
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            chunks = []
-            while True:  # in chunks, so that the file's deadline is checked as bytes trickle in
-                chunk = response.read1(CHUNK)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise _Transient(f"not read within {file_timeout:g} s (data.net_shard_timeout; "
-                                     f"{sum(map(len, chunks))} bytes so far)")
-            data = b"".join(chunks)
+            data = _read_within(response.read1, deadline, file_timeout)
             announced = response.headers.get("Content-Length")
             if announced is not None and len(data) != int(announced):
                 raise _Transient(f"connection ended after {len(data)} of {announced} bytes")
@@ -235,22 +239,16 @@ def _fsspec_call(url: str, action):
 
 
 def _fsspec_read(url: str, file_timeout: float = DEFAULT.file_timeout) -> bytes:
-    """The object whole, read in CHUNK blocks so that the file's deadline (data.net_shard_timeout)
-    is checked between blocks, as for http(s): a store that drips bytes cannot hold a shard for
+    """The object whole, read in CHUNK blocks (`_read_within`) so that the file's deadline
+    (data.net_shard_timeout) is checked between blocks, as for http(s): a store that drips bytes cannot hold a shard for
     longer than the deadline and one block (each block's request has the store client's own
     timeouts)."""
     import fsspec
 
     def read():
         deadline = time.monotonic() + file_timeout
-        chunks = []
         with fsspec.open(url, "rb") as f:
-            while chunk := f.read(CHUNK):
-                chunks.append(chunk)
-                if time.monotonic() > deadline:
-                    raise _Transient(f"not read within {file_timeout:g} s (data.net_shard_timeout; "
-                                     f"{sum(map(len, chunks))} bytes so far)")
-        return b"".join(chunks)
+            return _read_within(f.read, deadline, file_timeout)
 
     return _fsspec_call(url, read)
 
