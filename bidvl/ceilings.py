@@ -3,6 +3,7 @@ ConfigError instead of an allocation traceback (a 640 GB request) or a run that 
 
     available_memory()                                  # bytes a new host allocation can get
     nets = build_nets_within_memory(cfg, device)        # the nets, and their training state checked
+    loader_workers_problem(workers, option)             # "" or why too many loader workers
 
 `launch/sample.py --num` checks its images against `available_memory` (bidvl.cli.sample).
 """
@@ -20,6 +21,10 @@ from .models import build_nets
 # two moments (autocast keeps fp32 weights). Activations come on top and are not estimated: the
 # check is a floor, which a config over it cannot possibly meet.
 TRAINING_BYTES_PER_PARAMETER = 16
+# Loader workers are processes decoding images. Above one per core they only add memory and start-up
+# time (torch's DataLoader warns); above this many per core a run spends its time forking and
+# switching (10000 workers never make a step), so it is refused.
+WORKERS_PER_CORE = 4
 
 
 def available_memory() -> int:
@@ -32,6 +37,26 @@ def available_memory() -> int:
     except (OSError, ValueError, IndexError):
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a SLURM allocation or taskset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def loader_workers_problem(workers: int, option: str, joiner: str = "=") -> str:
+    """Why `workers` loader workers per process are too many for this machine ("" when they are
+    not): more than WORKERS_PER_CORE per usable core. The ranks of one node each start their own,
+    so on a node shared by several processes the sensible number is lower still."""
+    cores = usable_cores()
+    if workers <= WORKERS_PER_CORE * cores:
+        return ""
+    return (f"{option}{joiner}{workers} loader workers per process, but this process may run on {cores} "
+            f"core(s): at most {WORKERS_PER_CORE * cores} ({WORKERS_PER_CORE} a core) are accepted; "
+            f"lower {option} (about one a core is usually best)")
 
 
 def build_nets_within_memory(cfg: Config, device: torch.device, deepspeed: bool = False):

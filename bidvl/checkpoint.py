@@ -13,7 +13,8 @@ replicas.json); a damaged checkpoint is reported by name and, with checkpoint.on
 Checkpoints written before manifests existed load with a warning that they cannot be verified.
 
 One training run per folder: `RunLock` holds an exclusive flock on RUN_DIR/.lock for the whole run
-(main process). The kernel releases it when the process ends, however it ends, so a dead holder
+(main process; the flock itself is `bidvl.run_dir.FolderLock`, which `bidvl train` takes before
+importing torch). The kernel releases it when the process ends, however it ends, so a dead holder
 never blocks a new run. On a local file system the exclusion is guaranteed. Across nodes it holds
 where the shared file system implements flock across clients: NFS (Linux clients emulate flock
 with NFS byte-range locks; a crashed holder's lock is freed when its lease expires, ~90 s on
@@ -24,16 +25,12 @@ does not exclude across nodes).
 from __future__ import annotations
 
 import dataclasses
-import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
 import shutil
-import socket
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -44,10 +41,10 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from .config import ARCH_AUTO, Config, ConfigError, flatten, load_config, resolve, to_dict, to_yaml
-from .io import file_sha256
+from .io import file_sha256, write_failure
 from .models import cpu_state_dict
-from .run_dir import (CONFIG_FILE, EMA_FILE, MANIFEST, MARKER, REPLICAS_FILE, TRAIN_STATE_FILE, RunDir, is_complete,
-                      step_of)
+from .run_dir import (CONFIG_FILE, EMA_FILE, MANIFEST, MARKER, REPLICAS_FILE, TRAIN_STATE_FILE, FolderLock, RunDir,
+                      is_complete, step_of)
 
 
 class CheckpointError(ConfigError):
@@ -275,25 +272,10 @@ def verify(folder: Path) -> bool:
 
 
 def _write_error(exc: Exception, tmp: Path, run_dir: Path, what: str = "") -> str:
-    """One line for a failed write, whatever raised it: an OSError names its errno and file;
-    torch's zip writer (RuntimeError "unexpected pos ...", "file write failed") and safetensors
-    (SafetensorError "... StorageFull ...") do not, so a full file system is recognised by its
-    free space. `what`: the thing written (default: the checkpoint named by `tmp`)."""
+    """One line for a failed write (bidvl.io.write_failure names it). `what`: the thing written
+    (default: the checkpoint named by `tmp`)."""
     what = what or f"checkpoint {tmp.name.removeprefix('.tmp_')}"
-    text = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0][:300]
-    number = getattr(exc, "errno", None)
-    if number:
-        code = errno.errorcode.get(number, str(number))
-    else:
-        try:
-            full = shutil.disk_usage(tmp.parent).free < 1 << 20
-        except OSError:
-            full = False
-        code = "ENOSPC" if full or "No space left" in str(exc) or "StorageFull" in str(exc) else type(exc).__name__
-        if code == "ENOSPC":
-            text = f"no space left on device; {type(exc).__name__}: {text}"
-    where = getattr(exc, "filename", None) or tmp
-    return (f"cannot write {what}: {code} ({text}) at {where}; its temp folder was removed; "
+    return (f"cannot write {what}: {write_failure(exc, tmp)}; its temp folder was removed; "
             f"the complete checkpoints in {RunDir(run_dir).checkpoints} are untouched")
 
 
@@ -310,52 +292,30 @@ def _replace(tmp: Path, final: Path) -> None:
 
 
 class RunLock:
-    """An exclusive flock on RUN_DIR/.lock, held by the main process for the whole run (see the
-    module docstring for what it guarantees across nodes). The file names the holder."""
+    """The run folder's `FolderLock` (bidvl.run_dir), agreed on by every rank: the main process
+    takes it, or adopts `held`, the one `bidvl train` took before its imports; the other ranks take
+    its answer. See the module docstring for what it guarantees across nodes."""
 
-    def __init__(self, accelerator, run_dir: Path):
-        self.accelerator, self.path = accelerator, RunDir(run_dir).lock
-        self.file = None
+    def __init__(self, accelerator, run_dir: Path, held: FolderLock | None = None):
+        self.accelerator = accelerator
+        self.folder_lock = held if held is not None else FolderLock(run_dir)
+        if self.folder_lock.path != RunDir(run_dir).lock:
+            raise ValueError(f"the lock held is {self.folder_lock.path}, not {RunDir(run_dir).lock}")
+        self.path = self.folder_lock.path
 
     def acquire(self) -> None:
         refusal = ""
         if self.accelerator.is_main_process:
-            refusal = self._try_lock()
+            refusal = self.folder_lock.take()  # "" at once when adopted
+        else:  # taken early on an environment's word that this was rank 0 (never on our launchers)
+            self.folder_lock.release()
         if self.accelerator.num_processes > 1:
-
             refusal = broadcast_object_list([refusal])[0]
         if refusal:
             raise CheckpointError(refusal)
 
-    def _try_lock(self) -> str:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            f = open(self.path, "a+")
-        except OSError as exc:
-            return f"run.dir={self.path.parent}: cannot create {self.path} ({exc.strerror})"
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            return (f"run.dir={self.path.parent} is in use by another training run ({holder}; lock "
-                    f"{self.path}): wait for it to end, stop it, or choose another run.dir")
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-        f.flush()
-        self.file = f
-        return ""
-
     def release(self) -> None:
-        """Unlocks (the file stays: removing it would let a third run lock a new file while a
-        second one holds the old one)."""
-        if self.file is not None:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
-            self.file.close()
-            self.file = None
+        self.folder_lock.release()
 
 
 class Checkpointer:
@@ -366,14 +326,14 @@ class Checkpointer:
     save_state/load_state handle the prepared ones (weights, optimizers, RNG states per process).
     """
 
-    def __init__(self, accelerator, cfg: Config, typed: Config | None = None):
+    def __init__(self, accelerator, cfg: Config, typed: Config | None = None, lock: FolderLock | None = None):
         self.accelerator = accelerator
         self.cfg = cfg  # resolved (bidvl.config.resolve); `typed`: as the user gave it, for messages
         self.typed = typed or cfg
         self.run = RunDir(cfg.run.dir)
         self.run_dir = self.run.path
         self.folder = self.run.checkpoints
-        self.lock = RunLock(accelerator, self.run_dir)
+        self.lock = RunLock(accelerator, self.run_dir, held=lock)  # `lock`: taken before the imports
 
     def end(self) -> None:
         self.lock.release()

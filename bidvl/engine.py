@@ -51,16 +51,17 @@ from .model_card import model_card_writer
 from .models.ema import EMA
 from .nonfinite import NonfiniteCounts, apply_policy
 from .stopping import StopControl
-from .tracking import (MetricsWindow, Progress, StepResult, close_run, counting_flops, log_image_grids, peak_tflops,
-                      start_trackers)
+from .tracking import (MetricsWindow, Progress, StepResult, close_run, counting_flops, log_image_grids, log_metrics,
+                      peak_tflops, start_trackers, tracker_writes)
 
 NETS = ("energy", "encoder", "generator")  # the prepare order; checkpoint file names follow it
 
 
-def train(cfg: Config) -> int:
+def train(cfg: Config, lock=None) -> int:
     """Trains `cfg` to its end (max_steps, time budget or a stop signal). Returns the stop signal
-    this process received (0: none). What launch/train.py and the study's training stage run."""
-    trainer = Trainer(cfg)
+    this process received (0: none). What launch/train.py and the study's training stage run.
+    `lock`: the run folder's FolderLock (bidvl.run_dir) when the caller took it already."""
+    trainer = Trainer(cfg, lock)
     finished = False
     try:
         trainer.fit()
@@ -71,19 +72,20 @@ def train(cfg: Config) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, lock=None):
         """`cfg` is resolved once here (bidvl.config.resolve: every `auto` replaced, so config.yaml
-        and checkpoints say what ran); the caller's object is left as it was."""
+        and checkpoints say what ran); the caller's object is left as it was. `lock`: the run
+        folder's FolderLock if the caller took it already (`bidvl train` does, before its imports)."""
         typed, self.cfg = cfg, resolve(cfg)
         cfg = self.cfg
         self.stops = StopControl(cfg.train.stop_wait_s)  # from the start (bidvl.stopping)
         try:
-            self._build(cfg, typed)
+            self._build(cfg, typed, lock)
         except BaseException:  # a trainer that failed to build leaves the signal handlers as they were
             self.stops.restore()
             raise
 
-    def _build(self, cfg: Config, typed: Config) -> None:
+    def _build(self, cfg: Config, typed: Config, lock) -> None:
         """Processes, nets, optimizers, checkpointer, EMA and the fixed latents (for __init__)."""
         end_with_the_launcher()
         plugins = deepspeed_plugins(cfg)
@@ -109,7 +111,7 @@ class Trainer:
         self._levels = {}  # level -> its terms function (level_terms)
         self.state = TrainState()
         self.nonfinite = NonfiniteCounts(acc.device, cfg.train.nonfinite_patience)  # read at sync steps
-        self.checkpointer = Checkpointer(acc, cfg, typed)
+        self.checkpointer = Checkpointer(acc, cfg, typed, lock)
         self.ema = EMA(self.unwrapped["generator"], cfg.train.ema, cfg.train.ema_warmup) if cfg.train.ema > 0 else None
         self.steps_per_epoch = 1  # set from the data stream by fit()
         # Different noise on every rank from here on (same weights were made above).
@@ -375,7 +377,7 @@ class Trainer:
                 with self._outside_autocast():
                     figures = periodic(self.energy_net, self.encoder, self.generator, step)
                 if figures:
-                    acc.log(figures, step=step)
+                    log_metrics(acc, figures, step)
                     eval_figures = figures
             if self.health is not None and step % cfg.health.every == 0:
                 with self._outside_autocast():
@@ -449,8 +451,15 @@ class Trainer:
             acc.deepspeed_engine_wrapped = None
             self.latent_engine = None
         self.checkpointer.end()  # the run folder's lock
-        acc.end_training()
+        refused = None
+        try:
+            with tracker_writes(acc, self.state.step):
+                acc.end_training()  # the trackers' last writes
+        except OSError as exc:  # after an error, that error says why; a finished run reports this one
+            refused = exc
         acc.free_memory()
         self.energy_net = self.encoder = self.generator = self.unwrapped = None
         self.energy_opt = self.latent_opt = None
         self.stops.restore()  # last: a stop signal during the teardown above is reported, not fatal
+        if refused is not None and synchronise:
+            raise refused

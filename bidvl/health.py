@@ -69,6 +69,7 @@ from .evaluation.metrics import auroc, energies
 from .evaluation.sampling import first_test_images, forward_in_mode, latents
 from .io import write_text
 from .run_dir import HEALTH_SNAPSHOT, RunDir
+from .tracking import log_metrics
 
 VERDICTS = ("healthy", "warning", "unhealthy")
 NOISE_KINDS = ("uniform", "shaped", "constant", "blurred")
@@ -455,7 +456,7 @@ class HealthMonitor:
         self._append(record)
         tags = {f"health/{k}": v for k, v in record["figures"].items() if math.isfinite(v)}
         tags["health/verdict"] = float(VERDICTS.index(record["verdict"]))  # 0 healthy, 1 warning, 2 unhealthy
-        acc.log(tags, step=step)
+        log_metrics(acc, tags, step)
         f = record["figures"]
         aurocs = " ".join(f"{k}={f[f'auroc_{k}']:.2f}" for k in NOISE_KINDS)
         acc.print(f"health step {step}: {record['verdict']}"

@@ -15,17 +15,43 @@ target's extension for writers that pick a format from it (numpy's `save`, PIL).
 Checkpoint folders are written the same way one level up, by `bidvl.checkpoint` (a temp folder
 and one rename); the shard writer (`bidvl.data.writer`) renames many temp files together only
 when all are complete. Both use `fsync_folder` and `file_sha256` from here.
+
+`write_failure(exc, where)` names a failed write in the same words wherever it happened (a
+checkpoint, the export, the trackers' logs): the errno and the file.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 BLOCK = 1 << 20
+
+
+def write_failure(exc: BaseException, where: str | os.PathLike) -> str:
+    """"CODE (text) at PATH" for a failed write, whatever raised it: an OSError names its errno
+    and file; torch's zip writer (RuntimeError "unexpected pos ...", "file write failed") and
+    safetensors (SafetensorError "... StorageFull ...") do not, so a full file system is
+    recognised by the free space where it wrote. `where`: the path written, when the error names
+    none."""
+    text = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0][:300]
+    number = getattr(exc, "errno", None)
+    if number:
+        code = errno.errorcode.get(number, str(number))
+    else:
+        try:
+            full = shutil.disk_usage(Path(where).parent).free < 1 << 20
+        except OSError:
+            full = False
+        code = "ENOSPC" if full or "No space left" in str(exc) or "StorageFull" in str(exc) else type(exc).__name__
+        if code == "ENOSPC":
+            text = f"no space left on device; {type(exc).__name__}: {text}"
+    return f"{code} ({text}) at {getattr(exc, 'filename', None) or where}"
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -31,7 +31,10 @@ Accelerate's file order. Nothing else in bidvl writes a run folder's names.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
+import time
 from pathlib import Path
 
 MARKER = "COMPLETE"
@@ -190,6 +193,56 @@ class RunDir:
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """RUN_DIR/checkpoints/step_N folders holding the completion marker, oldest first."""
     return RunDir(run_dir).complete_checkpoints()
+
+
+class FolderLock:
+    """The exclusive flock on RUN_DIR/.lock that admits one training run per folder; the file names
+    the holder. `bidvl train` takes it as soon as the config is read, before the trainer's imports
+    and build, so that a second trainer on a folder in use is refused in seconds, not after them;
+    `bidvl.checkpoint.RunLock` takes it (or adopts the one taken early) on the main process and
+    tells the other ranks. What it guarantees across nodes: bidvl.checkpoint's docstring."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = RunDir(run_dir).lock
+        self.file = None
+
+    @property
+    def held(self) -> bool:
+        return self.file is not None
+
+    def take(self) -> str:
+        """Locks without waiting: "" when this object holds it now, else why not (the message
+        names the folder, the holder and what to do)."""
+        if self.file is not None:
+            return ""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            f = open(self.path, "a+")
+        except OSError as exc:
+            return f"run.dir={self.path.parent}: cannot create {self.path} ({exc.strerror})"
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            return (f"run.dir={self.path.parent} is in use by another training run ({holder}; lock "
+                    f"{self.path}): wait for it to end, stop it, or choose another run.dir")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        self.file = f
+        return ""
+
+    def release(self) -> None:
+        """Unlocks (the file stays: removing it would let a third run lock a new file while a
+        second one holds the old one)."""
+        if self.file is not None:
+            fcntl.flock(self.file.fileno(), fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 # ---------------------------------------------------------------- reading the nets' weights

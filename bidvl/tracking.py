@@ -12,8 +12,12 @@ The console (`Progress`): a tqdm bar on a terminal, one plain line per log windo
 (log.progress); `closing_lines` says how a training ended and where its model is.
 
 Trackers (log.trackers: TensorBoard, W&B, MLflow, ... through Accelerate) are started by
-`start_trackers`; image grids go through each one's image API (`log_images`); `log_final` writes
-the final figures once per finished training. Names are the tags: `loss/*` (the levels' losses and terms), `energy/{data,samples,gap}`
+`start_trackers`; scalars go to them through `log_metrics` (the one writer: the engine, health and
+evaluation figures too), image grids through each one's image API (`log_images`); `log_final`
+writes the final figures once per finished training. A write the file system refuses (a full disk,
+a quota, an I/O error; TensorBoard's writer thread raises it at the next write) is a
+`TrackingError` naming the errno and the file: the run stops there with one line (exit 2), its
+complete checkpoints untouched, as for a checkpoint that cannot be written. Names are the tags: `loss/*` (the levels' losses and terms), `energy/{data,samples,gap}`
 (the upper level's mean energies), `grad_norm/*`, `lr/*`, `perf/*`, `train/*`.
 """
 
@@ -25,6 +29,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,9 +39,9 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from .config import ConfigError, flatten, to_dict
+from .errors import BidvlError
 from .evaluation.sampling import reconstruction_pairs, restored_buffers
-from .health import summary
-from .io import write_text
+from .io import write_failure, write_text
 from .run_dir import CARD_FILE, TRACKER_PROJECT, RunDir
 
 
@@ -162,7 +167,7 @@ class MetricsWindow:
             logs["perf/tflops"] = self.step_flops * len(self.steps) / max(elapsed, 1e-9) / 1e12
             if self.peak > 0:
                 logs["perf/mfu"] = logs["perf/tflops"] / self.peak
-        acc.log(logs, step=step)
+        log_metrics(acc, logs, step)
         self.steps, self.t0, self.images, self.data_wait = [], time.perf_counter(), 0, 0.0
         return logs
 
@@ -330,6 +335,7 @@ def start_trackers(accelerator, cfg) -> None:
     accelerator.init_trackers(TRACKER_PROJECT, init_kwargs={"wandb": wandb, "mlflow": mlflow})
     if not accelerator.is_main_process:
         return
+    _quiet_writer_threads()
     new_ids = dict(ids)
     for tracker in accelerator.trackers:
         if tracker.name in ("tensorboard",) or tracker.name in ids:
@@ -359,7 +365,51 @@ def close_run(accelerator, cfg, progress: Progress, how: str, step: int, logs: d
     for line in closing_lines(how, step, time.perf_counter() - progress.t0, final, model, Path(cfg.run.dir)):
         accelerator.print(line)
     if health is not None:
+        from .health import summary  # (health logs through this module)
+
         accelerator.print(f"run health: {summary(health.history[-1] if health.history else None)} ({health.path})")
+
+
+def _quiet_writer_threads() -> None:
+    """TensorBoard's writer thread dies on a refused write and prints its traceback; the training
+    thread gets the same error at the next write, where `tracker_writes` names it in one line. So
+    an OSError ending a thread of the tensorboard package is not printed; every other thread's
+    exception goes to the hook that was there. Installed once per process."""
+    previous = threading.excepthook
+    if getattr(previous, "bidvl_quiet", False):
+        return
+
+    def hook(args):
+        if issubclass(args.exc_type, OSError) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.bidvl_quiet = True
+    threading.excepthook = hook
+
+
+class TrackingError(BidvlError, OSError):
+    """A tracker's write that the file system refused (a full disk, a quota, an I/O error)."""
+
+
+@contextlib.contextmanager
+def tracker_writes(accelerator, step: int):
+    """Turns a refused write inside into a TrackingError naming the errno and the file (the error's,
+    else the trackers' folder: TensorBoard's writer thread re-raises a bare OSError)."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, TrackingError):
+            raise
+        where = accelerator.logging_dir or accelerator.project_dir or "."
+        raise TrackingError(f"cannot write the trackers' logs at step {step}: {write_failure(exc, where)}; "
+                            f"the complete checkpoints are untouched") from None
+
+
+def log_metrics(accelerator, values: dict, step: int) -> None:
+    """Scalars to every tracker (Accelerate's log: main process only); see `tracker_writes`."""
+    with tracker_writes(accelerator, step):
+        accelerator.log(values, step=step)
 
 
 def log_final(accelerator, cfg, step: int, figures: dict) -> None:
@@ -368,11 +418,12 @@ def log_final(accelerator, cfg, step: int, figures: dict) -> None:
     hparams (the config): once per finished training."""
     metrics = {f"final/{k}": float(v) for k, v in figures.items()
                if isinstance(v, (int, float)) and math.isfinite(v)}
-    accelerator.log(metrics, step=step)
+    log_metrics(accelerator, metrics, step)
     if accelerator.is_main_process:
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                tracker.writer.add_hparams(flatten(to_dict(cfg)), metrics, run_name="hparams", global_step=step)
+                with tracker_writes(accelerator, step):
+                    tracker.writer.add_hparams(flatten(to_dict(cfg)), metrics, run_name="hparams", global_step=step)
 
 
 @torch.no_grad()
@@ -396,6 +447,11 @@ def log_images(accelerator, grids: dict[str, torch.Tensor], step: int) -> None:
     if not accelerator.is_main_process:
         return
     hwc = {k: g.clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy() for k, g in grids.items()}
+    with tracker_writes(accelerator, step):
+        _log_images(accelerator, hwc, step)
+
+
+def _log_images(accelerator, hwc: dict, step: int) -> None:
     for tracker in accelerator.trackers:
         form = IMAGE_FORM.get(tracker.name)
         if tracker.name == "mlflow":

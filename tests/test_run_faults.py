@@ -305,6 +305,78 @@ def test_a_real_full_disk_mid_run_exits_2_and_keeps_the_complete_checkpoint(tmp_
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+def test_a_tracker_write_the_disk_refuses_stops_the_run_naming_it(tmp_path, digits16, monkeypatch):
+    """TensorBoard's writer thread fails on a full disk and re-raises the bare OSError at the next
+    write (here injected into its file writes): a TrackingError naming ENOSPC and the trackers'
+    folder, from fit(); the run's checkpoint is kept; closing after it does not raise again."""
+    from tensorboard.summary.writer import record_writer
+
+    from bidvl.engine import Trainer
+    from bidvl.tracking import TrackingError
+
+    cfg = load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}",
+                                                     "train.max_steps=8", "checkpoint.every=2", "health.every=0"])
+    trainer = Trainer(cfg)
+    real_write = record_writer.RecordWriter.write
+
+    def write(self, data):
+        if complete_checkpoints(tmp_path / "run"):  # the disk fills after the first checkpoint
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", write)
+    with pytest.raises(TrackingError, match=rf"^cannot write the trackers' logs at step [34]: ENOSPC \(No space left "
+                                            rf"on device\) at {tmp_path / 'run' / 'tensorboard'}; the complete "
+                                            rf"checkpoints are untouched$"):
+        trainer.fit()
+    trainer.close(synchronise=False)  # the dead writer thread raises again: not over the first error
+    found = complete_checkpoints(tmp_path / "run")
+    assert [layout.step_of(f) for f in found] == [2] and verify(found[0])
+
+    # The trackers' last write (end_training) refused at the end of a finished run: named too, after
+    # the whole teardown (signal handlers back, nets freed).
+    handler = signal.getsignal(signal.SIGTERM)
+    finished = Trainer(load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'other'}",
+                                                                  f"data.train={digits16}"]))
+
+    def end_training():
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "other" / "tensorboard" / "x"))
+
+    finished.accelerator.end_training = end_training
+    with pytest.raises(TrackingError, match=r"^cannot write the trackers' logs at step 0: EDQUOT \(Disk quota "
+                                            r"exceeded\) at .*/other/tensorboard/x;"):
+        finished.close()
+    assert finished.energy_net is None and signal.getsignal(signal.SIGTERM) is handler
+
+
+@pytest.mark.process
+def test_a_real_full_disk_under_the_trackers_exits_2_and_the_run_resumes(tmp_path, digits16):
+    """RUN_DIR/tensorboard on a 64 KB tmpfs (mounted here when permitted), the checkpoints on the
+    ordinary disk: the image grids fill it within a few steps; one `error:` line naming ENOSPC and
+    the folder, exit 2, no traceback, the checkpoints complete; once there is room the run resumes."""
+    run = tmp_path / "run"
+    (run / "tensorboard").mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(run / "tensorboard")],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({mounted.stderr.decode().strip()}); "
+                    "test_a_tracker_write_the_disk_refuses_stops_the_run_naming_it injects the same error")
+    try:
+        cmd = train_cmd(run, digits16, 400, "checkpoint.every=2", "health.every=0", "log.every=1", "log.images_every=1")
+        code, out, err = run_bounded(cmd, timeout=180)
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert re.search(rf"error: cannot write the trackers' logs at step \d+: ENOSPC \(No space left on device\) "
+                         rf"at {run / 'tensorboard'}", err), err[-3000:]
+        found = complete_checkpoints(run)
+        assert found and all(verify(f) for f in found)
+        assert leftover(run) == []
+    finally:
+        subprocess.run(["umount", "-l", str(run / "tensorboard")], capture_output=True)
+    newest = layout.step_of(complete_checkpoints(run)[-1])
+    code, out, err = run_bounded(train_cmd(run, digits16, newest + 1), timeout=120)
+    assert code == 0 and f"resumed from {run / 'checkpoints' / step_name(newest)}" in out + err, err[-2000:]
+
+
 # ------------------------------------------------------------------ one trainer per run folder
 
 
@@ -333,6 +405,52 @@ def test_a_second_trainer_on_a_run_folder_is_refused_naming_the_holder(tmp_path,
     newest = layout.step_of(complete_checkpoints(run)[-1])
     code, out, err = run_bounded(train_cmd(run, digits16, newest + 1), timeout=120)
     assert code == 0 and f"resumed from {run / 'checkpoints' / step_name(newest)}" in out + err, err[-2000:]
+
+
+@pytest.mark.process
+def test_the_cli_refuses_a_folder_in_use_before_the_trainers_imports(tmp_path, digits16):
+    """`bidvl train` locks the run folder as soon as the config is read: refused with the holder
+    named, before Accelerate, DeepSpeed or the engine are imported (they took ~4 s of the ~7 s
+    the refusal took here before)."""
+    holder = layout.FolderLock(tmp_path / "run")
+    assert holder.take() == ""
+    try:
+        argv = [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}"]
+        probe = ("import sys; from bidvl.cli import run_command; "
+                 f"code = run_command('train', {argv!r}); "
+                 "print(code, [m for m in ('accelerate', 'deepspeed', 'webdataset', 'bidvl.engine') if m in sys.modules])")
+        code, out, err = run_bounded([sys.executable, "-c", probe], timeout=60)
+        assert code == 0 and out.strip() == "2 []", out + err[-2000:]
+        assert f"error: run.dir={tmp_path / 'run'} is in use by another training run (pid {os.getpid()} on host" in err
+        broken = tmp_path / "broken"
+        broken.mkdir()
+        (broken / "checkpoints").write_text("a file where the run needs a folder")
+        code, _, err = run_bounded(train_cmd(broken, digits16, 1), timeout=60)
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert f"error: {broken / 'checkpoints'} is not a folder: run.dir={broken} needs it as one" in err
+        assert not (broken / ".lock").exists()  # checked before anything is written
+    finally:
+        holder.release()
+
+
+def test_a_lock_taken_early_is_adopted_by_its_trainer_and_released_at_its_end(tmp_path, digits16):
+    from bidvl.engine import Trainer
+
+    cfg = load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}"])
+    early = layout.FolderLock(tmp_path / "run")
+    assert early.take() == ""
+    a = Trainer(cfg, lock=early)
+    a.checkpointer.begin()  # adopted: this process holds it once, through `early`
+    assert early.held
+    b = Trainer(cfg)  # another trainer in the same process is still refused
+    with pytest.raises(CheckpointError, match=f"in use by another training run \\(pid {os.getpid()}"):
+        b.checkpointer.begin()
+    a.close()
+    assert not early.held
+    b.checkpointer.begin()
+    b.close()
+    with pytest.raises(ValueError, match="the lock held is"):
+        checkpoint.RunLock(None, tmp_path / "other", held=early)
 
 
 def test_the_lock_is_released_by_close_and_refused_in_process(tmp_path, digits16):

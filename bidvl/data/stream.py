@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..ceilings import loader_workers_problem
 from ..config import Config, ConfigError
 from . import remote
 from .meta import FOREIGN, is_foreign_folder, read_meta, split_info
@@ -22,11 +23,15 @@ class ShardStream:
     folder without meta.json is built there first (main process) when data.auto_build names a
     dataset. Checks meta.json against data.resolution, data.channels and data.train_split
     (ConfigError naming the key); a missing meta.json or shard (HTTP 404) is a ShardError naming
-    the URL, here, before the first step."""
+    the URL, here, before the first step. So are a global batch larger than the split (every batch
+    would repeat images) and more loader workers than the cores can run (bidvl.ceilings)."""
 
     def __init__(self, cfg: Config, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
         source = cfg.data.train
+        too_many = loader_workers_problem(cfg.data.num_workers, "data.num_workers")
+        if too_many:
+            raise ConfigError(too_many)
         if cfg.data.train_count and not remote.is_list(source):
             raise ConfigError(f"data.train_count={cfg.data.train_count}: only for an explicit shard "
                               f"list (e.g. .../train-{{000000..000063}}.tar); {source} is a shards "
@@ -62,6 +67,14 @@ class ShardStream:
         for key, value in (("resolution", cfg.data.resolution), ("channels", cfg.data.channels)):
             if meta[key] != value:
                 raise ConfigError(f"data.{key}={value} but {where} says {key}={meta[key]}")
+        images, processes = meta["splits"][cfg.data.train_split]["count"], accelerator.num_processes
+        if cfg.train.batch_size * processes > images:
+            fits = (f"at most {images // processes}" if images >= processes
+                    else "fewer processes: there are fewer images than processes")
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} on {processes} process(es) takes "
+                              f"{cfg.train.batch_size * processes} images a step, but split "
+                              f"{cfg.data.train_split!r} of {where} has {images}: every batch would "
+                              f"repeat images; lower train.batch_size ({fits})")
         self.batches_per_epoch = self._stream(0).batches_per_epoch
 
     def _stream(self, start_batch: int):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 from bidvl import objectives
+from bidvl.ceilings import loader_workers_problem
 from bidvl.config import COUNT_OR_ZERO, EVAL_METRICS, RANGES, SEED, Config
 from bidvl.data import split_info
 from bidvl.io import write_text
@@ -74,6 +75,9 @@ class EvalOptions:
             raise EvalError(f"--fid-ref {self.fid_ref!r}: expected train or test")
         for name, option, accepted in OPTION_RANGES:
             accepted.check(option, getattr(self, name), joiner=" ")
+        too_many = loader_workers_problem(self.num_workers, "--num-workers", joiner=" ")
+        if too_many:
+            raise EvalError(too_many)
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:

@@ -2,7 +2,7 @@
 
     periodic = PeriodicEvaluation(accelerator, cfg)         # one per run (the Trainer's)
     figures = periodic(energy_net, encoder, generator, step)  # {"eval/rmse": ..., "eval/auroc_uniform": ...}
-    accelerator.log(figures, step=step)
+    log_metrics(accelerator, figures, step)              # (bidvl.tracking)
 
 It uses `cfg.eval` (metrics, num_samples, max_test, batch_size, features, inception_weights), runs
 collectives (every rank must call it), returns the same flat dict on every rank and logs nothing
