@@ -41,7 +41,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 
 from .config import ARCH_AUTO, Config, ConfigError, flatten, load_config, resolve, to_dict, to_yaml
-from .io import file_sha256, write_failure
+from .io import file_sha256, write_failure, write_text
 from .models import cpu_state_dict
 from .run_dir import (CONFIG_FILE, EMA_FILE, MANIFEST, MARKER, REPLICAS_FILE, TRAIN_STATE_FILE, FolderLock, RunDir,
                       is_complete, step_of)
@@ -354,7 +354,7 @@ class Checkpointer:
     def write_config(self) -> None:
         """RUN_DIR/config.yaml, the resolved config (main process; after a resume was accepted)."""
         if self.accelerator.is_main_process:
-            self.run.config.write_text(to_yaml(self.cfg))
+            write_text(self.run.config, to_yaml(self.cfg))
 
     def save(self, state: TrainState, nets: dict, ema=None) -> Path:
         """Accelerate state + our JSON/safetensors into a temp folder, fsync, the marker, one

@@ -17,7 +17,9 @@ and one rename); the shard writer (`bidvl.data.writer`) renames many temp files 
 when all are complete. Both use `fsync_folder` and `file_sha256` from here.
 
 `write_failure(exc, where)` names a failed write in the same words wherever it happened (a
-checkpoint, the export, the trackers' logs): the errno and the file.
+checkpoint, the export, the trackers' logs): the errno and the file. A write through `atomic_path`
+that the file system refuses (a full disk, a quota, an I/O error, a read-only folder) raises
+`WriteError` with those words, so every command reports it in one line (exit 2).
 """
 
 from __future__ import annotations
@@ -30,28 +32,37 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import BidvlError
+
 BLOCK = 1 << 20
 
 
-def write_failure(exc: BaseException, where: str | os.PathLike) -> str:
-    """"CODE (text) at PATH" for a failed write, whatever raised it: an OSError names its errno
-    and file; torch's zip writer (RuntimeError "unexpected pos ...", "file write failed") and
-    safetensors (SafetensorError "... StorageFull ...") do not, so a full file system is
-    recognised by the free space where it wrote. `where`: the path written, when the error names
-    none."""
+class WriteError(BidvlError, OSError):
+    """A file the file system would not let us write (the message names it, the errno and that
+    the previous file, if any, is untouched)."""
+
+
+def write_errno(exc: BaseException, near: str | os.PathLike) -> str:
+    """"CODE (text)" for a failed write, whatever raised it: an OSError names its errno; torch's zip
+    writer (RuntimeError "unexpected pos ...", "file write failed") and safetensors
+    (SafetensorError "... StorageFull ...") do not, so a full file system is recognised by the free
+    space `near` the file written."""
     text = (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).splitlines()[0][:300]
     number = getattr(exc, "errno", None)
     if number:
-        code = errno.errorcode.get(number, str(number))
-    else:
-        try:
-            full = shutil.disk_usage(Path(where).parent).free < 1 << 20
-        except OSError:
-            full = False
-        code = "ENOSPC" if full or "No space left" in str(exc) or "StorageFull" in str(exc) else type(exc).__name__
-        if code == "ENOSPC":
-            text = f"no space left on device; {type(exc).__name__}: {text}"
-    return f"{code} ({text}) at {getattr(exc, 'filename', None) or where}"
+        return f"{errno.errorcode.get(number, str(number))} ({text})"
+    try:
+        full = shutil.disk_usage(Path(near).parent).free < 1 << 20
+    except OSError:
+        full = False
+    if full or "No space left" in str(exc) or "StorageFull" in str(exc):
+        return f"ENOSPC (no space left on device; {type(exc).__name__}: {text})"
+    return f"{type(exc).__name__} ({text})"
+
+
+def write_failure(exc: BaseException, where: str | os.PathLike) -> str:
+    """"CODE (text) at FILE" (`write_errno`): the error's file, else `where`."""
+    return f"{write_errno(exc, where)} at {getattr(exc, 'filename', None) or where}"
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -89,12 +100,13 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "", fsync: bool = Fals
                 mkdir: bool = True) -> Iterator[Path]:
     """Yields a temp path for the caller to write; when the block ends normally it replaces `path`
     (fsynced first with `fsync=True`). On any exception the temp file is removed and the target is
-    untouched. Writers that choose a format by extension pass `suffix=Path(path).suffix`."""
+    untouched; one the file system raised (any OSError, or a library's error on a full disk) comes
+    out as a WriteError naming `path`. Writers that choose a format by extension pass `suffix=Path(path).suffix`."""
     path = Path(path)
-    if mkdir:
-        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path, suffix)
     try:
+        if mkdir:
+            path.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         if fsync:
             with open(tmp, "rb+") as f:
@@ -102,8 +114,16 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "", fsync: bool = Fals
         os.replace(tmp, path)
         if fsync:
             fsync_folder(path.parent)
+    except Exception as exc:
+        failure = write_errno(exc, path)
+        if isinstance(exc, BidvlError) or not (isinstance(exc, OSError) or failure.startswith("ENOSPC")):
+            raise  # the caller's own error, not the file system's
+        raise WriteError(f"cannot write {path}: {failure}; the previous {path.name}, if any, is untouched") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except NotADirectoryError:  # its folder could not be made: there is no temp file
+            pass
 
 
 def write_text(path: str | os.PathLike, text: str, *, fsync: bool = False) -> Path:

@@ -404,7 +404,8 @@ def test_sample_command_refuses_what_memory_cannot_hold_and_names_a_failed_write
 
     monkeypatch.setattr(np, "save", full_disk)
     assert sample_cli.main(["--run", str(tiny_run), "--num", "4", "--out", str(png), "--npy", str(npy)]) == 2
-    assert capsys.readouterr().err == f"error: cannot write {npy}: No space left on device\n"
+    assert capsys.readouterr().err == (f"error: cannot write {npy}: ENOSPC (No space left on device); the previous "
+                                       f"samples.npy, if any, is untouched\n")
     assert png.is_file() and not npy.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
 
 

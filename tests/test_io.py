@@ -6,7 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from bidvl.io import atomic_path, file_sha256, temp_path, write_bytes, write_text
+from bidvl import io
+from bidvl.errors import BidvlError
+from bidvl.io import WriteError, atomic_path, file_sha256, temp_path, write_bytes, write_text
 
 
 def test_a_write_replaces_the_target_whole(tmp_path):
@@ -28,6 +30,34 @@ def test_a_failed_write_of_any_type_leaves_the_old_target_and_no_temp(tmp_path, 
             raise error
     assert target.read_text() == "good\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json"]
+
+
+def test_what_the_file_system_refuses_is_a_write_error_naming_the_file_and_nothing_else_is(tmp_path, monkeypatch):
+    """An OSError (full disk, quota, read-only folder), or a library's error on a full disk, is a
+    WriteError (a BidvlError: one line, exit 2, from every command) naming the target and the errno;
+    the caller's own errors keep their type."""
+    target = tmp_path / "report.json"
+    write_text(target, "good\n")
+    with pytest.raises(WriteError, match=rf"^cannot write {target}: EDQUOT \(Disk quota exceeded\); the previous "
+                                         r"report.json, if any, is untouched$") as caught:
+        with atomic_path(target):
+            raise OSError(122, "Disk quota exceeded")
+    assert isinstance(caught.value, BidvlError) and isinstance(caught.value, OSError)
+    with pytest.raises(WriteError, match=r"^cannot write .*/nested/x.json: ENOTDIR"):
+        write_text(target / "nested" / "x.json", "{}")  # a file among the parents
+    with pytest.raises(ValueError, match="^not the disk's$"):
+        with atomic_path(target):
+            raise ValueError("not the disk's")
+    with pytest.raises(RuntimeError, match="^zip writer$"):  # enough free space: the library's own error
+        with atomic_path(target):
+            raise RuntimeError("zip writer")
+    full = type("usage", (), {"free": 4096})
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(WriteError, match=r"^cannot write .*report.json: ENOSPC \(no space left on device; "
+                                         r"RuntimeError: file write failed\)"):
+        with atomic_path(target):
+            raise RuntimeError("file write failed")
+    assert target.read_text() == "good\n" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
 def test_temp_names_are_hidden_per_process_and_keep_a_suffix_when_asked(tmp_path):

@@ -377,6 +377,38 @@ def test_a_real_full_disk_under_the_trackers_exits_2_and_the_run_resumes(tmp_pat
     assert code == 0 and f"resumed from {run / 'checkpoints' / step_name(newest)}" in out + err, err[-2000:]
 
 
+@pytest.mark.process
+def test_an_evaluation_report_on_a_full_disk_is_one_line_and_keeps_the_old_report(tmp_path, digits16):
+    """`bidvl evaluate` with RUN_DIR/eval on a full 16 KB tmpfs (mounted here when permitted; the
+    injected form is tests/test_io.py's): exit 2, `error: cannot write ...step_N.json: ENOSPC`, the
+    earlier report as it was, no temp file."""
+    run = tmp_path / "run"
+    code, _, err = run_bounded(train_cmd(run, digits16, 2, "health.every=0"), timeout=120)
+    assert code == 0, err[-2000:]
+    (run / "eval").mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(run / "eval")], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here ({mounted.stderr.decode().strip()})")
+    try:
+        report = run / "eval" / "step_00000002.json"
+        report.write_text('{"scalars": {}}\n')
+        with open(run / "eval" / "fill", "wb", buffering=0) as f:  # fill the rest of the disk
+            try:
+                while True:
+                    f.write(b"x" * 1024)
+            except OSError:
+                pass
+        evaluate = [str(BIN / "bidvl"), "evaluate", "--run", str(run), "--metrics", "rmse", "--max-test", "32"]
+        code, out, err = run_bounded(evaluate, timeout=120)
+        assert code == 2 and "Traceback" not in err, err[-3000:]
+        assert err.endswith(f"error: cannot write {report}: ENOSPC (No space left on device); the previous "
+                            f"step_00000002.json, if any, is untouched\n"), err[-3000:]
+        assert report.read_text() == '{"scalars": {}}\n'
+        assert sorted(p.name for p in (run / "eval").iterdir()) == ["fill", "step_00000002.json"]
+    finally:
+        subprocess.run(["umount", "-l", str(run / "eval")], capture_output=True)
+
+
 # ------------------------------------------------------------------ one trainer per run folder
 
 

@@ -52,16 +52,6 @@ def check_memory(args, cfg) -> None:
                           f"the grid and the .npy copy), more than the {have / 2**30:.1f} GiB of memory available")
 
 
-def write_atomically(path: str, write) -> None:
-    """write(temp path) beside `path`, then one rename: a failed write (a full disk) leaves no
-    half-written file and no temp file; OSError is re-raised as ConfigError naming the path."""
-    try:
-        with atomic_path(path, suffix=Path(path).suffix) as tmp:
-            write(str(tmp))
-    except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="run folder (holds config.yaml), or its exported model/ folder")
@@ -107,10 +97,12 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        write_atomically(args.out, lambda tmp: save_image(grid, tmp))
+        with atomic_path(args.out, suffix=Path(args.out).suffix) as tmp:  # a failed write: WriteError
+            save_image(grid, str(tmp))
         if args.npy:
             array = images.detach().cpu().numpy().astype(np.float32)
-            write_atomically(args.npy, lambda tmp: np.save(tmp, array))
+            with atomic_path(args.npy, suffix=Path(args.npy).suffix) as tmp:
+                np.save(str(tmp), array)
     except BidvlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
