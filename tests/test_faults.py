@@ -261,7 +261,7 @@ def test_a_stop_ends_a_loader_that_spins_on_a_huge_skip_budget(tmp_path, workers
     """Every sample bad, data.on_error=skip with a skip budget that is never spent: the loader
     spins, skipping, and no batch ever comes. SIGTERM still ends the run within seconds, exit 0,
     saying so (step 0: nothing to checkpoint)."""
-    bad = [[(f"s{k}{i:03d}.png", b"\x89PNG\r\n\x1a\n not really") for i in range(200)] for k in range(2)]
+    bad = [[(f"s{i:03d}.png", b"\x89PNG\r\n\x1a\n not really")] for i in range(400)]
     folder = write_shards(tmp_path / "s", bad, res=16)
     run = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(run, folder, 100, "data.on_error=skip", "data.max_skipped=1000000000",
