@@ -13,8 +13,8 @@ replicas.json); a damaged checkpoint is reported by name and, with checkpoint.on
 Checkpoints written before manifests existed load with a warning that they cannot be verified.
 
 One training run per folder: `RunLock` holds an exclusive flock on RUN_DIR/.lock for the whole run
-(main process; the flock itself is `bidvl.run_dir.FolderLock`, which `bidvl train` takes before
-importing torch). The kernel releases it when the process ends, however it ends, so a dead holder
+(main process; the flock itself is `bidvl.run_dir.FolderLock`, which `bidvl train` takes as soon
+as the config is read, before the trainer's imports). The kernel releases it when the process ends, however it ends, so a dead holder
 never blocks a new run. On a local file system the exclusion is guaranteed. Across nodes it holds
 where the shared file system implements flock across clients: NFS (Linux clients emulate flock
 with NFS byte-range locks; a crashed holder's lock is freed when its lease expires, ~90 s on
@@ -333,7 +333,7 @@ class Checkpointer:
         self.run = RunDir(cfg.run.dir)
         self.run_dir = self.run.path
         self.folder = self.run.checkpoints
-        self.lock = RunLock(accelerator, self.run_dir, held=lock)  # `lock`: taken before the imports
+        self.lock = RunLock(accelerator, self.run_dir, held=lock)  # `lock`: taken early by `bidvl train`
 
     def end(self) -> None:
         self.lock.release()

@@ -75,7 +75,7 @@ class Trainer:
     def __init__(self, cfg: Config, lock=None):
         """`cfg` is resolved once here (bidvl.config.resolve: every `auto` replaced, so config.yaml
         and checkpoints say what ran); the caller's object is left as it was. `lock`: the run
-        folder's FolderLock if the caller took it already (`bidvl train` does, before its imports)."""
+        folder's FolderLock if the caller took it already (`bidvl train` does, before importing this)."""
         typed, self.cfg = cfg, resolve(cfg)
         cfg = self.cfg
         self.stops = StopControl(cfg.train.stop_wait_s)  # from the start (bidvl.stopping)

@@ -101,7 +101,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = "", fsync: bool = Fals
     """Yields a temp path for the caller to write; when the block ends normally it replaces `path`
     (fsynced first with `fsync=True`). On any exception the temp file is removed and the target is
     untouched; one the file system raised (any OSError, or a library's error on a full disk) comes
-    out as a WriteError naming `path`. Writers that choose a format by extension pass `suffix=Path(path).suffix`."""
+    out as a WriteError naming `path`. Writers that choose a format by extension pass
+    `suffix=Path(path).suffix`."""
     path = Path(path)
     tmp = temp_path(path, suffix)
     try:

@@ -26,7 +26,9 @@
 
 `RunDir(path)` spells every one of these; `read_nets(folder)` reads the three nets' weights from a
 checkpoint in either layout or from an export folder, and is the only reader that knows
-Accelerate's file order. Nothing else in bidvl writes a run folder's names.
+Accelerate's file order. Nothing else in bidvl writes a run folder's names. `FolderLock` is the
+flock on RUN_DIR/.lock (one training run per folder; bidvl.checkpoint.RunLock agrees on it across
+ranks).
 """
 
 from __future__ import annotations

@@ -74,9 +74,9 @@ def main(argv=None):
 
 def lock_before_the_imports(run_dir) -> FolderLock | None:
     """The run folder's lock, taken by the process the environment names rank 0 (or a single
-    process) before the trainer is imported and built; None on the other ranks, which follow the main process's
-    answer once the processes are up (bidvl.checkpoint.RunLock). A folder that cannot hold a run,
-    or is in use, is a BidvlError naming it."""
+    process) before the trainer is imported and built; None on the other ranks, which follow the
+    main process's answer once the processes are up (bidvl.checkpoint.RunLock). A folder that
+    cannot hold a run, or is in use, is a BidvlError naming it."""
     if any(os.environ.get(name, "0") not in ("", "0") for name in RANK_VARIABLES):
         return None
     run = RunDir(run_dir)
