@@ -15,8 +15,7 @@ caught `ValueError` or `FloatingPointError` before still does:
 | `bidvl.study.StudyError` (`study/config.py`) | study files | ValueError |
 | `bidvl.health.UnhealthyRun` | `health.on_unhealthy=stop` | RuntimeError |
 | `bidvl.nonfinite.NonFiniteError` | `train.on_nonfinite` giving up | FloatingPointError |
-| `bidvl.io.WriteError` | a file written whole or not at all that the file system refused | OSError |
-| `bidvl.tracking.TrackingError` | a trackers' write the file system refused (full disk, quota) | OSError |
+| `bidvl.io.WriteError` | a write the file system refused: a file written whole or not at all, the trackers' logs | OSError |
 """
 
 

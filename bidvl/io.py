@@ -19,7 +19,8 @@ when all are complete. Both use `fsync_folder` and `file_sha256` from here.
 `write_failure(exc, where)` names a failed write in the same words wherever it happened (a
 checkpoint, the export, the trackers' logs): the errno and the file. A write through `atomic_path`
 that the file system refuses (a full disk, a quota, an I/O error, a read-only folder) raises
-`WriteError` with those words, so every command reports it in one line (exit 2).
+`WriteError` with those words (so do the trackers' writes: bidvl.tracking.tracker_writes), so
+every command reports it in one line (exit 2).
 """
 
 from __future__ import annotations

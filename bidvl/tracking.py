@@ -16,9 +16,11 @@ Trackers (log.trackers: TensorBoard, W&B, MLflow, ... through Accelerate) are st
 evaluation figures too), image grids through each one's image API (`log_images`); `log_final`
 writes the final figures once per finished training. A write the file system refuses (a full disk,
 a quota, an I/O error; TensorBoard's writer thread raises it at the next write) is a
-`TrackingError` naming the errno and the file: the run stops there with one line (exit 2), its
-complete checkpoints untouched, as for a checkpoint that cannot be written. Names are the tags: `loss/*` (the levels' losses and terms), `energy/{data,samples,gap}`
-(the upper level's mean energies), `grad_norm/*`, `lr/*`, `perf/*`, `train/*`.
+`bidvl.io.WriteError` naming the errno and the folder: the run stops there with one line (exit 2),
+its complete checkpoints untouched, as for a checkpoint that cannot be written.
+
+Names are the tags: `loss/*` (the levels' losses and terms), `energy/{data,samples,gap}` (the upper
+level's mean energies), `grad_norm/*`, `lr/*`, `perf/*`, `train/*`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 from .config import ConfigError, flatten, to_dict
 from .errors import BidvlError
 from .evaluation.sampling import reconstruction_pairs, restored_buffers
-from .io import write_failure, write_text
+from .io import WriteError, write_failure, write_text
 from .run_dir import CARD_FILE, TRACKER_PROJECT, RunDir
 
 
@@ -388,21 +390,17 @@ def _quiet_writer_threads() -> None:
     threading.excepthook = hook
 
 
-class TrackingError(BidvlError, OSError):
-    """A tracker's write that the file system refused (a full disk, a quota, an I/O error)."""
-
-
 @contextlib.contextmanager
 def tracker_writes(accelerator, step: int):
-    """Turns a refused write inside into a TrackingError naming the errno and the file (the error's,
-    else the trackers' folder: TensorBoard's writer thread re-raises a bare OSError)."""
+    """Turns a refused write inside into a bidvl.io.WriteError naming the errno and the file (the
+    error's, else the trackers' folder: TensorBoard's writer thread re-raises a bare OSError)."""
     try:
         yield
     except OSError as exc:
-        if isinstance(exc, TrackingError):
+        if isinstance(exc, BidvlError):  # named already
             raise
         where = accelerator.logging_dir or accelerator.project_dir or "."
-        raise TrackingError(f"cannot write the trackers' logs at step {step}: {write_failure(exc, where)}; "
+        raise WriteError(f"cannot write the trackers' logs at step {step}: {write_failure(exc, where)}; "
                             f"the complete checkpoints are untouched") from None
 
 

@@ -307,12 +307,12 @@ def test_a_real_full_disk_mid_run_exits_2_and_keeps_the_complete_checkpoint(tmp_
 
 def test_a_tracker_write_the_disk_refuses_stops_the_run_naming_it(tmp_path, digits16, monkeypatch):
     """TensorBoard's writer thread fails on a full disk and re-raises the bare OSError at the next
-    write (here injected into its file writes): a TrackingError naming ENOSPC and the trackers'
+    write (here injected into its file writes): a WriteError naming ENOSPC and the trackers'
     folder, from fit(); the run's checkpoint is kept; closing after it does not raise again."""
     from tensorboard.summary.writer import record_writer
 
     from bidvl.engine import Trainer
-    from bidvl.tracking import TrackingError
+    from bidvl.io import WriteError
 
     cfg = load_config(REPO / "configs/digits.yaml", [*TINY, f"run.dir={tmp_path / 'run'}", f"data.train={digits16}",
                                                      "train.max_steps=8", "checkpoint.every=2", "health.every=0"])
@@ -325,7 +325,7 @@ def test_a_tracker_write_the_disk_refuses_stops_the_run_naming_it(tmp_path, digi
         return real_write(self, data)
 
     monkeypatch.setattr(record_writer.RecordWriter, "write", write)
-    with pytest.raises(TrackingError, match=rf"^cannot write the trackers' logs at step [34]: ENOSPC \(No space left "
+    with pytest.raises(WriteError, match=rf"^cannot write the trackers' logs at step [34]: ENOSPC \(No space left "
                                             rf"on device\) at {tmp_path / 'run' / 'tensorboard'}; the complete "
                                             rf"checkpoints are untouched$"):
         trainer.fit()
@@ -343,7 +343,7 @@ def test_a_tracker_write_the_disk_refuses_stops_the_run_naming_it(tmp_path, digi
         raise OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "other" / "tensorboard" / "x"))
 
     finished.accelerator.end_training = end_training
-    with pytest.raises(TrackingError, match=r"^cannot write the trackers' logs at step 0: EDQUOT \(Disk quota "
+    with pytest.raises(WriteError, match=r"^cannot write the trackers' logs at step 0: EDQUOT \(Disk quota "
                                             r"exceeded\) at .*/other/tensorboard/x;"):
         finished.close()
     assert finished.energy_net is None and signal.getsignal(signal.SIGTERM) is handler

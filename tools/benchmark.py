@@ -16,8 +16,9 @@ ratio_engine_to_plain is the engine's overhead. `device_reads_per_iter`: the Ten
 timing; on a GPU each waits for the queued kernels (the engine's train_step makes none: its counts
 are read at sync steps, see bidvl.nonfinite). `step_ms` synchronises the device after every step;
 `pipelined_step_ms` times --steps steps back to back with one synchronisation at the end, as
-training runs them between log steps (on a GPU the gain of a step without reads shows there). Each side runs in a fresh process, so peak memory
-(CUDA max_memory_allocated, or the process's max RSS on the CPU) is its own.
+training runs them between log steps (on a GPU the gain of a step without reads shows there).
+Each side runs in a fresh process, so peak memory (CUDA max_memory_allocated, or the process's max
+RSS on the CPU) is its own.
 
 A variant is `+`-joined tokens: fp32 | bf16 (autocast), channels_last, compile (torch.compile),
 cudnn_benchmark (torch.backends.cudnn.benchmark=True in the measuring process, both sides),
